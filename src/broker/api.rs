@@ -1,0 +1,310 @@
+//! The lease API: HTTP/1.1 on the broker's Unix socket.
+//!
+//! This is the contract the thin proxy and third parties code against
+//! (documented in README, "Lease API"):
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /v1/pools` | JSON array of pools: config summary, counts, cached handshake |
+//! | `GET /v1/pools/{pool}` | one of those |
+//! | `POST /v1/pools/{pool}/messages` (one JSON-RPC message) | request: `200`, `application/x-ndjson` stream of every message for it, the response last; header `mcp-broker-lease`. Notification: `202` |
+//! | `POST /v1/leases/{lease}` (a response or notification) | `202`: delivered to the process holding the lease |
+//! | `DELETE /v1/pools/{pool}/sessions/{session}` | `204`: session ended (exclusive process discarded) |
+//! | `GET /v1/pools/{pool}/events` | NDJSON stream of server notifications not tied to a request |
+//! | `GET /livez`, `/readyz`, `/metrics` | health and Prometheus text |
+//!
+//! Header `mcp-broker-session` binds a message to a client session (sticky
+//! and exclusive pools). Failures before a process was reached answer with an
+//! HTTP error status and a JSON-RPC error body carrying the caller's id.
+
+use super::{lease, Broker};
+use crate::http::{self, Body};
+use crate::jsonrpc::{self, codes, Kind};
+use crate::pool::PoolError;
+use ::http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use tokio::net::UnixStream;
+use tokio_util::sync::CancellationToken;
+
+/// Header naming the client session a message belongs to.
+pub const SESSION_HEADER: &str = "mcp-broker-session";
+/// Response header carrying the lease id for answers and cancellation.
+pub const LEASE_HEADER: &str = "mcp-broker-lease";
+/// Longest accepted session key.
+const MAX_SESSION_KEY: usize = 256;
+
+/// Everything that can go wrong answering one API request; each variant maps
+/// to exactly one HTTP status here and nowhere else.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("no pool named {0:?}")]
+    UnknownPool(String),
+    #[error("{0}")]
+    Pool(#[from] PoolError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Process(String),
+    #[error("the broker is shutting down")]
+    Draining,
+    #[error("no lease {0:?} is in flight (it ended or never existed)")]
+    UnknownLease(String),
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::UnknownPool(_) | ApiError::UnknownLease(_) | ApiError::NotFound => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::Pool(PoolError::QueueTimeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Pool(_) | ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Process(_) => StatusCode::BAD_GATEWAY,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+
+    fn code(&self) -> i64 {
+        match self {
+            ApiError::UnknownPool(_) => codes::UNKNOWN_POOL,
+            ApiError::Pool(PoolError::QueueFull { .. }) => codes::QUEUE_FULL,
+            ApiError::Pool(PoolError::QueueTimeout { .. }) => codes::QUEUE_TIMEOUT,
+            ApiError::Pool(PoolError::Failing { .. }) => codes::POOL_FAILING,
+            ApiError::Pool(PoolError::Closed { .. }) | ApiError::Draining => codes::BROKER_UNAVAILABLE,
+            ApiError::BadRequest(_) => codes::INVALID_REQUEST,
+            ApiError::TooLarge(_) => codes::MESSAGE_TOO_LARGE,
+            ApiError::Process(_) => codes::PROCESS_EXITED,
+            ApiError::UnknownLease(_) | ApiError::NotFound | ApiError::MethodNotAllowed => {
+                codes::INVALID_REQUEST
+            }
+        }
+    }
+
+    /// The HTTP response: a JSON-RPC error for request `id`.
+    pub fn into_response(self, id: Value) -> Response<Body> {
+        let mut r = http::json(self.status(), &jsonrpc::error(id, self.code(), self.to_string()));
+        if r.status() == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert(::http::header::RETRY_AFTER, ::http::HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+/// Serves one lease API connection until it closes or shutdown asks it to finish.
+pub async fn serve_connection(broker: Arc<Broker>, stream: UnixStream, shutdown: CancellationToken) {
+    let svc = hyper::service::service_fn(move |req| {
+        let broker = broker.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(broker, req).await) }
+    });
+    serve_io(stream, svc, shutdown).await
+}
+
+/// Serves `/livez`, `/readyz` and `/metrics` (only those: the lease API is
+/// never reachable over TCP) on `listener` until `shutdown`.
+pub async fn serve_health(broker: Arc<Broker>, listener: tokio::net::TcpListener, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("metrics accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let broker = broker.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let broker = broker.clone();
+            async move {
+                let r = match (req.method(), req.uri().path()) {
+                    (&Method::GET, "/livez" | "/readyz" | "/metrics") => handle(broker, req).await,
+                    _ => ApiError::NotFound.into_response(Value::Null),
+                };
+                Ok::<_, std::convert::Infallible>(r)
+            }
+        });
+        tokio::spawn(serve_io(stream, svc, shutdown.clone()));
+    }
+}
+
+/// Drives one HTTP/1.1 connection; on shutdown lets the current exchange finish.
+pub async fn serve_io<I, S>(io: I, svc: S, shutdown: CancellationToken)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = std::convert::Infallible>,
+    S::Future: Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .max_buf_size(64 * 1024)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => { if let Err(e) = r { tracing::debug!("lease API connection: {e}"); } }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+async fn handle(broker: Arc<Broker>, req: Request<Incoming>) -> Response<Body> {
+    let path: Vec<String> = req
+        .uri()
+        .path()
+        .trim_matches('/')
+        .split('/')
+        .map(str::to_string)
+        .collect();
+    let parts: Vec<&str> = path.iter().map(String::as_str).collect();
+    let method = req.method().clone();
+    let result = match (&method, parts.as_slice()) {
+        (&Method::GET, ["livez"]) => Ok(http::text(StatusCode::OK, "ok\n")),
+        (&Method::GET, ["readyz"]) => Ok(readyz(&broker)),
+        (&Method::GET, ["metrics"]) => Ok(http::response(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            http::full(broker.metrics().render()),
+        )),
+        (&Method::GET, ["v1", "pools"]) => {
+            let all: Vec<Value> = broker.pools().map(lease::describe).collect();
+            Ok(http::json(StatusCode::OK, &Value::Array(all)))
+        }
+        (&Method::GET, ["v1", "pools", name]) => broker
+            .pool(name)
+            .map(|p| http::json(StatusCode::OK, &lease::describe(p)))
+            .ok_or_else(|| ApiError::UnknownPool(name.to_string())),
+        (&Method::POST, ["v1", "pools", name, "messages"]) => {
+            return submit(broker.clone(), name.to_string(), req).await;
+        }
+        (&Method::POST, ["v1", "leases", id]) => deliver(&broker, id.to_string(), req).await,
+        (&Method::DELETE, ["v1", "pools", name, "sessions", session]) => match broker.pool(name) {
+            Some(p) => {
+                p.end_session(session);
+                Ok(http::response(StatusCode::NO_CONTENT, "text/plain", http::empty()))
+            }
+            None => Err(ApiError::UnknownPool(name.to_string())),
+        },
+        (&Method::GET, ["v1", "pools", name, "events"]) => match broker.pool(name) {
+            Some(p) => session_of(&req).map(|s| lease::events(&broker, p, s)),
+            None => Err(ApiError::UnknownPool(name.to_string())),
+        },
+        (_, ["v1", ..]) | (_, ["livez" | "readyz" | "metrics"]) => Err(ApiError::MethodNotAllowed),
+        _ => Err(ApiError::NotFound),
+    };
+    result.unwrap_or_else(|e| e.into_response(Value::Null))
+}
+
+fn readyz(broker: &Broker) -> Response<Body> {
+    if broker.ready() {
+        http::text(StatusCode::OK, "ready\n")
+    } else {
+        let cold: Vec<&str> = broker
+            .pools()
+            .filter(|p| p.handshake().is_none())
+            .map(|p| p.config().name.as_str())
+            .collect();
+        http::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: no warm process yet in {}\n", cold.join(", ")),
+        )
+    }
+}
+
+fn session_of<B>(req: &Request<B>) -> Result<Option<String>, ApiError> {
+    match req.headers().get(SESSION_HEADER) {
+        None => Ok(None),
+        Some(v) => {
+            let s = v
+                .to_str()
+                .map_err(|_| ApiError::BadRequest(format!("{SESSION_HEADER} must be ASCII")))?;
+            if s.is_empty() || s.len() > MAX_SESSION_KEY {
+                return Err(ApiError::BadRequest(format!(
+                    "{SESSION_HEADER} must be 1 to {MAX_SESSION_KEY} bytes"
+                )));
+            }
+            Ok(Some(s.to_string()))
+        }
+    }
+}
+
+async fn read_message(broker: &Broker, req: Request<Incoming>) -> Result<Value, ApiError> {
+    let limit = broker.settings().max_message_size;
+    let body = http::read_body(req.into_body(), limit).await.map_err(|e| match e {
+        http::BodyError::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
+        other => ApiError::BadRequest(other.to_string()),
+    })?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body is not JSON: {e}")))
+}
+
+/// `POST /v1/pools/{pool}/messages`.
+async fn submit(broker: Arc<Broker>, name: String, req: Request<Incoming>) -> Response<Body> {
+    let session = match session_of(&req) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(Value::Null),
+    };
+    let msg = match read_message(&broker, req).await {
+        Ok(m) => m,
+        Err(ApiError::BadRequest(m)) => {
+            return http::json(
+                StatusCode::BAD_REQUEST,
+                &jsonrpc::error(Value::Null, codes::PARSE_ERROR, m),
+            )
+        }
+        Err(e) => return e.into_response(Value::Null),
+    };
+    let id = msg.get("id").cloned().unwrap_or(Value::Null);
+    let Some(pool) = broker.pool(&name).cloned() else {
+        return ApiError::UnknownPool(name).into_response(id);
+    };
+    match jsonrpc::classify(&msg) {
+        Ok(Kind::Request { method, .. }) if method == "initialize" => ApiError::BadRequest(
+            "processes are initialized by the broker; read the cached handshake from GET /v1/pools/{pool}".into(),
+        )
+        .into_response(id),
+        Ok(Kind::Request { method, .. }) => {
+            if broker.is_draining() {
+                return ApiError::Draining.into_response(id);
+            }
+            match lease::run(broker, pool, session, msg, method).await {
+                Ok(r) => r,
+                Err(e) => e.into_response(id),
+            }
+        }
+        Ok(Kind::Notification { .. }) => {
+            lease::notify(&pool, session.as_deref(), msg).await;
+            http::response(StatusCode::ACCEPTED, "text/plain", http::empty())
+        }
+        Ok(Kind::Response { .. }) => ApiError::BadRequest(
+            "responses answer a server request inside a lease: POST them to /v1/leases/{lease}".into(),
+        )
+        .into_response(id),
+        Err(e) => ApiError::BadRequest(e.to_string()).into_response(id),
+    }
+}
+
+/// `POST /v1/leases/{lease}`.
+async fn deliver(broker: &Broker, lease: String, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let msg = read_message(broker, req).await?;
+    let found = broker.leases.lock().expect("lock").get(&lease).cloned();
+    let Some(l) = found else {
+        return Err(ApiError::UnknownLease(lease));
+    };
+    l.worker
+        .deliver(l.lid, msg)
+        .await
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    Ok(http::json(StatusCode::ACCEPTED, &json!({"delivered": true})))
+}

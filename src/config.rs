@@ -1,0 +1,434 @@
+//! Typed, validated configuration for the broker daemon.
+//!
+//! [`raw`] mirrors the TOML; [`Config::from_toml`] validates it into the
+//! types the rest of the crate uses, so no other module ever sees a missing
+//! value or an unparsed duration. Every error names the pool and the field.
+
+pub mod raw;
+
+use raw::{RawConfig, RawPool};
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default path of the lease API socket.
+pub const DEFAULT_SOCKET: &str = "/run/mcp-broker/broker.sock";
+/// Default permission bits of the socket file.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+/// Default metrics/health listener (the port ToolHive's diagnostics use).
+pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9464";
+/// Default time to let in-flight leases finish on shutdown.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default largest JSON-RPC message, in bytes, in either direction.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
+/// Default warm idle processes per pool.
+pub const DEFAULT_MIN_IDLE: usize = 1;
+/// Default process cap per pool.
+pub const DEFAULT_MAX: usize = 4;
+/// Default concurrent requests one process takes.
+pub const DEFAULT_MAX_INFLIGHT: usize = 1;
+/// Default waiting requests per pool.
+pub const DEFAULT_QUEUE_LIMIT: usize = 256;
+/// Default longest wait for a free process.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default longest time a process may take to answer.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default idle time after which processes above `min_idle` stop.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default time a new process has to start and finish its handshake.
+pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default idle time after which an exclusive/sticky session is forgotten.
+pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default time between SIGTERM and SIGKILL when stopping a process.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// A config problem, naming where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("{at}: `{field}`: {msg}")]
+    Invalid {
+        at: String,
+        field: &'static str,
+        msg: String,
+    },
+}
+
+/// How a pool hands processes to sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Any warm process, per request.
+    Shared,
+    /// The session's previous process when it is alive and free, else any.
+    Sticky,
+    /// One process for the whole session, discarded at its end.
+    Exclusive,
+}
+
+impl Mode {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Shared => "shared",
+            Mode::Sticky => "sticky",
+            Mode::Exclusive => "exclusive",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "shared" => Ok(Mode::Shared),
+            "sticky" => Ok(Mode::Sticky),
+            "exclusive" => Ok(Mode::Exclusive),
+            other => Err(format!(
+                "unknown mode {other:?} (expected shared, sticky or exclusive)"
+            )),
+        }
+    }
+}
+
+/// Which MCP era the broker should expect a pool's server to speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Probe `server/discover`, fall back to `initialize`.
+    Auto,
+    /// Only `initialize` (2025-11-25 and before).
+    Legacy,
+    /// Only `server/discover` (2026-07-28, stateless).
+    Stateless,
+}
+
+/// Daemon-wide settings.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    /// Lease API socket path.
+    pub socket: PathBuf,
+    /// Permission bits for the socket file.
+    pub socket_mode: u32,
+    /// Group to own the socket file, if any.
+    pub socket_group: Option<String>,
+    /// Metrics/health listener; `None` disables it.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long shutdown waits for in-flight leases.
+    pub drain_timeout: Duration,
+    /// Largest message accepted from a client or a process.
+    pub max_message_size: usize,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            socket_mode: DEFAULT_SOCKET_MODE,
+            socket_group: None,
+            metrics_listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+        }
+    }
+}
+
+/// One validated pool.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub name: String,
+    pub command: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<PathBuf>,
+    pub mode: Mode,
+    pub min_idle: usize,
+    pub max: usize,
+    pub max_inflight: usize,
+    pub queue_limit: usize,
+    pub queue_timeout: Duration,
+    pub request_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub init_timeout: Duration,
+    pub session_idle_timeout: Duration,
+    pub stop_grace: Duration,
+    pub protocol: Protocol,
+    pub max_message_size: usize,
+}
+
+impl PoolConfig {
+    /// A pool with every default, for `up` and tests.
+    pub fn new(name: &str, command: &str, args: Vec<String>) -> Self {
+        Self {
+            name: name.to_string(),
+            command: command.to_string(),
+            args,
+            env: BTreeMap::new(),
+            cwd: None,
+            mode: Mode::Shared,
+            min_idle: DEFAULT_MIN_IDLE,
+            max: DEFAULT_MAX,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+            queue_limit: DEFAULT_QUEUE_LIMIT,
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            init_timeout: DEFAULT_INIT_TIMEOUT,
+            session_idle_timeout: DEFAULT_SESSION_IDLE_TIMEOUT,
+            stop_grace: DEFAULT_STOP_GRACE,
+            protocol: Protocol::Auto,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+        }
+    }
+
+    /// Checks the cross-field rules shared by the file and the `up` flags.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let at = format!("pool {:?}", self.name);
+        let bad = |field, msg: &str| ConfigError::Invalid {
+            at: at.clone(),
+            field,
+            msg: msg.to_string(),
+        };
+        if self.command.trim().is_empty() {
+            return Err(bad("command", "must not be empty"));
+        }
+        if self.max == 0 {
+            return Err(bad("max", "must be at least 1"));
+        }
+        if self.min_idle > self.max {
+            return Err(bad(
+                "min_idle",
+                &format!(
+                    "{} is greater than max ({}); min_idle must be <= max",
+                    self.min_idle, self.max
+                ),
+            ));
+        }
+        if self.max_inflight == 0 {
+            return Err(bad("max_inflight", "must be at least 1"));
+        }
+        if self.mode == Mode::Exclusive && self.max_inflight > 1 {
+            // A session owns its process; sharing slots would break that.
+            return Err(bad(
+                "max_inflight",
+                "exclusive pools serve one session per process; use max_inflight = 1",
+            ));
+        }
+        for (field, d) in [
+            ("queue_timeout", self.queue_timeout),
+            ("request_timeout", self.request_timeout),
+            ("init_timeout", self.init_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(bad(field, "must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The whole validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub broker: BrokerSettings,
+    pub pools: Vec<PoolConfig>,
+}
+
+/// Parses a duration such as `30s`, `5m`, `1h30m`, `250ms`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. \"250ms\", \"30s\", \"5m\""))
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Parses and validates config text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
+        let b = raw.broker;
+        let at = || "[broker]".to_string();
+        let dur = |field: &'static str, v: Option<String>, default: Duration| match v {
+            None => Ok(default),
+            Some(s) => parse_duration(&s).map_err(|msg| ConfigError::Invalid {
+                at: at(),
+                field,
+                msg,
+            }),
+        };
+        let socket_mode = match b.socket_mode {
+            None => DEFAULT_SOCKET_MODE,
+            Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| ConfigError::Invalid {
+                    at: at(),
+                    field: "socket_mode",
+                    msg: format!("{s:?} is not an octal mode like \"0660\""),
+                })?,
+        };
+        let metrics_listen = match b.metrics_listen.as_deref() {
+            None => Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+            Some("") => None,
+            Some(s) => Some(s.parse().map_err(|_| ConfigError::Invalid {
+                at: at(),
+                field: "metrics_listen",
+                msg: format!("{s:?} is not an address like \"0.0.0.0:9464\" (\"\" disables)"),
+            })?),
+        };
+        let max_message_size = b.max_message_size.unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
+        if max_message_size < 1024 {
+            return Err(ConfigError::Invalid {
+                at: at(),
+                field: "max_message_size",
+                msg: "must be at least 1024 bytes".into(),
+            });
+        }
+        let broker = BrokerSettings {
+            socket: PathBuf::from(b.socket.unwrap_or_else(|| DEFAULT_SOCKET.to_string())),
+            socket_mode,
+            socket_group: b.socket_group,
+            metrics_listen,
+            drain_timeout: dur("drain_timeout", b.drain_timeout, DEFAULT_DRAIN_TIMEOUT)?,
+            max_message_size,
+        };
+        let mut seen = HashSet::new();
+        let mut pools = Vec::new();
+        for (i, p) in raw.pool.into_iter().enumerate() {
+            let pool = pool_from_raw(i, p, max_message_size)?;
+            if !seen.insert(pool.name.clone()) {
+                return Err(ConfigError::Invalid {
+                    at: format!("pool {:?}", pool.name),
+                    field: "name",
+                    msg: "duplicate pool name".into(),
+                });
+            }
+            pools.push(pool);
+        }
+        Ok(Config { broker, pools })
+    }
+}
+
+/// A human-readable summary of a validated config (for `check`).
+pub fn describe(c: &Config) -> String {
+    use std::fmt::Write;
+    let b = &c.broker;
+    let mut out = String::new();
+    let _ = writeln!(out, "config OK: {} pool(s)", c.pools.len());
+    let _ = writeln!(
+        out,
+        "broker: socket={} mode={:o} group={} metrics={} drain_timeout={:?} max_message_size={}",
+        b.socket.display(),
+        b.socket_mode,
+        b.socket_group.as_deref().unwrap_or("-"),
+        b.metrics_listen.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        b.drain_timeout,
+        b.max_message_size
+    );
+    for p in &c.pools {
+        let _ = writeln!(
+            out,
+            "pool {:?}: {} {:?} mode={} min_idle={} max={} max_inflight={} queue_limit={} queue_timeout={:?} request_timeout={:?} idle_timeout={:?}",
+            p.name, p.command, p.args, p.mode.as_str(), p.min_idle, p.max, p.max_inflight,
+            p.queue_limit, p.queue_timeout, p.request_timeout, p.idle_timeout
+        );
+    }
+    out
+}
+
+fn pool_from_raw(index: usize, p: RawPool, max_message_size: usize) -> Result<PoolConfig, ConfigError> {
+    let name = p.name.clone().unwrap_or_default();
+    let at = if name.is_empty() {
+        format!("pool #{}", index + 1)
+    } else {
+        format!("pool {name:?}")
+    };
+    let bad = |field: &'static str, msg: String| ConfigError::Invalid {
+        at: at.clone(),
+        field,
+        msg,
+    };
+    if name.is_empty() {
+        return Err(bad("name", "is required".into()));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(bad(
+            "name",
+            format!("{name:?} may only contain letters, digits, '-', '_' and '.'"),
+        ));
+    }
+    if p.allow.is_some() {
+        return Err(bad(
+            "allow",
+            "caller policy needs Kubernetes identity, which this build does not have yet; \
+             restrict access with the socket's mode and group instead"
+                .into(),
+        ));
+    }
+    if p.isolate.as_deref().is_some_and(|s| s != "none") {
+        return Err(bad(
+            "isolate",
+            "per-identity isolation is not supported by this build; only \"none\"".into(),
+        ));
+    }
+    let dur = |field: &'static str, v: &Option<String>, default: Duration| match v {
+        None => Ok(default),
+        Some(s) => parse_duration(s).map_err(|msg| bad(field, msg)),
+    };
+    let mut c = PoolConfig::new(&name, p.command.as_deref().unwrap_or(""), p.args.clone());
+    c.env = p.env.clone();
+    c.cwd = p.cwd.as_ref().map(PathBuf::from);
+    if let Some(m) = &p.mode {
+        c.mode = m.parse().map_err(|e| bad("mode", e))?;
+    }
+    c.min_idle = p.min_idle.unwrap_or(DEFAULT_MIN_IDLE);
+    c.max = p.max.unwrap_or(DEFAULT_MAX.max(c.min_idle));
+    c.max_inflight = p.max_inflight.unwrap_or(DEFAULT_MAX_INFLIGHT);
+    c.queue_limit = p.queue_limit.unwrap_or(DEFAULT_QUEUE_LIMIT);
+    c.queue_timeout = dur("queue_timeout", &p.queue_timeout, DEFAULT_QUEUE_TIMEOUT)?;
+    c.request_timeout = dur("request_timeout", &p.request_timeout, DEFAULT_REQUEST_TIMEOUT)?;
+    c.idle_timeout = dur("idle_timeout", &p.idle_timeout, DEFAULT_IDLE_TIMEOUT)?;
+    c.init_timeout = dur("init_timeout", &p.init_timeout, DEFAULT_INIT_TIMEOUT)?;
+    c.session_idle_timeout = dur(
+        "session_idle_timeout",
+        &p.session_idle_timeout,
+        DEFAULT_SESSION_IDLE_TIMEOUT,
+    )?;
+    c.stop_grace = dur("stop_grace", &p.stop_grace, DEFAULT_STOP_GRACE)?;
+    c.protocol = match p.protocol.as_deref() {
+        None | Some("auto") => Protocol::Auto,
+        Some("legacy") => Protocol::Legacy,
+        Some("stateless") => Protocol::Stateless,
+        Some(other) => {
+            return Err(bad(
+                "protocol",
+                format!("unknown protocol {other:?} (expected auto, legacy or stateless)"),
+            ))
+        }
+    };
+    c.max_message_size = max_message_size;
+    c.check()?;
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests;

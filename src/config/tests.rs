@@ -1,0 +1,105 @@
+use super::*;
+
+fn err(text: &str) -> String {
+    Config::from_toml(text).unwrap_err().to_string()
+}
+
+#[test]
+fn full_example_parses_with_defaults() {
+    let c = Config::from_toml(
+        r#"
+        [broker]
+        socket = "/tmp/x.sock"
+        socket_mode = "0600"
+        drain_timeout = "5s"
+        [[pool]]
+        name = "everything"
+        command = "npx"
+        args = ["-y", "@modelcontextprotocol/server-everything"]
+        env = { LOG_LEVEL = "warn" }
+        mode = "sticky"
+        min_idle = 2
+        max = 8
+        queue_timeout = "1m30s"
+        [[pool]]
+        name = "time"
+        command = "mcp-server-time"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(c.broker.socket_mode, 0o600);
+    assert_eq!(c.broker.drain_timeout, Duration::from_secs(5));
+    assert_eq!(c.pools.len(), 2);
+    let p = &c.pools[0];
+    assert_eq!(p.mode, Mode::Sticky);
+    assert_eq!((p.min_idle, p.max), (2, 8));
+    assert_eq!(p.queue_timeout, Duration::from_secs(90));
+    assert_eq!(p.env["LOG_LEVEL"], "warn");
+    let t = &c.pools[1];
+    assert_eq!(t.mode, Mode::Shared);
+    assert_eq!(t.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+    assert_eq!(t.max_inflight, 1);
+}
+
+#[test]
+fn unknown_field_is_named() {
+    let e = err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nmin_idel = 1\n");
+    assert!(e.contains("min_idel"), "{e}");
+}
+
+#[test]
+fn bad_duration_names_pool_and_field() {
+    let e = err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nqueue_timeout = \"soon\"\n");
+    assert!(e.contains("pool \"a\"") && e.contains("queue_timeout"), "{e}");
+}
+
+#[test]
+fn min_idle_above_max_is_refused() {
+    let e = err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nmin_idle = 5\nmax = 2\n");
+    assert!(e.contains("min_idle") && e.contains("max (2)"), "{e}");
+}
+
+#[test]
+fn empty_command_is_refused() {
+    let e = err("[[pool]]\nname = \"a\"\ncommand = \" \"\n");
+    assert!(e.contains("pool \"a\"") && e.contains("command"), "{e}");
+    let e = err("[[pool]]\nname = \"a\"\n");
+    assert!(e.contains("command"), "{e}");
+}
+
+#[test]
+fn duplicate_names_are_refused() {
+    let e = err("[[pool]]\nname = \"a\"\ncommand = \"x\"\n[[pool]]\nname = \"a\"\ncommand = \"y\"\n");
+    assert!(e.contains("duplicate"), "{e}");
+}
+
+#[test]
+fn bad_mode_and_names() {
+    assert!(err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nmode = \"pooled\"\n").contains("mode"));
+    assert!(err("[[pool]]\nname = \"a b\"\ncommand = \"x\"\n").contains("name"));
+    assert!(err("[[pool]]\ncommand = \"x\"\n").contains("pool #1"));
+    assert!(err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nmax = 0\n").contains("max"));
+    assert!(err("[broker]\nsocket_mode = \"999\"\n").contains("socket_mode"));
+    assert!(err("[broker]\nmetrics_listen = \"nope\"\n").contains("metrics_listen"));
+}
+
+#[test]
+fn unsupported_policy_fields_fail_closed() {
+    let e = err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nallow = [{ namespace = \"t\" }]\n");
+    assert!(e.contains("allow"), "{e}");
+    let e = err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nisolate = \"namespace\"\n");
+    assert!(e.contains("isolate"), "{e}");
+}
+
+#[test]
+fn exclusive_requires_single_inflight() {
+    let e = err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nmode = \"exclusive\"\nmax_inflight = 4\n");
+    assert!(e.contains("max_inflight"), "{e}");
+}
+
+#[test]
+fn durations_parse() {
+    assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+    assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+    assert!(parse_duration("5 parsecs").is_err());
+}

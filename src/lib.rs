@@ -1,0 +1,26 @@
+//! mcp-broker: node-local pools of warm stdio MCP server processes, leased per
+//! request over a Unix socket, with a thin MCP Streamable HTTP proxy in front.
+//!
+//! Layers, bottom up:
+//! * [`framing`] and [`jsonrpc`]: newline-delimited JSON-RPC with hard size
+//!   limits, and message classification.
+//! * [`process`]: one server process (spawn in its own group, route its
+//!   stdout to the right request, stop and reap the whole group).
+//! * [`pool`]: warm processes for one command (sizing, queueing, backoff).
+//! * [`broker`]: the daemon: pools plus the lease API served on a Unix socket.
+//! * [`proxy`]: MCP Streamable HTTP for clients of either protocol era,
+//!   turning each request into one lease.
+//! * [`up`]: broker and proxy in one process for a laptop.
+
+pub mod broker;
+pub mod config;
+pub mod framing;
+pub mod http;
+pub mod jsonrpc;
+pub mod metrics;
+pub mod pool;
+pub mod process;
+pub mod protocol;
+pub mod proxy;
+pub mod shutdown;
+pub mod up;

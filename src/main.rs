@@ -1,0 +1,197 @@
+//! The `mcp-broker` command line: `serve`, `proxy`, `up`, `check`.
+//!
+//! Only startup lives here: parse flags, load config, install logging and
+//! signal handling, then hand over to the library. Errors here are `anyhow`
+//! and end the process with a message naming what is wrong.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use mcp_broker::broker::{listen, Broker};
+use mcp_broker::config::{self, Config, Mode, PoolConfig};
+use mcp_broker::metrics::Metrics;
+use mcp_broker::proxy::{self, ProxySettings};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "mcp-broker", version, about = "Warm pools of stdio MCP servers, leased per request")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node daemon: pools plus the lease API on a Unix socket.
+    Serve {
+        /// Config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Override `[broker] socket`.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Validate a config file and print the resolved pools.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Serve MCP Streamable HTTP at /mcp, leasing from a broker per request.
+    Proxy {
+        /// The broker's lease API socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// The pool to lease from.
+        #[arg(long)]
+        pool: String,
+        #[command(flatten)]
+        http: HttpFlags,
+    },
+    /// Broker and proxy in one process: any stdio server becomes a pooled
+    /// Streamable HTTP server.
+    Up {
+        /// Warm processes kept ready.
+        #[arg(long, default_value_t = 1)]
+        min_idle: usize,
+        /// Processes at most.
+        #[arg(long, default_value_t = config::DEFAULT_MAX)]
+        max: usize,
+        /// Requests one process takes at once.
+        #[arg(long, default_value_t = 1)]
+        max_inflight: usize,
+        /// shared, sticky or exclusive.
+        #[arg(long, default_value = "shared")]
+        mode: Mode,
+        /// Longest time a process may take to answer (e.g. 30s).
+        #[arg(long, value_parser = config::parse_duration, default_value = "120s")]
+        request_timeout: Duration,
+        /// Longest wait for a free process.
+        #[arg(long, value_parser = config::parse_duration, default_value = "30s")]
+        queue_timeout: Duration,
+        /// Waiting requests at most.
+        #[arg(long, default_value_t = config::DEFAULT_QUEUE_LIMIT)]
+        queue_limit: usize,
+        #[command(flatten)]
+        http: HttpFlags,
+        /// The stdio server command and its arguments.
+        #[arg(last = true, required = true, num_args = 1..)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct HttpFlags {
+    /// Address to serve MCP on.
+    #[arg(long, default_value = proxy::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// Extra allowed `Origin` values (localhost origins are always allowed).
+    #[arg(long = "allow-origin")]
+    allow_origins: Vec<String>,
+    /// Open MCP sessions at most.
+    #[arg(long, default_value_t = proxy::DEFAULT_MAX_SESSIONS)]
+    max_sessions: usize,
+}
+
+impl HttpFlags {
+    fn settings(self, socket: PathBuf, pool: String) -> ProxySettings {
+        ProxySettings {
+            listen: self.listen,
+            socket,
+            pool,
+            allow_origins: self.allow_origins,
+            max_sessions: self.max_sessions,
+            ..ProxySettings::default()
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MCP_BROKER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mcp-broker: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mcp-broker: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    mcp_broker::shutdown::on_signal(shutdown.clone());
+    match command {
+        Command::Check { config } => {
+            let cfg = Config::load(&config)?;
+            print!("{}", config::describe(&cfg));
+            Ok(())
+        }
+        Command::Serve { config, socket } => {
+            let mut cfg = Config::load(&config)?;
+            if let Some(s) = socket {
+                cfg.broker.socket = s;
+            }
+            serve(cfg, shutdown).await
+        }
+        Command::Proxy { socket, pool, http } => {
+            let metrics = Arc::new(Metrics::new());
+            proxy::run(http.settings(socket, pool), metrics, shutdown).await
+        }
+        Command::Up {
+            min_idle,
+            max,
+            max_inflight,
+            mode,
+            request_timeout,
+            queue_timeout,
+            queue_limit,
+            http,
+            command,
+        } => {
+            let mut pool = PoolConfig::new(mcp_broker::up::POOL_NAME, &command[0], command[1..].to_vec());
+            pool.min_idle = min_idle;
+            pool.max = max;
+            pool.max_inflight = max_inflight;
+            pool.mode = mode;
+            pool.request_timeout = request_timeout;
+            pool.queue_timeout = queue_timeout;
+            pool.queue_limit = queue_limit;
+            let settings = http.settings(PathBuf::new(), String::new());
+            mcp_broker::up::run(pool, settings, shutdown).await
+        }
+    }
+}
+
+async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let socket = cfg.broker.socket.clone();
+    let listener = listen::bind(&socket, cfg.broker.socket_mode, cfg.broker.socket_group.as_deref())
+        .with_context(|| format!("binding the lease API socket {}", socket.display()))?;
+    let metrics = Arc::new(Metrics::new());
+    let metrics_listen = cfg.broker.metrics_listen;
+    let broker = Broker::start(cfg, metrics);
+    if let Some(addr) = metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics listener {addr}"))?;
+        tokio::spawn(mcp_broker::broker::api::serve_health(broker.clone(), l, shutdown.clone()));
+    }
+    tracing::info!(socket = %socket.display(), "broker listening");
+    broker.serve(listener, Some(socket), shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! Prometheus metrics for the broker and the proxy.
+//!
+//! One [`Metrics`] value owns its own [`Registry`] and is passed explicitly
+//! (no global registry), so tests and the `up` command can run several
+//! independent brokers in one process.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets (seconds), from 100 µs to 2 minutes.
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// Every metric the crate exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Processes per pool by state (starting, idle, busy).
+    pub processes: IntGaugeVec,
+    /// Processes started, by pool.
+    pub spawns: IntCounterVec,
+    /// Processes ended, by pool and reason.
+    pub exits: IntCounterVec,
+    /// Requests waiting for a process, by pool.
+    pub queue_depth: IntGaugeVec,
+    /// Time spent waiting for a process, by pool.
+    pub lease_wait: HistogramVec,
+    /// Time from request to final response, by pool and method.
+    pub request_duration: HistogramVec,
+    /// Lease requests by pool and outcome (ok, error, queue_full, …).
+    pub requests: IntCounterVec,
+    /// Non-JSON or oversized stdout lines skipped, by pool.
+    pub skipped_lines: IntCounterVec,
+    /// Responses that arrived after their request was settled, by pool.
+    pub late_responses: IntCounterVec,
+    /// Notifications that could not be routed to one request, by pool.
+    pub unroutable: IntCounterVec,
+    /// Proxy: HTTP requests by method and status.
+    pub http_requests: IntCounterVec,
+    /// Proxy: open sessions.
+    pub sessions: IntGaugeVec,
+    /// Proxy: broker connection failures.
+    pub broker_errors: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates the metrics in a fresh registry.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()), labels)
+                .expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+        Self {
+            processes: gauge("mcp_broker_processes", "Processes per pool by state.", &["pool", "state"]),
+            spawns: counter("mcp_broker_spawns_total", "Processes started.", &["pool"]),
+            exits: counter("mcp_broker_exits_total", "Processes ended, by reason.", &["pool", "reason"]),
+            queue_depth: gauge("mcp_broker_queue_depth", "Requests waiting for a process.", &["pool"]),
+            lease_wait: histogram("mcp_broker_lease_wait_seconds", "Time waiting for a process.", &["pool"]),
+            request_duration: histogram(
+                "mcp_broker_request_duration_seconds",
+                "Time from request to final response.",
+                &["pool", "method"],
+            ),
+            requests: counter("mcp_broker_requests_total", "Lease requests by outcome.", &["pool", "outcome"]),
+            skipped_lines: counter(
+                "mcp_broker_skipped_lines_total",
+                "Non-JSON or oversized stdout lines skipped.",
+                &["pool", "kind"],
+            ),
+            late_responses: counter(
+                "mcp_broker_late_responses_total",
+                "Responses that arrived after their request was settled.",
+                &["pool"],
+            ),
+            unroutable: counter(
+                "mcp_broker_unroutable_messages_total",
+                "Server messages that belonged to no single request.",
+                &["pool", "kind"],
+            ),
+            http_requests: counter(
+                "mcp_proxy_http_requests_total",
+                "Proxy HTTP requests by method and status.",
+                &["method", "status"],
+            ),
+            sessions: gauge("mcp_proxy_sessions", "Open MCP sessions.", &["pool"]),
+            broker_errors: counter(
+                "mcp_proxy_broker_errors_total",
+                "Failures reaching the broker.",
+                &["kind"],
+            ),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

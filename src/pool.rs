@@ -1,0 +1,520 @@
+//! A pool of warm server processes for one configured command.
+//!
+//! [`Pool::acquire`] hands out a [`LeaseGuard`] for one request: at once when
+//! a process has room, else after queueing (bounded by `queue_limit` and
+//! `queue_timeout`). Dropping the guard returns the process. A maintenance
+//! task keeps `min_idle` processes warm, grows towards `max` while requests
+//! wait, retires idle surplus, and restarts after failures with exponential
+//! backoff so a broken command reports itself instead of spinning.
+
+pub mod state;
+pub mod warm;
+
+use crate::config::{Mode, PoolConfig};
+use crate::metrics::Metrics;
+use crate::process::Worker;
+use serde_json::Value;
+use state::{backoff, Slot, State, Waiter, FAILING_THRESHOLD, STABLE_AFTER};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{broadcast, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+pub use warm::Handshake;
+
+/// Longest sleep of the maintenance loop between checks.
+const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
+
+/// Why no process could be leased.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PoolError {
+    #[error("pool {pool:?} has {limit} requests waiting already (queue_limit); retry later")]
+    QueueFull { pool: String, limit: usize },
+    #[error("no process of pool {pool:?} became free within {after:?} (queue_timeout){}", last_error.as_ref().map(|e| format!("; last start failure: {e}")).unwrap_or_default())]
+    QueueTimeout {
+        pool: String,
+        after: Duration,
+        last_error: Option<String>,
+    },
+    #[error("pool {pool:?} cannot start its server: {error}")]
+    Failing { pool: String, error: String },
+    #[error("pool {pool:?} is shutting down")]
+    Closed { pool: String },
+}
+
+struct Inner {
+    cfg: PoolConfig,
+    state: Mutex<State>,
+    handshake: Mutex<Option<Arc<Handshake>>>,
+    wake: Notify,
+    events: broadcast::Sender<(u64, Value)>,
+    metrics: Arc<Metrics>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    ids: Arc<AtomicU64>,
+}
+
+/// A handle to one pool; cheap to clone.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+/// One request's claim on one process. Dropping it releases the process.
+pub struct LeaseGuard {
+    inner: Arc<Inner>,
+    worker: Arc<Worker>,
+    armed: bool,
+    discard: bool,
+}
+
+impl LeaseGuard {
+    /// The process this lease runs on.
+    pub fn worker(&self) -> &Arc<Worker> {
+        &self.worker
+    }
+
+    /// Asks for the process to be stopped and replaced when the lease ends.
+    pub fn discard(&mut self) {
+        self.discard = true;
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            Pool {
+                inner: self.inner.clone(),
+            }
+            .release(self.worker.id, self.discard);
+        }
+    }
+}
+
+/// Counts for status pages and readiness.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PoolStatus {
+    pub idle: usize,
+    pub busy: usize,
+    pub starting: usize,
+    pub waiting: usize,
+    pub failures: u32,
+    pub last_error: Option<String>,
+}
+
+impl Pool {
+    /// Creates the pool and starts its maintenance task.
+    pub fn start(
+        cfg: PoolConfig,
+        metrics: Arc<Metrics>,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+        ids: Arc<AtomicU64>,
+    ) -> Pool {
+        let (events, _) = broadcast::channel(256);
+        let pool = Pool {
+            inner: Arc::new(Inner {
+                cfg,
+                state: Mutex::new(State::new()),
+                handshake: Mutex::new(None),
+                wake: Notify::new(),
+                events,
+                metrics,
+                tracker: tracker.clone(),
+                shutdown,
+                ids,
+            }),
+        };
+        tracker.spawn(pool.clone().maintain());
+        pool
+    }
+
+    /// The pool's config.
+    pub fn config(&self) -> &PoolConfig {
+        &self.inner.cfg
+    }
+
+    fn name(&self) -> &str {
+        &self.inner.cfg.name
+    }
+
+    /// The cached handshake of the pool's server, once a process warmed up.
+    pub fn handshake(&self) -> Option<Arc<Handshake>> {
+        self.inner.handshake.lock().expect("lock").clone()
+    }
+
+    /// Current counts.
+    pub fn status(&self) -> PoolStatus {
+        let st = self.inner.state.lock().expect("lock");
+        PoolStatus {
+            idle: st.idle(),
+            busy: st.slots.values().filter(|s| s.inflight > 0).count(),
+            starting: st.starting,
+            waiting: st.waiters.len(),
+            failures: st.failures,
+            last_error: st.last_error.clone(),
+        }
+    }
+
+    /// Notifications not tied to a request, tagged with the process id.
+    pub fn subscribe(&self) -> broadcast::Receiver<(u64, Value)> {
+        self.inner.events.subscribe()
+    }
+
+    /// The process bound to an exclusive session, if any.
+    pub fn bound_worker(&self, session: &str) -> Option<Arc<Worker>> {
+        let st = self.inner.state.lock().expect("lock");
+        let (id, _) = st.bound.get(session)?;
+        st.slots.get(id).map(|s| s.worker.clone())
+    }
+
+    /// Waits for a process with room for one request of `session`.
+    pub async fn acquire(&self, session: Option<&str>) -> Result<LeaseGuard, PoolError> {
+        let started = Instant::now();
+        let cfg = &self.inner.cfg;
+        let rx = {
+            let mut st = self.inner.state.lock().expect("lock");
+            if st.closed {
+                return Err(PoolError::Closed { pool: cfg.name.clone() });
+            }
+            if let Some(id) = st.pick(cfg, session) {
+                let worker = st.take(cfg, id, session);
+                drop(st);
+                self.observe_wait(started);
+                return Ok(self.guard(worker, session));
+            }
+            if st.slots.is_empty() && st.failures >= FAILING_THRESHOLD {
+                return Err(PoolError::Failing {
+                    pool: cfg.name.clone(),
+                    error: st.last_error.clone().unwrap_or_default(),
+                });
+            }
+            if st.waiters.len() >= cfg.queue_limit {
+                st.purge_waiters();
+            }
+            if st.waiters.len() >= cfg.queue_limit {
+                return Err(PoolError::QueueFull {
+                    pool: cfg.name.clone(),
+                    limit: cfg.queue_limit,
+                });
+            }
+            let (tx, rx) = oneshot::channel();
+            st.waiters.push_back(Waiter {
+                session: session.map(str::to_string),
+                tx,
+            });
+            self.set_queue_gauge(&st);
+            rx
+        };
+        self.inner.wake.notify_one();
+        let outcome = tokio::time::timeout(cfg.queue_timeout, rx).await;
+        match outcome {
+            Ok(Ok(mut guard)) => {
+                guard.armed = true;
+                self.observe_wait(started);
+                Ok(guard)
+            }
+            Ok(Err(_)) => Err(PoolError::Closed { pool: cfg.name.clone() }),
+            Err(_) => {
+                let mut st = self.inner.state.lock().expect("lock");
+                st.purge_waiters();
+                self.set_queue_gauge(&st);
+                Err(PoolError::QueueTimeout {
+                    pool: cfg.name.clone(),
+                    after: cfg.queue_timeout,
+                    last_error: st.last_error.clone(),
+                })
+            }
+        }
+    }
+
+    fn observe_wait(&self, started: Instant) {
+        self.inner
+            .metrics
+            .lease_wait
+            .with_label_values(&[self.name()])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    fn set_queue_gauge(&self, st: &State) {
+        self.inner
+            .metrics
+            .queue_depth
+            .with_label_values(&[self.name()])
+            .set(st.waiters.len() as i64);
+    }
+
+    fn guard(&self, worker: Arc<Worker>, session: Option<&str>) -> LeaseGuard {
+        LeaseGuard {
+            inner: self.inner.clone(),
+            worker,
+            armed: true,
+            // A session-less request on an exclusive pool is a session of one.
+            discard: self.inner.cfg.mode == Mode::Exclusive && session.is_none(),
+        }
+    }
+
+    fn release(&self, id: u64, discard: bool) {
+        let mut retired = None;
+        {
+            let mut st = self.inner.state.lock().expect("lock");
+            if let Some(slot) = st.slots.get_mut(&id) {
+                slot.inflight = slot.inflight.saturating_sub(1);
+                slot.last_used = Instant::now();
+                if discard || slot.retire || slot.worker.is_exited() {
+                    slot.retire = true;
+                    if slot.inflight == 0 {
+                        let slot = st.slots.remove(&id).expect("present");
+                        if let Some(s) = &slot.session {
+                            st.bound.remove(s);
+                        }
+                        retired = Some(slot.worker);
+                    }
+                }
+            }
+            self.dispatch(&mut st);
+            self.update_gauges(&st);
+        }
+        if let Some(w) = retired {
+            self.retire(w, "discarded");
+        }
+        self.inner.wake.notify_one();
+    }
+
+    /// Hands free processes to waiters, oldest first.
+    fn dispatch(&self, st: &mut State) {
+        let cfg = &self.inner.cfg;
+        let mut i = 0;
+        while i < st.waiters.len() {
+            if st.waiters[i].tx.is_closed() {
+                st.waiters.remove(i);
+                continue;
+            }
+            let session = st.waiters[i].session.clone();
+            match st.pick(cfg, session.as_deref()) {
+                Some(id) => {
+                    let waiter = st.waiters.remove(i).expect("index valid");
+                    let worker = st.take(cfg, id, session.as_deref());
+                    let mut guard = self.guard(worker, session.as_deref());
+                    // Disarmed while in flight: if the send fails we undo by
+                    // hand (we hold the lock; Drop would deadlock).
+                    guard.armed = false;
+                    if let Err(mut back) = waiter.tx.send(guard) {
+                        back.armed = false;
+                        st.untake(id);
+                        if let Some(s) = &session {
+                            if cfg.mode == Mode::Exclusive && st.slots[&id].inflight == 0 {
+                                st.bound.remove(s);
+                                st.slots.get_mut(&id).expect("present").session = None;
+                            }
+                        }
+                    }
+                }
+                None if cfg.mode == Mode::Exclusive => i += 1,
+                None => break,
+            }
+        }
+        self.set_queue_gauge(st);
+    }
+
+    fn update_gauges(&self, st: &State) {
+        let m = &self.inner.metrics.processes;
+        let busy = st.slots.values().filter(|s| s.inflight > 0).count();
+        m.with_label_values(&[self.name(), "busy"]).set(busy as i64);
+        m.with_label_values(&[self.name(), "idle"])
+            .set((st.slots.len() - busy) as i64);
+        m.with_label_values(&[self.name(), "starting"])
+            .set(st.starting as i64);
+    }
+
+    /// Ends a client session: exclusive processes are discarded, sticky
+    /// affinity is forgotten.
+    pub fn end_session(&self, session: &str) {
+        let w = {
+            let mut st = self.inner.state.lock().expect("lock");
+            st.end_session(&self.inner.cfg, session)
+        };
+        if let Some(w) = w {
+            self.retire(w, "session_ended");
+        }
+        self.inner.wake.notify_one();
+    }
+
+    fn retire(&self, w: Arc<Worker>, reason: &'static str) {
+        self.inner
+            .metrics
+            .exits
+            .with_label_values(&[self.name(), reason])
+            .inc();
+        let grace = self.inner.cfg.stop_grace;
+        self.inner.tracker.spawn(async move { w.stop(grace).await });
+    }
+
+    async fn maintain(self) {
+        loop {
+            let now = Instant::now();
+            let (spawn, retire, next) = {
+                let mut st = self.inner.state.lock().expect("lock");
+                if st.slots.values().any(|s| s.worker.uptime() >= STABLE_AFTER) {
+                    st.failures = 0;
+                }
+                let retire = st.to_retire(&self.inner.cfg, now);
+                let spawn = st.to_spawn(&self.inner.cfg, now);
+                st.starting += spawn;
+                self.update_gauges(&st);
+                let next = if st.failures > 0 && st.next_spawn_at > now {
+                    (st.next_spawn_at - now).min(MAINTAIN_EVERY)
+                } else {
+                    MAINTAIN_EVERY
+                };
+                (spawn, retire, next)
+            };
+            for w in retire {
+                self.retire(w, "idle");
+            }
+            for _ in 0..spawn {
+                self.inner.tracker.spawn(self.clone().warm_one());
+            }
+            tokio::select! {
+                _ = self.inner.shutdown.cancelled() => break,
+                _ = self.inner.wake.notified() => {}
+                _ = tokio::time::sleep(next) => {}
+            }
+        }
+        self.close().await;
+    }
+
+    async fn warm_one(self) {
+        let cfg = &self.inner.cfg;
+        let id = self.inner.ids.fetch_add(1, Ordering::Relaxed) + 1;
+        self.inner.metrics.spawns.with_label_values(&[self.name()]).inc();
+        let result = match Worker::spawn(cfg, id, self.inner.metrics.clone(), &self.inner.tracker) {
+            Err(e) => Err((None, e.to_string())),
+            Ok(w) => {
+                let hs = tokio::select! {
+                    r = warm::handshake(&w, cfg.protocol, cfg.init_timeout) => r.map_err(|e| e.to_string()),
+                    _ = self.inner.shutdown.cancelled() => Err("broker shutting down".to_string()),
+                };
+                match hs {
+                    Ok(hs) => Ok((w, hs)),
+                    Err(e) => Err((Some(w), e)),
+                }
+            }
+        };
+        let to_stop: Option<Arc<Worker>> = {
+            let mut st = self.inner.state.lock().expect("lock");
+            st.starting -= 1;
+            match result {
+                Ok((w, hs)) if !st.closed => {
+                    *self.inner.handshake.lock().expect("lock") = Some(Arc::new(hs));
+                    st.last_error = None;
+                    st.slots.insert(
+                        id,
+                        Slot {
+                            worker: w.clone(),
+                            inflight: 0,
+                            last_used: Instant::now(),
+                            session: None,
+                            retire: false,
+                        },
+                    );
+                    self.dispatch(&mut st);
+                    self.update_gauges(&st);
+                    drop(st);
+                    tracing::info!(pool = %cfg.name, pid = w.pid, "process warm");
+                    self.inner.tracker.spawn(self.clone().watch(w));
+                    None
+                }
+                Ok((w, _)) => {
+                    drop(st);
+                    Some(w)
+                }
+                Err((w, error)) => {
+                    st.failures += 1;
+                    st.next_spawn_at = Instant::now() + backoff(st.failures);
+                    let error = match &w {
+                        Some(w) if w.is_exited() => format!("{error} ({})", w.exit_reason()),
+                        _ => error,
+                    };
+                    tracing::warn!(pool = %cfg.name, failures = st.failures, retry_in = ?backoff(st.failures), "process failed to start: {error}");
+                    st.last_error = Some(error.clone());
+                    if st.slots.is_empty() && st.failures >= FAILING_THRESHOLD {
+                        // Nobody will be served soon: fail the queue with the reason.
+                        st.waiters.clear();
+                        self.set_queue_gauge(&st);
+                    }
+                    self.update_gauges(&st);
+                    drop(st);
+                    self.inner
+                        .metrics
+                        .exits
+                        .with_label_values(&[self.name(), "start_failed"])
+                        .inc();
+                    w
+                }
+            }
+        };
+        if let Some(w) = to_stop {
+            w.stop(cfg.stop_grace).await;
+        }
+        self.inner.wake.notify_one();
+    }
+
+    /// Forwards a warm process's unsolicited notifications and notices its exit.
+    async fn watch(self, w: Arc<Worker>) {
+        let mut events = w.subscribe();
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Ok(ev) => { let _ = self.inner.events.send((w.id, ev)); }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => { w.wait_exit().await; break; }
+                },
+                _ = w.wait_exit() => break,
+            }
+        }
+        let crashed = {
+            let mut st = self.inner.state.lock().expect("lock");
+            let crashed = match st.slots.remove(&w.id) {
+                Some(slot) => {
+                    if let Some(s) = &slot.session {
+                        st.bound.remove(s);
+                    }
+                    true
+                }
+                None => false, // retired on purpose
+            };
+            if crashed {
+                if w.uptime() < STABLE_AFTER {
+                    st.failures += 1;
+                    st.next_spawn_at = Instant::now() + backoff(st.failures);
+                }
+                st.last_error = Some(format!("process {} {}", w.pid, w.exit_reason()));
+            }
+            self.update_gauges(&st);
+            crashed
+        };
+        if crashed {
+            tracing::warn!(pool = %self.name(), pid = w.pid, "process {}; replacing", w.exit_reason());
+            self.inner
+                .metrics
+                .exits
+                .with_label_values(&[self.name(), "crashed"])
+                .inc();
+        }
+        self.inner.wake.notify_one();
+    }
+
+    /// Stops accepting, fails the queue, stops every process.
+    async fn close(&self) {
+        let workers: Vec<Arc<Worker>> = {
+            let mut st = self.inner.state.lock().expect("lock");
+            st.closed = true;
+            st.waiters.clear();
+            st.slots.drain().map(|(_, s)| s.worker).collect()
+        };
+        let grace = self.inner.cfg.stop_grace;
+        futures::future::join_all(workers.iter().map(|w| w.stop(grace))).await;
+    }
+}

@@ -1,0 +1,418 @@
+//! One stdio MCP server process: spawn, I/O tasks, routing, stop and reap.
+//!
+//! A [`Worker`] owns three tasks: a writer (stdin), a reader (stdout, routed
+//! through [`router::Router`]) and a stderr logger, plus a reaper that
+//! notices the exit, kills the rest of the process group, reaps the leader and
+//! fails whatever was still in flight. Nothing here decides *when* a process is
+//! used or replaced; that is the pool's job.
+
+pub mod group;
+pub mod router;
+
+use crate::config::PoolConfig;
+use crate::framing::{sniff_id, Frame, LineSplitter};
+use crate::jsonrpc::{self, codes};
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use router::{Action, LeaseEvent, LeaseSink, Router};
+use serde_json::Value;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Lines queued for a process's stdin at most.
+const STDIN_QUEUE: usize = 256;
+/// Longest stderr line kept for the log.
+const STDERR_LINE_MAX: usize = 8 * 1024;
+/// How long the reaper waits for stdout to drain after the exit.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
+
+/// Failures of one process.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot start `{command}`: {reason}")]
+    Spawn { command: String, reason: String },
+    #[error("the process has exited: {0}")]
+    Exited(String),
+    #[error("the process did not answer {method} within {after:?}")]
+    Timeout { method: String, after: Duration },
+    #[error("message of {size} bytes exceeds the {limit}-byte limit")]
+    TooLarge { size: usize, limit: usize },
+    #[error("{0}")]
+    Deliver(#[from] router::DeliverError),
+}
+
+/// A running server process.
+pub struct Worker {
+    /// Broker-unique id (for logs and routing ids).
+    pub id: u64,
+    /// OS process id, which is also the process group id.
+    pub pid: u32,
+    pool: String,
+    max_message_size: usize,
+    stdin: mpsc::Sender<Bytes>,
+    close_stdin: CancellationToken,
+    router: Mutex<Router>,
+    exited: CancellationToken,
+    exit_reason: Mutex<Option<String>>,
+    spawned_at: Instant,
+    events: broadcast::Sender<Value>,
+    metrics: Arc<Metrics>,
+}
+
+impl Worker {
+    /// Starts the process in its own group with piped stdio and its tasks.
+    pub fn spawn(
+        cfg: &PoolConfig,
+        id: u64,
+        metrics: Arc<Metrics>,
+        tracker: &TaskTracker,
+    ) -> Result<Arc<Worker>, WorkerError> {
+        let mut cmd = tokio::process::Command::new(&cfg.command);
+        cmd.args(&cfg.args)
+            .envs(&cfg.env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(false);
+        if let Some(cwd) = &cfg.cwd {
+            cmd.current_dir(cwd);
+        }
+        let mut child = cmd.spawn().map_err(|e| WorkerError::Spawn {
+            command: cfg.command.clone(),
+            reason: e.to_string(),
+        })?;
+        let pid = child.id().unwrap_or(0);
+        let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
+        let (events, _) = broadcast::channel(64);
+        let worker = Arc::new(Worker {
+            id,
+            pid,
+            pool: cfg.name.clone(),
+            max_message_size: cfg.max_message_size,
+            stdin: stdin_tx,
+            close_stdin: CancellationToken::new(),
+            router: Mutex::new(Router::new(id)),
+            exited: CancellationToken::new(),
+            exit_reason: Mutex::new(None),
+            spawned_at: Instant::now(),
+            events,
+            metrics,
+        });
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        tracker.spawn(write_stdin(stdin, stdin_rx, worker.close_stdin.clone()));
+        let stdout_done = CancellationToken::new();
+        tracker.spawn(read_stdout(worker.clone(), stdout, stdout_done.clone()));
+        tracker.spawn(log_stderr(cfg.name.clone(), pid, stderr));
+        tracker.spawn(reap(worker.clone(), child, stdout_done));
+        tracing::debug!(pool = %cfg.name, pid, "spawned");
+        Ok(worker)
+    }
+
+    /// Time since spawn.
+    pub fn uptime(&self) -> Duration {
+        self.spawned_at.elapsed()
+    }
+
+    /// Whether the process has exited and been reaped.
+    pub fn is_exited(&self) -> bool {
+        self.exited.is_cancelled()
+    }
+
+    /// Resolves once the process has exited and been reaped.
+    pub async fn wait_exit(&self) {
+        self.exited.cancelled().await
+    }
+
+    /// Why the process exited, once it has.
+    pub fn exit_reason(&self) -> String {
+        self.exit_reason
+            .lock()
+            .expect("lock")
+            .clone()
+            .unwrap_or_else(|| "unknown".into())
+    }
+
+    /// Notifications not tied to a request (list_changed, resource updates).
+    pub fn subscribe(&self) -> broadcast::Receiver<Value> {
+        self.events.subscribe()
+    }
+
+    /// Requests written and not yet answered.
+    pub fn pending(&self) -> usize {
+        self.router.lock().expect("lock").pending_count()
+    }
+
+    /// Writes one message to stdin.
+    pub async fn send(&self, msg: &Value) -> Result<(), WorkerError> {
+        let mut line = serde_json::to_vec(msg).expect("Value serializes");
+        if line.len() > self.max_message_size {
+            return Err(WorkerError::TooLarge {
+                size: line.len(),
+                limit: self.max_message_size,
+            });
+        }
+        line.push(b'\n');
+        if self.is_exited() {
+            return Err(WorkerError::Exited(self.exit_reason()));
+        }
+        self.stdin
+            .send(Bytes::from(line))
+            .await
+            .map_err(|_| WorkerError::Exited("stdin closed".into()))
+    }
+
+    /// Sends a broker-internal request and waits for its response.
+    pub async fn call(&self, method: &str, params: Value, timeout: Duration) -> Result<Value, WorkerError> {
+        let (tx, rx) = oneshot::channel();
+        let msg = self.router.lock().expect("lock").internal(method, params, tx);
+        self.send(&msg).await?;
+        tokio::select! {
+            r = rx => r.map_err(|_| WorkerError::Exited(self.exit_reason())),
+            _ = tokio::time::sleep(timeout) => Err(WorkerError::Timeout { method: method.into(), after: timeout }),
+            _ = self.exited.cancelled() => Err(WorkerError::Exited(self.exit_reason())),
+        }
+    }
+
+    /// Starts a client request on this process; events go to `sink`.
+    /// Returns the lease id for [`Self::deliver`] and [`Self::end`].
+    pub async fn begin(
+        &self,
+        mut msg: Value,
+        sink: LeaseSink,
+        done: CancellationToken,
+    ) -> Result<u64, WorkerError> {
+        let lid = self.router.lock().expect("lock").begin(&mut msg, sink, done);
+        if let Err(e) = self.send(&msg).await {
+            self.end(lid);
+            return Err(e);
+        }
+        Ok(lid)
+    }
+
+    /// Ends a lease's routing; true if its request was still unanswered.
+    pub fn end(&self, lid: u64) -> bool {
+        self.router.lock().expect("lock").end(lid)
+    }
+
+    /// Sends a client's answer or notification into lease `lid`.
+    pub async fn deliver(&self, lid: u64, msg: Value) -> Result<(), WorkerError> {
+        let msg = self.router.lock().expect("lock").deliver(lid, msg)?;
+        self.send(&msg).await
+    }
+
+    /// Tells the process a lease's request is cancelled.
+    pub async fn cancel(&self, lid: u64, reason: &str) {
+        let proc_id = self.router.lock().expect("lock").proc_id(lid);
+        if let Some(proc_id) = proc_id {
+            let note = jsonrpc::notification(
+                "notifications/cancelled",
+                serde_json::json!({"requestId": proc_id, "reason": reason}),
+            );
+            let _ = self.send(&note).await;
+        }
+    }
+
+    /// Stops the process: close stdin, SIGTERM the group, wait `grace`,
+    /// SIGKILL the group, wait for the reaper.
+    pub async fn stop(&self, grace: Duration) {
+        if self.is_exited() {
+            return;
+        }
+        self.close_stdin.cancel();
+        group::kill_group(self.pid, libc::SIGTERM);
+        if tokio::time::timeout(grace, self.wait_exit()).await.is_err() {
+            tracing::warn!(pool = %self.pool, pid = self.pid, "did not stop within {grace:?}; killing");
+            group::kill_group(self.pid, libc::SIGKILL);
+            // The reaper fires within DRAIN_AFTER_EXIT of the kill.
+            let _ = tokio::time::timeout(DRAIN_AFTER_EXIT * 5, self.wait_exit()).await;
+        }
+    }
+
+    /// Kills the whole group at once (for a process that is stuck).
+    pub fn kill(&self) {
+        group::kill_group(self.pid, libc::SIGKILL);
+    }
+
+    fn perform(&self, action: Action) {
+        match action {
+            Action::ToLease(sink, event) => deliver_event(sink, event, &self.metrics, &self.pool),
+            Action::Reply(msg) => {
+                let mut line = serde_json::to_vec(&msg).expect("Value serializes");
+                line.push(b'\n');
+                // A full stdin queue means the process is not reading; the
+                // reply is a courtesy, so dropping it cannot lose a client's data.
+                let _ = self.stdin.try_send(Bytes::from(line));
+            }
+            Action::Internal(tx, msg) => {
+                let _ = tx.send(msg);
+            }
+            Action::Event(msg) => {
+                let _ = self.events.send(msg);
+            }
+            Action::Drop(kind) => {
+                if kind == "late_response" {
+                    self.metrics.late_responses.with_label_values(&[&self.pool]).inc();
+                } else {
+                    self.metrics.unroutable.with_label_values(&[&self.pool, kind]).inc();
+                }
+            }
+        }
+    }
+}
+
+/// Hands an event to a lease; a full queue drops notifications (counted) but
+/// never a final response.
+fn deliver_event(sink: LeaseSink, event: LeaseEvent, metrics: &Metrics, pool: &str) {
+    match sink.try_send(event) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(mpsc::error::TrySendError::Full(LeaseEvent::Final(msg))) => {
+            tokio::spawn(async move {
+                let _ = sink.send(LeaseEvent::Final(msg)).await;
+            });
+        }
+        Err(mpsc::error::TrySendError::Full(LeaseEvent::Message(_))) => {
+            metrics.unroutable.with_label_values(&[pool, "slow_consumer"]).inc();
+        }
+    }
+}
+
+async fn write_stdin(
+    mut stdin: tokio::process::ChildStdin,
+    mut rx: mpsc::Receiver<Bytes>,
+    close: CancellationToken,
+) {
+    loop {
+        let line = tokio::select! {
+            _ = close.cancelled() => break,
+            l = rx.recv() => match l { Some(l) => l, None => break },
+        };
+        if stdin.write_all(&line).await.is_err() {
+            break;
+        }
+        // Flush only when nothing else is queued: batches pipelined writes.
+        if rx.is_empty() && stdin.flush().await.is_err() {
+            break;
+        }
+    }
+}
+
+async fn read_stdout(worker: Arc<Worker>, stdout: impl AsyncRead + Unpin, done: CancellationToken) {
+    read_lines(stdout, worker.max_message_size, |frame| match frame {
+        Frame::Line(line) => {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                return;
+            }
+            match serde_json::from_slice::<Value>(&line) {
+                Ok(msg) => {
+                    let action = worker.router.lock().expect("lock").route(msg);
+                    worker.perform(action);
+                }
+                Err(_) => {
+                    worker
+                        .metrics
+                        .skipped_lines
+                        .with_label_values(&[&worker.pool, "not_json"])
+                        .inc();
+                    let shown = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
+                    tracing::debug!(pool = %worker.pool, pid = worker.pid, line = %shown, "skipped non-JSON stdout line");
+                }
+            }
+        }
+        Frame::Oversized { len, head, tail } => {
+            worker
+                .metrics
+                .skipped_lines
+                .with_label_values(&[&worker.pool, "oversized"])
+                .inc();
+            tracing::warn!(pool = %worker.pool, pid = worker.pid, len, "stdout message over the size limit");
+            let id = sniff_id(&head).or_else(|| sniff_id(&tail)).and_then(|v| v.as_u64());
+            if let Some(id) = id {
+                let msg = format!(
+                    "the server's response was {len} bytes, over the broker's {}-byte message limit",
+                    worker.max_message_size
+                );
+                let action = worker
+                    .router
+                    .lock()
+                    .expect("lock")
+                    .fail_one(id, codes::MESSAGE_TOO_LARGE, &msg);
+                worker.perform(action);
+            }
+        }
+    })
+    .await;
+    done.cancel();
+}
+
+/// Reads `r` to EOF, calling `f` for every frame.
+pub async fn read_lines(mut r: impl AsyncRead + Unpin, max: usize, mut f: impl FnMut(Frame)) {
+    let mut splitter = LineSplitter::new(max);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut frames = Vec::new();
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                splitter.push(&buf[..n], &mut frames);
+                for frame in frames.drain(..) {
+                    f(frame);
+                }
+            }
+        }
+    }
+}
+
+async fn log_stderr(pool: String, pid: u32, stderr: tokio::process::ChildStderr) {
+    read_lines(stderr, STDERR_LINE_MAX, |frame| match frame {
+        Frame::Line(line) => {
+            tracing::info!(target: "mcp_broker::server_stderr", pool = %pool, pid, "{}", String::from_utf8_lossy(&line));
+        }
+        Frame::Oversized { len, .. } => {
+            tracing::info!(target: "mcp_broker::server_stderr", pool = %pool, pid, "<{len}-byte stderr line omitted>");
+        }
+    })
+    .await;
+}
+
+async fn reap(worker: Arc<Worker>, mut child: tokio::process::Child, stdout_done: CancellationToken) {
+    let watch = group::ExitWatch::new(worker.pid);
+    // Wait for the leader to exit (pidfd, not reaped) or stdout to close.
+    tokio::select! {
+        _ = watch.wait() => {}
+        _ = stdout_done.cancelled() => {}
+    }
+    // The leader is not reaped yet, so its group id cannot have been reused:
+    // kill the stragglers (npx's node, shells' children) before reaping.
+    group::kill_group(worker.pid, libc::SIGKILL);
+    let status = child.wait().await;
+    let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, stdout_done.cancelled()).await;
+    let reason = match status {
+        Ok(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
+            (Some(c), _) => format!("exited with status {c}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => s.to_string(),
+        },
+        Err(e) => format!("wait failed: {e}"),
+    };
+    tracing::debug!(pool = %worker.pool, pid = worker.pid, %reason, "process ended");
+    *worker.exit_reason.lock().expect("lock") = Some(reason.clone());
+    let actions = worker
+        .router
+        .lock()
+        .expect("lock")
+        .fail_all(&format!("the server process {} {reason} while handling this request", worker.pid));
+    for a in actions {
+        worker.perform(a);
+    }
+    worker.close_stdin.cancel();
+    worker.exited.cancel();
+}

@@ -1,0 +1,344 @@
+//! The per-process routing table: which message belongs to which request.
+//!
+//! Invariants:
+//! * Every request written to a process gets a fresh process-side id (a
+//!   counter that never repeats for the life of the process), so a response
+//!   can only ever match the request it answers; a late response to a
+//!   cancelled or timed-out request finds no entry and is dropped.
+//! * Progress tokens are rewritten the same way, so two clients using the
+//!   same token on one process never see each other's progress.
+//! * Server→client requests get broker ids that name the process, so a
+//!   client's answer reaches the process that asked.
+//! * A message that cannot be tied to exactly one request (a log line while
+//!   several requests are in flight) is dropped and counted, never guessed.
+//!
+//! The table is plain data with no I/O: [`Router::route`] returns an
+//! [`Action`] and the caller performs it.
+
+use crate::jsonrpc::{self, codes, Kind};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use tokio::sync::{mpsc, oneshot};
+
+/// A message for the consumer of one lease.
+#[derive(Debug)]
+pub enum LeaseEvent {
+    /// A notification or server→client request, in order.
+    Message(Value),
+    /// The response: the last event of the lease.
+    Final(Value),
+}
+
+/// Sender half of a lease's event stream.
+pub type LeaseSink = mpsc::Sender<LeaseEvent>;
+
+/// What the reader must do with one message from the process.
+#[derive(Debug)]
+pub enum Action {
+    /// Deliver to a lease.
+    ToLease(LeaseSink, LeaseEvent),
+    /// Write this message back to the process.
+    Reply(Value),
+    /// Answer the broker's own request.
+    Internal(oneshot::Sender<Value>, Value),
+    /// Not tied to any request: publish on the process's event channel.
+    Event(Value),
+    /// Drop it; the string says why (a metrics label).
+    Drop(&'static str),
+}
+
+enum Waiter {
+    Lease(u64),
+    Internal(oneshot::Sender<Value>),
+}
+
+struct LeaseRoute {
+    sink: LeaseSink,
+    done: tokio_util::sync::CancellationToken,
+    proc_id: u64,
+    client_id: Value,
+    progress_key: Option<String>,
+    answered: bool,
+}
+
+/// Routing state for one process.
+pub struct Router {
+    worker_id: u64,
+    next: u64,
+    pending: HashMap<u64, Waiter>,
+    leases: HashMap<u64, LeaseRoute>,
+    progress: HashMap<String, (u64, Value)>,
+    server_reqs: HashMap<String, (u64, Value)>,
+}
+
+/// Why a client message could not be delivered into a lease.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum DeliverError {
+    #[error("the lease has ended")]
+    LeaseGone,
+    #[error("no server request with id {0} is waiting on this lease")]
+    UnknownServerRequest(String),
+    #[error("only responses and notifications can be sent into a lease")]
+    NotAllowed,
+}
+
+impl Router {
+    /// An empty table for worker `worker_id`.
+    pub fn new(worker_id: u64) -> Self {
+        Self {
+            worker_id,
+            next: 0,
+            pending: HashMap::new(),
+            leases: HashMap::new(),
+            progress: HashMap::new(),
+            server_reqs: HashMap::new(),
+        }
+    }
+
+    fn fresh(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
+
+    /// Requests written but not yet answered.
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Registers a client request and rewrites `msg` in place for the process.
+    /// Returns the lease id.
+    /// `done` is cancelled when the lease's final event has been routed.
+    pub fn begin(
+        &mut self,
+        msg: &mut Value,
+        sink: LeaseSink,
+        done: tokio_util::sync::CancellationToken,
+    ) -> u64 {
+        let lid = self.fresh();
+        let proc_id = self.fresh();
+        let client_id = msg.get("id").cloned().unwrap_or(Value::Null);
+        msg["id"] = Value::from(proc_id);
+        let mut progress_key = None;
+        if let Some(token) = jsonrpc::progress_token_mut(msg) {
+            let orig = std::mem::replace(token, Value::from(proc_id));
+            let key = jsonrpc::key_of(token);
+            self.progress.insert(key.clone(), (lid, orig));
+            progress_key = Some(key);
+        }
+        self.pending.insert(proc_id, Waiter::Lease(lid));
+        self.leases.insert(
+            lid,
+            LeaseRoute {
+                sink,
+                done,
+                proc_id,
+                client_id,
+                progress_key,
+                answered: false,
+            },
+        );
+        lid
+    }
+
+    /// Registers a broker-internal request; returns the message to write.
+    pub fn internal(&mut self, method: &str, params: Value, tx: oneshot::Sender<Value>) -> Value {
+        let id = self.fresh();
+        self.pending.insert(id, Waiter::Internal(tx));
+        jsonrpc::request(Value::from(id), method, params)
+    }
+
+    /// The process-side id of a lease's request.
+    pub fn proc_id(&self, lid: u64) -> Option<u64> {
+        self.leases.get(&lid).map(|l| l.proc_id)
+    }
+
+    /// Forgets a lease. Returns true if its request was still unanswered.
+    pub fn end(&mut self, lid: u64) -> bool {
+        let Some(route) = self.leases.remove(&lid) else {
+            return false;
+        };
+        if let Some(key) = route.progress_key {
+            self.progress.remove(&key);
+        }
+        self.server_reqs.retain(|_, (l, _)| *l != lid);
+        self.pending.remove(&route.proc_id).is_some()
+    }
+
+    /// Rewrites a client's message sent into lease `lid` for the process.
+    pub fn deliver(&mut self, lid: u64, mut msg: Value) -> Result<Value, DeliverError> {
+        let route = self.leases.get(&lid).ok_or(DeliverError::LeaseGone)?;
+        match jsonrpc::classify(&msg) {
+            Ok(Kind::Response { id }) => {
+                let key = match &id {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                match self.server_reqs.get(&key) {
+                    Some((l, _)) if *l == lid => {
+                        let (_, orig) = self.server_reqs.remove(&key).expect("present");
+                        msg["id"] = orig;
+                        Ok(msg)
+                    }
+                    _ => Err(DeliverError::UnknownServerRequest(key)),
+                }
+            }
+            Ok(Kind::Notification { method }) => {
+                if method == "notifications/cancelled" {
+                    if let Some(params) = msg.get_mut("params") {
+                        params["requestId"] = Value::from(route.proc_id);
+                    }
+                }
+                Ok(msg)
+            }
+            _ => Err(DeliverError::NotAllowed),
+        }
+    }
+
+    /// The single lease still waiting for its response, if exactly one is.
+    fn sole_open_lease(&self) -> Option<u64> {
+        let mut open = self.leases.iter().filter(|(_, l)| !l.answered);
+        match (open.next(), open.next()) {
+            (Some((lid, _)), None) => Some(*lid),
+            _ => None,
+        }
+    }
+
+    /// Decides where one message from the process goes.
+    pub fn route(&mut self, mut msg: Value) -> Action {
+        let kind = match jsonrpc::classify(&msg) {
+            Ok(k) => k,
+            Err(_) => return Action::Drop("invalid_jsonrpc"),
+        };
+        match kind {
+            Kind::Response { id } => {
+                let Some(pid) = id.as_u64() else {
+                    return Action::Drop("late_response");
+                };
+                match self.pending.remove(&pid) {
+                    Some(Waiter::Internal(tx)) => Action::Internal(tx, msg),
+                    Some(Waiter::Lease(lid)) => match self.leases.get_mut(&lid) {
+                        Some(route) => {
+                            route.answered = true;
+                            route.done.cancel();
+                            msg["id"] = route.client_id.clone();
+                            Action::ToLease(route.sink.clone(), LeaseEvent::Final(msg))
+                        }
+                        None => Action::Drop("late_response"),
+                    },
+                    None => Action::Drop("late_response"),
+                }
+            }
+            Kind::Request { id, method } => {
+                if method == "ping" {
+                    return Action::Reply(jsonrpc::result(id, json!({})));
+                }
+                let Some(lid) = self.sole_open_lease() else {
+                    if method == "roots/list" {
+                        // No client attached: the honest answer is "no roots".
+                        return Action::Reply(jsonrpc::result(id, json!({"roots": []})));
+                    }
+                    let why = if self.leases.is_empty() {
+                        "no client request is in flight on this process"
+                    } else {
+                        "several client requests are in flight on this process (max_inflight > 1), so the broker cannot tell which client to ask"
+                    };
+                    return Action::Reply(jsonrpc::error(
+                        id,
+                        codes::INTERNAL_ERROR,
+                        format!("mcp-broker cannot route {method}: {why}"),
+                    ));
+                };
+                let n = self.fresh();
+                let broker_id = format!("mcp-broker-{}-{n}", self.worker_id);
+                self.server_reqs.insert(broker_id.clone(), (lid, id));
+                msg["id"] = Value::String(broker_id);
+                let route = &self.leases[&lid];
+                Action::ToLease(route.sink.clone(), LeaseEvent::Message(msg))
+            }
+            Kind::Notification { method } => self.route_notification(&method, msg),
+        }
+    }
+
+    fn route_notification(&mut self, method: &str, mut msg: Value) -> Action {
+        match method {
+            "notifications/progress" => {
+                let key = msg
+                    .get("params")
+                    .and_then(|p| p.get("progressToken"))
+                    .map(jsonrpc::key_of);
+                let Some((lid, orig)) = key.and_then(|k| self.progress.get(&k).cloned()) else {
+                    return Action::Drop("progress");
+                };
+                let Some(route) = self.leases.get(&lid) else {
+                    return Action::Drop("progress");
+                };
+                msg["params"]["progressToken"] = orig;
+                Action::ToLease(route.sink.clone(), LeaseEvent::Message(msg))
+            }
+            m if m.ends_with("/list_changed") || m == "notifications/resources/updated" => {
+                Action::Event(msg)
+            }
+            "notifications/cancelled" => {
+                // The server withdrawing one of its own requests to the client.
+                let rid = msg.get("params").and_then(|p| p.get("requestId")).cloned();
+                let found = rid.and_then(|rid| {
+                    self.server_reqs
+                        .iter()
+                        .find(|(_, (_, orig))| *orig == rid)
+                        .map(|(k, (lid, _))| (k.clone(), *lid))
+                });
+                match found {
+                    Some((broker_id, lid)) => {
+                        self.server_reqs.remove(&broker_id);
+                        msg["params"]["requestId"] = Value::String(broker_id);
+                        let route = &self.leases[&lid];
+                        Action::ToLease(route.sink.clone(), LeaseEvent::Message(msg))
+                    }
+                    None => Action::Drop("cancelled"),
+                }
+            }
+            _ => match self.sole_open_lease() {
+                Some(lid) => Action::ToLease(self.leases[&lid].sink.clone(), LeaseEvent::Message(msg)),
+                None => Action::Drop("notification"),
+            },
+        }
+    }
+
+    /// Fails the request with process-side id `proc_id` (its response could
+    /// not be read, e.g. it was over the size limit).
+    pub fn fail_one(&mut self, proc_id: u64, code: i64, message: &str) -> Action {
+        match self.pending.remove(&proc_id) {
+            Some(Waiter::Lease(lid)) => match self.leases.get_mut(&lid) {
+                Some(route) => {
+                    route.answered = true;
+                    route.done.cancel();
+                    let err = jsonrpc::error(route.client_id.clone(), code, message);
+                    Action::ToLease(route.sink.clone(), LeaseEvent::Final(err))
+                }
+                None => Action::Drop("late_response"),
+            },
+            Some(Waiter::Internal(tx)) => {
+                Action::Internal(tx, jsonrpc::error(Value::from(proc_id), code, message))
+            }
+            None => Action::Drop("late_response"),
+        }
+    }
+
+    /// Fails every unanswered lease (the process is gone).
+    pub fn fail_all(&mut self, message: &str) -> Vec<Action> {
+        let mut out = Vec::new();
+        for route in self.leases.values_mut() {
+            if !route.answered {
+                route.answered = true;
+                route.done.cancel();
+                let err = jsonrpc::error(route.client_id.clone(), codes::PROCESS_EXITED, message);
+                out.push(Action::ToLease(route.sink.clone(), LeaseEvent::Final(err)));
+            }
+        }
+        self.pending.clear();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

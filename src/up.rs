@@ -1,0 +1,57 @@
+//! `mcp-broker up`: a broker and a proxy in one process, no config file.
+//!
+//! The broker listens on a private socket in a fresh temporary directory and
+//! the proxy reaches it exactly as a sidecar would, so `up` exercises the
+//! same code paths as a node deployment.
+
+use crate::broker::{listen, Broker};
+use crate::config::{BrokerSettings, Config, PoolConfig};
+use crate::metrics::Metrics;
+use crate::proxy::{self, ProxySettings};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Name of the single pool `up` creates.
+pub const POOL_NAME: &str = "default";
+
+/// Runs broker and proxy until `shutdown`, then drains both.
+pub async fn run(pool: PoolConfig, mut proxy: ProxySettings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pool.check()?;
+    let dir = tempfile_dir()?;
+    let socket = dir.join("broker.sock");
+    let metrics = Arc::new(Metrics::new());
+    let settings = BrokerSettings {
+        socket: socket.clone(),
+        metrics_listen: None,
+        ..BrokerSettings::default()
+    };
+    let broker = Broker::start(
+        Config {
+            broker: settings,
+            pools: vec![pool],
+        },
+        metrics.clone(),
+    );
+    let listener = listen::bind(&socket, 0o600, None)?;
+    let broker_done = CancellationToken::new();
+    let serve = tokio::spawn(broker.serve(listener, Some(socket.clone()), broker_done.clone()));
+    proxy.socket = socket;
+    proxy.pool = POOL_NAME.to_string();
+    let result = proxy::run(proxy, metrics, shutdown.clone()).await;
+    // The proxy has drained its clients; now the broker drains its leases.
+    broker_done.cancel();
+    let _ = serve.await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("mcp-broker-up-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    Ok(dir)
+}
