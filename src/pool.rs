@@ -486,7 +486,7 @@ impl Pool {
                 None => false, // retired on purpose
             };
             if crashed {
-                if w.uptime() < STABLE_AFTER {
+                if w.uptime() < STABLE_AFTER && !w.was_leased() {
                     st.failures += 1;
                     st.next_spawn_at = Instant::now() + backoff(st.failures);
                 }

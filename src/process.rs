@@ -60,6 +60,7 @@ pub struct Worker {
     exited: CancellationToken,
     exit_reason: Mutex<Option<String>>,
     spawned_at: Instant,
+    leased: std::sync::atomic::AtomicBool,
     events: broadcast::Sender<Value>,
     metrics: Arc<Metrics>,
 }
@@ -101,6 +102,7 @@ impl Worker {
             exited: CancellationToken::new(),
             exit_reason: Mutex::new(None),
             spawned_at: Instant::now(),
+            leased: std::sync::atomic::AtomicBool::new(false),
             events,
             metrics,
         });
@@ -119,6 +121,12 @@ impl Worker {
     /// Time since spawn.
     pub fn uptime(&self) -> Duration {
         self.spawned_at.elapsed()
+    }
+
+    /// Whether the process ever took a client request (a crash after that
+    /// is the request's doing, not a sign the command cannot start).
+    pub fn was_leased(&self) -> bool {
+        self.leased.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the process has exited and been reaped.
@@ -189,6 +197,7 @@ impl Worker {
         sink: LeaseSink,
         done: CancellationToken,
     ) -> Result<u64, WorkerError> {
+        self.leased.store(true, std::sync::atomic::Ordering::Relaxed);
         let lid = self.router.lock().expect("lock").begin(&mut msg, sink, done);
         if let Err(e) = self.send(&msg).await {
             self.end(lid);

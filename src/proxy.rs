@@ -1,12 +1,398 @@
-//! Stub, replaced below.
+//! The thin proxy: MCP Streamable HTTP at `/mcp` for clients of either
+//! protocol era, each request leased from the broker over its Unix socket.
+//!
+//! The proxy holds no server process. It answers `initialize`,
+//! `server/discover` and `ping` itself from the pool's cached handshake, and
+//! turns every other request into one lease ([`forward`]). Era-specific rules
+//! live in [`legacy`] and [`modern`]; the lease → HTTP answer logic in
+//! [`flow`]; every HTTP error in [`error`]. Shutdown stops accepting, lets
+//! in-flight exchanges finish (bounded), and ends open streams.
+
+pub mod backend;
+pub mod error;
+pub mod flow;
+pub mod legacy;
+pub mod listen;
+pub mod modern;
+pub mod mrtr;
+pub mod session;
+
+use crate::http::{self, Body};
+use crate::jsonrpc;
 use crate::metrics::Metrics;
+use ::http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use backend::Backend;
+use error::ProxyError;
+use flow::{Accept, ClientSide, Flow};
+use hyper::body::Incoming;
+use serde_json::Value;
+use session::{Session, Sessions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Default MCP listen address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default cap on open sessions.
 pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
+/// Default idle time after which a session is forgotten.
+pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default largest request body.
+pub const DEFAULT_MAX_BODY: usize = crate::config::DEFAULT_MAX_MESSAGE_SIZE;
+/// Default time a request waits for the pool's first warm process.
+pub const DEFAULT_WARM_WAIT: Duration = Duration::from_secs(30);
+/// Default time in-flight exchanges get to finish at shutdown.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often idle sessions and expired held leases are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Proxy settings.
 #[derive(Debug, Clone)]
-pub struct ProxySettings { pub listen: SocketAddr, pub socket: PathBuf, pub pool: String, pub allow_origins: Vec<String>, pub max_sessions: usize }
-impl Default for ProxySettings { fn default() -> Self { Self { listen: DEFAULT_LISTEN.parse().unwrap(), socket: PathBuf::new(), pool: String::new(), allow_origins: vec![], max_sessions: DEFAULT_MAX_SESSIONS } } }
-pub async fn run(_s: ProxySettings, _m: Arc<Metrics>, t: CancellationToken) -> anyhow::Result<()> { t.cancelled().await; Ok(()) }
+pub struct ProxySettings {
+    /// Where to serve MCP.
+    pub listen: SocketAddr,
+    /// The broker's lease API socket.
+    pub socket: PathBuf,
+    /// The pool to lease from.
+    pub pool: String,
+    /// `Origin` values allowed besides localhost ones.
+    pub allow_origins: Vec<String>,
+    /// Open sessions at most.
+    pub max_sessions: usize,
+    /// Sessions idle this long are forgotten.
+    pub session_idle_timeout: Duration,
+    /// Largest request body.
+    pub max_body: usize,
+    /// How long a request waits for the pool to warm.
+    pub warm_wait: Duration,
+    /// How long shutdown waits for in-flight exchanges.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("valid default"),
+            socket: PathBuf::from(crate::config::DEFAULT_SOCKET),
+            pool: String::new(),
+            allow_origins: Vec::new(),
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            session_idle_timeout: DEFAULT_SESSION_IDLE_TIMEOUT,
+            max_body: DEFAULT_MAX_BODY,
+            warm_wait: DEFAULT_WARM_WAIT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+/// Shared proxy state.
+pub struct Proxy {
+    pub settings: ProxySettings,
+    pub backend: Backend,
+    pub sessions: Sessions,
+    pub held: mrtr::Held,
+    pub metrics: Arc<Metrics>,
+    pub tracker: TaskTracker,
+    pub shutdown: CancellationToken,
+}
+
+/// Serves until `shutdown`, then drains.
+pub async fn run(settings: ProxySettings, metrics: Arc<Metrics>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
+    tracing::info!(listen = %settings.listen, pool = %settings.pool, socket = %settings.socket.display(), "proxy serving MCP at /mcp");
+    serve(listener, settings, metrics, shutdown).await;
+    Ok(())
+}
+
+/// Serves on an already bound listener (tests bind port 0).
+pub async fn serve(listener: tokio::net::TcpListener, settings: ProxySettings, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let backend = Backend::new(settings.socket.clone(), settings.pool.clone(), settings.max_body, metrics.clone());
+    let proxy = Arc::new(Proxy {
+        sessions: Sessions::new(settings.max_sessions, settings.session_idle_timeout),
+        held: mrtr::Held::new(mrtr::DEFAULT_MAX_HELD, mrtr::DEFAULT_HOLD_TIMEOUT),
+        backend,
+        settings,
+        metrics,
+        tracker: TaskTracker::new(),
+        shutdown: shutdown.clone(),
+    });
+    proxy.tracker.spawn(sweeper(proxy.clone()));
+    let conns = TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => match a {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let p = proxy.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let p = p.clone();
+            async move { Ok::<_, std::convert::Infallible>(handle(p, req).await) }
+        });
+        conns.spawn(crate::broker::api::serve_io(stream, svc, shutdown.clone()));
+    }
+    drop(listener);
+    conns.close();
+    proxy.tracker.close();
+    let drain = proxy.settings.drain_timeout;
+    if tokio::time::timeout(drain, async { tokio::join!(conns.wait(), proxy.tracker.wait()) })
+        .await
+        .is_err()
+    {
+        tracing::warn!("proxy drain timeout: closing remaining streams");
+    }
+}
+
+async fn sweeper(proxy: Arc<Proxy>) {
+    loop {
+        tokio::select! {
+            _ = proxy.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(SWEEP_EVERY) => {}
+        }
+        for s in proxy.sessions.sweep() {
+            tracing::debug!(session = %s.id, "session idle; ending it");
+            proxy.finish_session(&s).await;
+        }
+        proxy.held.sweep();
+    }
+}
+
+impl Proxy {
+    /// Ends a session here and at the broker.
+    pub async fn end_session(&self, s: &Session) {
+        if self.sessions.remove(&s.id).is_some() {
+            self.finish_session(s).await;
+        }
+    }
+
+    async fn finish_session(&self, s: &Session) {
+        self.metrics.sessions.with_label_values(&[self.backend.pool()]).dec();
+        self.backend.end_session(&s.id).await;
+    }
+}
+
+/// Turns one client request into a lease and answers with its messages.
+pub async fn forward(
+    proxy: &Arc<Proxy>,
+    msg: Value,
+    session: Option<&str>,
+    client: ClientSide,
+    accept: Accept,
+) -> Response<Body> {
+    let id = msg.get("id").cloned().unwrap_or(Value::Null);
+    let method = msg.get("method").and_then(Value::as_str).unwrap_or_default().to_string();
+    let lease = match proxy.backend.lease(&msg, session).await {
+        Ok(l) => l,
+        Err(e) => return ProxyError::Backend(e).into_response(id),
+    };
+    if lease.status != StatusCode::OK {
+        // The broker refused before a process saw the request: one error line.
+        let mut lines = lease.lines;
+        let mut err = match lines.next().await {
+            Some(Ok(v)) if v.get("error").is_some() => v,
+            _ => jsonrpc::error(
+                id.clone(),
+                jsonrpc::codes::BROKER_UNAVAILABLE,
+                format!("the broker refused the request ({})", lease.status),
+            ),
+        };
+        err["id"] = id;
+        let status = if lease.status == StatusCode::SERVICE_UNAVAILABLE {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        };
+        let mut r = http::json(status, &err);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            let ra = lease.retry_after.unwrap_or_else(|| "1".into());
+            if let Ok(v) = ra.parse() {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        return r;
+    }
+    if let (ClientSide::Legacy(s), Some(t)) = (&client, &lease.token) {
+        s.track_request(&id, t);
+    }
+    let flow = Flow {
+        proxy: proxy.clone(),
+        lines: lease.lines,
+        token: lease.token,
+        client_id: id,
+        method,
+        client,
+    };
+    flow::respond(flow, accept).await
+}
+
+fn accept_of(headers: &HeaderMap) -> Accept {
+    let v = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    if v.trim().is_empty() || v.contains("*/*") {
+        return Accept { json: true, sse: true };
+    }
+    Accept {
+        json: v.contains("application/json") || v.contains("application/*"),
+        sse: v.contains("text/event-stream") || v.contains("text/*"),
+    }
+}
+
+fn origin_allowed(settings: &ProxySettings, headers: &HeaderMap) -> Result<(), ProxyError> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let o = origin.to_str().unwrap_or("");
+    if settings.allow_origins.iter().any(|a| a == o || a == "*") {
+        return Ok(());
+    }
+    let host = o
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .unwrap_or("")
+        .trim_end_matches('/');
+    let host = if let Some(h) = host.strip_prefix('[') {
+        h.split(']').next().unwrap_or("")
+    } else {
+        host.split(':').next().unwrap_or("")
+    };
+    if matches!(host, "localhost" | "127.0.0.1" | "::1") {
+        Ok(())
+    } else {
+        Err(ProxyError::Origin(o.to_string()))
+    }
+}
+
+async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let r = match path.as_str() {
+        "/mcp" => mcp(&proxy, req).await,
+        "/livez" => http::text(StatusCode::OK, "ok\n"),
+        "/readyz" => match proxy.backend.ready().await {
+            Ok(()) => http::text(StatusCode::OK, "ready\n"),
+            Err(e) => http::text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+        },
+        "/metrics" => http::response(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            http::full(proxy.metrics.render()),
+        ),
+        _ => ProxyError::NotFound.into_response(Value::Null),
+    };
+    proxy
+        .metrics
+        .http_requests
+        .with_label_values(&[method.as_str(), r.status().as_str()])
+        .inc();
+    r
+}
+
+async fn mcp(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
+    if let Err(e) = origin_allowed(&proxy.settings, req.headers()) {
+        return e.into_response(Value::Null);
+    }
+    let accept = accept_of(req.headers());
+    match *req.method() {
+        Method::POST => {}
+        Method::GET => {
+            if legacy_headers(req.headers()) {
+                return listen::get(proxy, req.headers(), accept.sse).await;
+            }
+            return ProxyError::MethodNotAllowed.into_response(Value::Null);
+        }
+        Method::DELETE => {
+            if legacy_headers(req.headers()) {
+                return legacy::delete(proxy, req.headers()).await;
+            }
+            return ProxyError::MethodNotAllowed.into_response(Value::Null);
+        }
+        _ => return ProxyError::MethodNotAllowed.into_response(Value::Null),
+    }
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        if !ct.to_str().unwrap_or("").trim_start().starts_with("application/json") {
+            return ProxyError::UnsupportedMediaType.into_response(Value::Null);
+        }
+    }
+    if !accept.json && !accept.sse {
+        return ProxyError::NotAcceptable("Accept must include application/json or text/event-stream")
+            .into_response(Value::Null);
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match http::read_body(body, proxy.settings.max_body).await {
+        Ok(b) => b,
+        Err(http::BodyError::TooLarge { limit }) => return ProxyError::TooLarge(limit).into_response(Value::Null),
+        Err(e) => return ProxyError::Invalid(e.to_string()).into_response(Value::Null),
+    };
+    let msg: Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(e) => return ProxyError::Parse(e.to_string()).into_response(Value::Null),
+    };
+    if msg.is_array() {
+        return ProxyError::Invalid("JSON-RPC batches are not supported; send one message per POST".into())
+            .into_response(Value::Null);
+    }
+    if modern::is_modern(&parts.headers, &msg) {
+        modern::post(proxy, &parts.headers, msg, accept).await
+    } else {
+        legacy::post(proxy, &parts.headers, msg, accept).await
+    }
+}
+
+/// GET and DELETE belong to sessions; a stateless client gets 405.
+fn legacy_headers(h: &HeaderMap) -> bool {
+    h.get(legacy::SESSION_ID).is_some()
+        && h.get("mcp-protocol-version").and_then(|v| v.to_str().ok()) != Some(crate::protocol::STATELESS_VERSION)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(k: &'static str, v: &str) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert(k, v.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn origins() {
+        let s = ProxySettings {
+            allow_origins: vec!["https://app.example".into()],
+            ..ProxySettings::default()
+        };
+        assert!(origin_allowed(&s, &HeaderMap::new()).is_ok());
+        assert!(origin_allowed(&s, &h("origin", "http://localhost:3000")).is_ok());
+        assert!(origin_allowed(&s, &h("origin", "http://[::1]:3000")).is_ok());
+        assert!(origin_allowed(&s, &h("origin", "https://app.example")).is_ok());
+        assert!(origin_allowed(&s, &h("origin", "https://evil.example")).is_err());
+        assert!(origin_allowed(&s, &h("origin", "http://localhost.evil.example")).is_err());
+    }
+
+    #[test]
+    fn accept_negotiation() {
+        let a = accept_of(&h("accept", "application/json, text/event-stream"));
+        assert!(a.json && a.sse);
+        let j = accept_of(&h("accept", "application/json"));
+        assert!(j.json && !j.sse);
+        let any = accept_of(&HeaderMap::new());
+        assert!(any.json && any.sse);
+        let none = accept_of(&h("accept", "text/html"));
+        assert!(!none.json && !none.sse);
+    }
+}

@@ -1,0 +1,344 @@
+//! The proxy's client for the broker's lease API (HTTP/1.1 over the Unix
+//! socket, pooled connections via hyperlocal).
+//!
+//! Connection failures are retried with backoff for a bounded time: a failed
+//! connect means no byte reached the broker, so even a `tools/call` is safe
+//! to retry, and a broker restart costs clients latency rather than errors.
+//! Anything after the connect is never retried here.
+
+use crate::broker::api::{LEASE_HEADER, SESSION_HEADER};
+use crate::framing::{Frame, LineSplitter};
+use crate::jsonrpc::{self, codes};
+use crate::metrics::Metrics;
+use crate::protocol::Era;
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long connect failures are retried before the request fails.
+const CONNECT_RETRY_FOR: Duration = Duration::from_secs(5);
+/// First retry delay; doubles up to [`CONNECT_RETRY_MAX`].
+const CONNECT_RETRY_BASE: Duration = Duration::from_millis(50);
+const CONNECT_RETRY_MAX: Duration = Duration::from_millis(800);
+/// How long a fetched pool description is reused.
+const POOL_INFO_TTL: Duration = Duration::from_secs(5);
+/// Longest time for non-streaming API calls.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Failures talking to the broker.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    #[error("the broker at {socket} is unreachable: {reason}")]
+    Unreachable { socket: String, reason: String },
+    #[error("the broker answered {status}: {body}")]
+    Status { status: StatusCode, body: String },
+    #[error("the broker's answer was malformed: {0}")]
+    Malformed(String),
+    #[error("pool {0:?} has no warm process yet")]
+    NotWarm(String),
+}
+
+/// What the proxy needs to know about its pool.
+#[derive(Debug, Clone)]
+pub struct PoolInfo {
+    /// `shared`, `sticky` or `exclusive`.
+    pub mode: String,
+    /// The era the pool's server speaks.
+    pub era: Era,
+    /// The version the server settled on at warm-up.
+    pub protocol_version: String,
+    /// The server's InitializeResult or DiscoverResult.
+    pub result: Value,
+}
+
+/// A started lease: the broker's status and its message stream.
+pub struct Lease {
+    /// HTTP status of the lease API answer (200 when a process took it).
+    pub status: StatusCode,
+    /// `Retry-After` from the broker, if any.
+    pub retry_after: Option<String>,
+    /// Token for answers and cancellation, when a process took the request.
+    pub token: Option<String>,
+    /// The messages, the response last.
+    pub lines: Lines,
+}
+
+/// NDJSON messages from a lease body, bounded per line.
+pub struct Lines {
+    body: Incoming,
+    splitter: LineSplitter,
+    ready: VecDeque<Frame>,
+    done: bool,
+}
+
+impl Lines {
+    /// The next message; `None` at the end of the stream. Lines that are not
+    /// JSON or are oversized come back as `Err` with a description.
+    pub async fn next(&mut self) -> Option<Result<Value, String>> {
+        loop {
+            if let Some(f) = self.ready.pop_front() {
+                return Some(match f {
+                    Frame::Line(l) => serde_json::from_slice(&l).map_err(|e| format!("bad line from broker: {e}")),
+                    Frame::Oversized { len, .. } => Err(format!("{len}-byte message from the broker is over the limit")),
+                });
+            }
+            if self.done {
+                return None;
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        let mut out = Vec::new();
+                        self.splitter.push(&data, &mut out);
+                        self.ready.extend(out);
+                    }
+                }
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Some(Err(format!("the lease stream broke: {e}")));
+                }
+                None => self.done = true,
+            }
+        }
+    }
+}
+
+/// A cheap-to-clone handle on the broker.
+#[derive(Clone)]
+pub struct Backend {
+    client: Client<hyperlocal::UnixConnector, Full<Bytes>>,
+    socket: PathBuf,
+    pool: String,
+    max_message: usize,
+    info: Arc<Mutex<Option<(Instant, PoolInfo)>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Backend {
+    /// A client for pool `pool` of the broker on `socket`.
+    pub fn new(socket: PathBuf, pool: String, max_message: usize, metrics: Arc<Metrics>) -> Self {
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(hyperlocal::UnixConnector);
+        Self {
+            client,
+            socket,
+            pool,
+            max_message,
+            info: Arc::new(Mutex::new(None)),
+            metrics,
+        }
+    }
+
+    /// The pool name.
+    pub fn pool(&self) -> &str {
+        &self.pool
+    }
+
+    fn uri(&self, path: &str) -> hyper::Uri {
+        hyperlocal::Uri::new(&self.socket, path).into()
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        session: Option<&str>,
+        body: Bytes,
+    ) -> Result<http::Response<Incoming>, BackendError> {
+        let started = Instant::now();
+        let mut delay = CONNECT_RETRY_BASE;
+        loop {
+            let mut req = Request::builder().method(method.clone()).uri(self.uri(path));
+            if let Some(s) = session {
+                req = req.header(SESSION_HEADER, s);
+            }
+            if !body.is_empty() {
+                req = req.header(http::header::CONTENT_TYPE, "application/json");
+            }
+            let req = req
+                .body(Full::new(body.clone()))
+                .map_err(|e| BackendError::Malformed(e.to_string()))?;
+            match self.client.request(req).await {
+                Ok(r) => return Ok(r),
+                Err(e) if e.is_connect() && started.elapsed() < CONNECT_RETRY_FOR => {
+                    self.metrics.broker_errors.with_label_values(&["connect_retry"]).inc();
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(CONNECT_RETRY_MAX);
+                }
+                Err(e) => {
+                    self.metrics.broker_errors.with_label_values(&["unreachable"]).inc();
+                    return Err(BackendError::Unreachable {
+                        socket: self.socket.display().to_string(),
+                        reason: error_chain(&e),
+                    });
+                }
+            }
+        }
+    }
+
+    async fn get_json(&self, path: &str) -> Result<Value, BackendError> {
+        let fut = async {
+            let r = self.send(Method::GET, path, None, Bytes::new()).await?;
+            let status = r.status();
+            let body = http_body_util::Limited::new(r.into_body(), self.max_message)
+                .collect()
+                .await
+                .map_err(|e| BackendError::Malformed(e.to_string()))?
+                .to_bytes();
+            if !status.is_success() {
+                return Err(BackendError::Status {
+                    status,
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                });
+            }
+            serde_json::from_slice(&body).map_err(|e| BackendError::Malformed(e.to_string()))
+        };
+        tokio::time::timeout(CALL_TIMEOUT, fut)
+            .await
+            .unwrap_or_else(|_| Err(BackendError::Malformed("the broker did not answer in time".into())))
+    }
+
+    /// The pool's description and cached handshake (fetched at most every
+    /// few seconds). Fails with [`BackendError::NotWarm`] before the first
+    /// process finished warming.
+    pub async fn pool_info(&self) -> Result<PoolInfo, BackendError> {
+        if let Some((at, info)) = self.info.lock().expect("lock").as_ref() {
+            if at.elapsed() < POOL_INFO_TTL {
+                return Ok(info.clone());
+            }
+        }
+        let v = self.get_json(&format!("/v1/pools/{}", self.pool)).await?;
+        let hs = v.get("handshake").filter(|h| !h.is_null());
+        let Some(hs) = hs else {
+            return Err(BackendError::NotWarm(self.pool.clone()));
+        };
+        let info = PoolInfo {
+            mode: v.get("mode").and_then(Value::as_str).unwrap_or("shared").to_string(),
+            era: serde_json::from_value(hs.get("era").cloned().unwrap_or(Value::Null))
+                .map_err(|e| BackendError::Malformed(format!("handshake era: {e}")))?,
+            protocol_version: hs
+                .get("protocolVersion")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            result: hs.get("result").cloned().unwrap_or(Value::Null),
+        };
+        *self.info.lock().expect("lock") = Some((Instant::now(), info.clone()));
+        Ok(info)
+    }
+
+    /// [`Self::pool_info`], waiting up to `wait` for the pool to warm.
+    pub async fn pool_info_wait(&self, wait: Duration) -> Result<PoolInfo, BackendError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.pool_info().await {
+                Err(BackendError::NotWarm(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Submits one message; for a request, the lease streams its messages.
+    pub async fn lease(&self, msg: &Value, session: Option<&str>) -> Result<Lease, BackendError> {
+        let body = Bytes::from(serde_json::to_vec(msg).expect("Value serializes"));
+        let path = format!("/v1/pools/{}/messages", self.pool);
+        let r = self.send(Method::POST, &path, session, body).await?;
+        let header = |name| {
+            r.headers()
+                .get(name)
+                .and_then(|v: &http::HeaderValue| v.to_str().ok())
+                .map(str::to_string)
+        };
+        Ok(Lease {
+            status: r.status(),
+            token: header(LEASE_HEADER),
+            retry_after: header(http::header::RETRY_AFTER.as_str()),
+            lines: self.lines(r.into_body()),
+        })
+    }
+
+    fn lines(&self, body: Incoming) -> Lines {
+        Lines {
+            body,
+            splitter: LineSplitter::new(self.max_message + 1024),
+            ready: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    /// Sends a client's answer or notification into a lease.
+    pub async fn deliver(&self, token: &str, msg: &Value) -> Result<(), BackendError> {
+        let body = Bytes::from(serde_json::to_vec(msg).expect("Value serializes"));
+        let r = self
+            .send(Method::POST, &format!("/v1/leases/{token}"), None, body)
+            .await?;
+        let status = r.status();
+        let _ = r.into_body().collect().await;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(BackendError::Status {
+                status,
+                body: "lease gone".into(),
+            })
+        }
+    }
+
+    /// Ends a session at the broker (exclusive processes are discarded).
+    pub async fn end_session(&self, session: &str) {
+        let path = format!("/v1/pools/{}/sessions/{}", self.pool, session);
+        if let Ok(r) = self.send(Method::DELETE, &path, None, Bytes::new()).await {
+            let _ = r.into_body().collect().await;
+        }
+    }
+
+    /// The pool's stream of server notifications not tied to a request.
+    pub async fn events(&self, session: Option<&str>) -> Result<Lines, BackendError> {
+        let path = format!("/v1/pools/{}/events", self.pool);
+        let r = self.send(Method::GET, &path, session, Bytes::new()).await?;
+        if !r.status().is_success() {
+            return Err(BackendError::Status {
+                status: r.status(),
+                body: String::new(),
+            });
+        }
+        Ok(self.lines(r.into_body()))
+    }
+
+    /// True when the broker answers and the pool has a warm process.
+    pub async fn ready(&self) -> Result<(), BackendError> {
+        *self.info.lock().expect("lock") = None;
+        self.pool_info().await.map(|_| ())
+    }
+}
+
+/// A JSON-RPC error for request `id` describing a backend failure.
+pub fn error_response(id: Value, e: &BackendError) -> Value {
+    let code = match e {
+        BackendError::Unreachable { .. } | BackendError::NotWarm(_) => codes::BROKER_UNAVAILABLE,
+        _ => codes::INTERNAL_ERROR,
+    };
+    jsonrpc::error(id, code, e.to_string())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,267 @@
+//! One client request riding one lease, and how it becomes an HTTP answer.
+//!
+//! A [`Flow`] reads the lease's messages and decides, per message, what the
+//! client sees: notifications pass through, the final response gets the
+//! client's id (and, for 2026-07-28 clients, `resultType` and cache fields),
+//! and server→client requests go to the client over SSE (handshake era) or
+//! become an `InputRequiredResult` (stateless era, see [`super::mrtr`]).
+//!
+//! [`respond`] picks the response shape: when the first thing the lease
+//! yields is the response itself, a plain JSON answer (the cheap common
+//! case); otherwise an SSE stream that carries every message in order. If the
+//! client goes away, dropping the lease stream makes the broker cancel the
+//! request at the process.
+
+use super::backend::Lines;
+use super::session::Session;
+use super::{modern, mrtr, Proxy};
+use crate::http::{self, Body};
+use crate::jsonrpc::{self, codes, Kind};
+use ::http::{HeaderValue, Response, StatusCode};
+use bytes::Bytes;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// SSE events buffered towards a client.
+const SSE_BUFFER: usize = 16;
+/// Interval of SSE keep-alive comments while a request runs.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Who the client is, for deciding how server messages reach it.
+#[derive(Clone)]
+pub enum ClientSide {
+    /// A handshake-era client with a session.
+    Legacy(Arc<Session>),
+    /// A 2026-07-28 client and the capabilities this request declared.
+    Modern { capabilities: Value },
+}
+
+/// What the client accepts as a response.
+#[derive(Debug, Clone, Copy)]
+pub struct Accept {
+    pub json: bool,
+    pub sse: bool,
+}
+
+/// One step of a flow.
+pub enum Step {
+    /// A notification for the client.
+    Notify(Value),
+    /// A server→client request for a handshake-era client (id tracked).
+    ServerRequest(Value),
+    /// A server→client request for a stateless client: hold the lease.
+    Hold(Value),
+    /// The response; the flow is over.
+    Final(Value),
+}
+
+/// A client request in flight on a lease.
+pub struct Flow {
+    pub proxy: Arc<Proxy>,
+    pub lines: Lines,
+    pub token: Option<String>,
+    pub client_id: Value,
+    pub method: String,
+    pub client: ClientSide,
+}
+
+/// Which client capability a server→client request needs.
+fn capability_for(method: &str) -> Option<&'static str> {
+    match method {
+        "sampling/createMessage" => Some("sampling"),
+        "elicitation/create" => Some("elicitation"),
+        "roots/list" => Some("roots"),
+        _ => None,
+    }
+}
+
+impl Flow {
+    /// The next thing the client should see.
+    pub async fn step(&mut self) -> Step {
+        loop {
+            let msg = match self.lines.next().await {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    return Step::Final(jsonrpc::error(self.client_id.clone(), codes::INTERNAL_ERROR, e))
+                }
+                None => {
+                    return Step::Final(jsonrpc::error(
+                        self.client_id.clone(),
+                        codes::BROKER_UNAVAILABLE,
+                        "the broker connection ended before the server answered",
+                    ))
+                }
+            };
+            match jsonrpc::classify(&msg) {
+                Ok(Kind::Response { .. }) => return Step::Final(self.finish(msg)),
+                Ok(Kind::Notification { .. }) => return Step::Notify(msg),
+                Ok(Kind::Request { id, method }) => {
+                    let cap = capability_for(&method);
+                    let declared = match (&self.client, cap) {
+                        (_, None) => false,
+                        (ClientSide::Legacy(s), Some(c)) => s.has_capability(c),
+                        (ClientSide::Modern { capabilities }, Some(c)) => {
+                            capabilities.get(c).is_some_and(|v| !v.is_null())
+                        }
+                    };
+                    if !declared {
+                        self.refuse(id, &method).await;
+                        continue;
+                    }
+                    match &self.client {
+                        ClientSide::Legacy(s) => {
+                            let token = self.token.clone().unwrap_or_default();
+                            if !s.track_server_request(&id, &token) {
+                                self.refuse(id, &method).await;
+                                continue;
+                            }
+                            return Step::ServerRequest(msg);
+                        }
+                        ClientSide::Modern { .. } => return Step::Hold(msg),
+                    }
+                }
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// Answers a server→client request the client cannot take.
+    pub async fn refuse(&self, id: Value, method: &str) {
+        if let Some(token) = &self.token {
+            let err = jsonrpc::error(
+                id,
+                codes::METHOD_NOT_FOUND,
+                format!("the client did not declare the capability {method} needs"),
+            );
+            let _ = self.proxy.backend.deliver(token, &err).await;
+        }
+    }
+
+    fn finish(&self, mut msg: Value) -> Value {
+        msg["id"] = self.client_id.clone();
+        match &self.client {
+            ClientSide::Modern { .. } => modern::complete_result(&self.method, &mut msg),
+            ClientSide::Legacy(_) => {
+                if msg.pointer("/result/resultType").and_then(Value::as_str) == Some("input_required") {
+                    return jsonrpc::error(
+                        self.client_id.clone(),
+                        codes::INTERNAL_ERROR,
+                        "the server asked for client input with a 2026-07-28 InputRequiredResult, \
+                         which this proxy cannot relay to a handshake-era session; connect with a 2026-07-28 client",
+                    );
+                }
+            }
+        }
+        msg
+    }
+
+    fn done(&self) {
+        if let ClientSide::Legacy(s) = &self.client {
+            s.untrack_request(&self.client_id);
+            if let Some(t) = &self.token {
+                s.forget_lease(t);
+            }
+        }
+    }
+}
+
+/// The HTTP status for a final message in a JSON answer.
+fn final_status(flow: &Flow, msg: &Value) -> StatusCode {
+    let not_found = msg.pointer("/error/code").and_then(Value::as_i64) == Some(codes::METHOD_NOT_FOUND);
+    match flow.client {
+        ClientSide::Modern { .. } if not_found => StatusCode::NOT_FOUND,
+        _ => StatusCode::OK,
+    }
+}
+
+fn sse_event(msg: &Value) -> Bytes {
+    let data = serde_json::to_string(msg).expect("Value serializes");
+    Bytes::from(format!("event: message\ndata: {data}\n\n"))
+}
+
+/// Runs `flow` and answers the client.
+pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
+    let first = flow.step().await;
+    let first = match first {
+        Step::Final(m) => {
+            flow.done();
+            let status = final_status(&flow, &m);
+            return http::json(status, &m);
+        }
+        Step::Hold(req) => {
+            let result = mrtr::hold(flow, req).await;
+            return http::json(StatusCode::OK, &result);
+        }
+        other => other,
+    };
+    if !accept.sse {
+        // JSON only: notifications have nowhere to go; server requests are refused.
+        let mut step = first;
+        loop {
+            match step {
+                Step::Final(m) => {
+                    flow.done();
+                    return http::json(final_status(&flow, &m), &m);
+                }
+                Step::Hold(req) => return http::json(StatusCode::OK, &mrtr::hold(flow, req).await),
+                Step::ServerRequest(req) => {
+                    if let (Some(id), Some(m)) = (req.get("id").cloned(), req.get("method").and_then(Value::as_str)) {
+                        if let ClientSide::Legacy(s) = &flow.client {
+                            s.take_server_request(&id);
+                        }
+                        flow.refuse(id, m).await;
+                    }
+                }
+                Step::Notify(_) => {}
+            }
+            step = flow.step().await;
+        }
+    }
+    let (tx, body) = http::channel_body(SSE_BUFFER);
+    let tracker = flow.proxy.tracker.clone();
+    tracker.spawn(async move {
+        let mut step = first;
+        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+        loop {
+            let (event, last) = match step {
+                Step::Final(m) => (sse_event(&m), true),
+                Step::Hold(req) => {
+                    let m = mrtr::hold(flow, req).await;
+                    let _ = tx.send(sse_event(&m)).await;
+                    return;
+                }
+                Step::Notify(m) | Step::ServerRequest(m) => (sse_event(&m), false),
+            };
+            if tx.send(event).await.is_err() || last {
+                break;
+            }
+            let next = loop {
+                tokio::select! {
+                    s = flow.step() => break Some(s),
+                    _ = keepalive.tick() => {
+                        if tx.send(Bytes::from_static(b": keep-alive\n\n")).await.is_err() { break None; }
+                    }
+                    _ = tx.closed() => break None,
+                }
+            };
+            match next {
+                Some(s) => step = s,
+                // The client left: dropping the flow cancels the lease.
+                None => break,
+            }
+        }
+        flow.done();
+    });
+    let mut r = http::response(StatusCode::OK, "text/event-stream", body);
+    r.headers_mut()
+        .insert(::http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
+/// A JSON-RPC success with an empty result (for locally answered pings).
+pub fn empty_result(id: Value) -> Value {
+    jsonrpc::result(id, json!({}))
+}

@@ -1,0 +1,179 @@
+//! Clients of the handshake era (2024-11-05 through 2025-11-25).
+//!
+//! `initialize` is answered from the pool's cached handshake, with no process
+//! touched, and opens a session (`Mcp-Session-Id`). Later requests must carry
+//! that session; each becomes a lease bound to it (so sticky and exclusive
+//! pools keep their affinity). Notifications and answers to server requests
+//! get `202`. `DELETE` ends the session and, in exclusive pools, its process.
+
+use super::error::ProxyError;
+use super::flow::{self, Accept, ClientSide};
+use super::session::Session;
+use super::Proxy;
+use crate::http::{self, Body};
+use crate::jsonrpc::{self, Kind};
+use crate::protocol::{self, Era};
+use ::http::{HeaderMap, HeaderValue, Response, StatusCode};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// Header carrying the session id.
+pub const SESSION_ID: &str = "mcp-session-id";
+
+fn accepted() -> Response<Body> {
+    http::response(StatusCode::ACCEPTED, "text/plain", http::empty())
+}
+
+/// The session a request names: 400 without the header, 404 if unknown.
+pub fn session(proxy: &Proxy, headers: &HeaderMap) -> Result<Arc<Session>, ProxyError> {
+    let id = headers
+        .get(SESSION_ID)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(ProxyError::SessionRequired)?;
+    proxy.sessions.get(id).ok_or(ProxyError::UnknownSession)
+}
+
+fn check_version_header(headers: &HeaderMap) -> Result<(), ProxyError> {
+    match headers.get("mcp-protocol-version").map(|v| v.to_str().unwrap_or("")) {
+        None => Ok(()),
+        Some(v) if protocol::era_of(v) == Some(Era::Legacy) => Ok(()),
+        Some(v) => Err(ProxyError::Invalid(format!(
+            "unsupported MCP-Protocol-Version {v:?} for a session"
+        ))),
+    }
+}
+
+async fn initialize(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body> {
+    let info = match proxy.backend.pool_info_wait(proxy.settings.warm_wait).await {
+        Ok(i) => i,
+        Err(e) => return ProxyError::Backend(e).into_response(id),
+    };
+    let params = msg.get("params").cloned().unwrap_or(json!({}));
+    let requested = params.get("protocolVersion").and_then(Value::as_str);
+    let version = protocol::negotiate_legacy(requested, &info.protocol_version);
+    let server_info = match info.era {
+        Era::Legacy => info.result.get("serverInfo").cloned(),
+        Era::Stateless => info.result.pointer("/_meta/io.modelcontextprotocol~1serverInfo").cloned(),
+    }
+    .unwrap_or(json!({"name": "mcp-broker", "version": env!("CARGO_PKG_VERSION")}));
+    let session = match proxy.sessions.create(
+        version.clone(),
+        params.get("capabilities").cloned().unwrap_or(json!({})),
+        params.get("clientInfo").cloned().unwrap_or(json!({})),
+    ) {
+        Ok(s) => s,
+        Err(e) => return ProxyError::Busy(e.to_string()).into_response(id),
+    };
+    proxy.metrics.sessions.with_label_values(&[proxy.backend.pool()]).inc();
+    let mut result = json!({
+        "protocolVersion": version,
+        "capabilities": info.result.get("capabilities").cloned().unwrap_or(json!({})),
+        "serverInfo": server_info,
+    });
+    if let Some(i) = info.result.get("instructions") {
+        result["instructions"] = i.clone();
+    }
+    let mut r = http::json(StatusCode::OK, &jsonrpc::result(id, result));
+    r.headers_mut().insert(
+        SESSION_ID,
+        HeaderValue::from_str(&session.id).expect("hex id is a valid header"),
+    );
+    r
+}
+
+/// Answers one POST from a handshake-era client.
+pub async fn post(proxy: &Arc<Proxy>, headers: &HeaderMap, mut msg: Value, accept: Accept) -> Response<Body> {
+    let id = msg.get("id").cloned().unwrap_or(Value::Null);
+    let kind = match jsonrpc::classify(&msg) {
+        Ok(k) => k,
+        Err(e) => return ProxyError::Invalid(e.to_string()).into_response(id),
+    };
+    if let Kind::Request { method, .. } = &kind {
+        if method == "initialize" {
+            return initialize(proxy, id, &msg).await;
+        }
+    }
+    let session = match check_version_header(headers).and_then(|_| session(proxy, headers)) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(id),
+    };
+    match kind {
+        Kind::Request { method, .. } if method == "ping" => http::json(StatusCode::OK, &flow::empty_result(id)),
+        Kind::Request { .. } => {
+            if let Ok(info) = proxy.backend.pool_info().await {
+                if info.era == Era::Stateless {
+                    add_stateless_meta(&mut msg, &session);
+                }
+            }
+            super::forward(
+                proxy,
+                msg,
+                Some(&session.id.clone()),
+                ClientSide::Legacy(session),
+                accept,
+            )
+            .await
+        }
+        Kind::Notification { method } => {
+            match method.as_str() {
+                "notifications/initialized" => {}
+                "notifications/cancelled" => {
+                    let rid = msg.pointer("/params/requestId").cloned().unwrap_or(Value::Null);
+                    if let Some(token) = session.lease_of_request(&rid) {
+                        let _ = proxy.backend.deliver(&token, &msg).await;
+                    }
+                }
+                _ => {
+                    // Exclusive pools hand it to the session's process.
+                    if let Err(e) = proxy.backend.lease(&msg, Some(&session.id)).await {
+                        tracing::debug!("client notification not delivered: {e}");
+                    }
+                }
+            }
+            accepted()
+        }
+        Kind::Response { id: rid } => match session.take_server_request(&rid) {
+            Some(token) => match proxy.backend.deliver(&token, &msg).await {
+                Ok(()) => accepted(),
+                Err(e) => ProxyError::Invalid(format!(
+                    "the request this answers is no longer waiting: {e}"
+                ))
+                .into_response(Value::Null),
+            },
+            None => ProxyError::Invalid(format!("no server request with id {rid} is waiting for an answer"))
+                .into_response(Value::Null),
+        },
+    }
+}
+
+/// Gives a stateless server what a handshake-era client said at initialize.
+fn add_stateless_meta(msg: &mut Value, session: &Session) {
+    let meta = protocol::stateless_meta(&session.capabilities, &session.client_info);
+    let Some(params) = msg.as_object_mut().map(|o| o.entry("params").or_insert_with(|| json!({}))) else {
+        return;
+    };
+    if !params.is_object() {
+        return;
+    }
+    let m = params
+        .as_object_mut()
+        .expect("checked")
+        .entry("_meta")
+        .or_insert_with(|| json!({}));
+    if let (Some(m), Some(add)) = (m.as_object_mut(), meta.as_object()) {
+        for (k, v) in add {
+            m.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+}
+
+/// `DELETE /mcp`: ends the session.
+pub async fn delete(proxy: &Arc<Proxy>, headers: &HeaderMap) -> Response<Body> {
+    match session(proxy, headers) {
+        Ok(s) => {
+            proxy.end_session(&s).await;
+            http::response(StatusCode::OK, "text/plain", http::empty())
+        }
+        Err(e) => e.into_response(Value::Null),
+    }
+}

@@ -1,0 +1,132 @@
+//! Server notifications outside any request: the handshake era's `GET`
+//! stream and the stateless era's `subscriptions/listen`.
+//!
+//! Both read the broker's pool event stream: in exclusive pools only the
+//! session's own process; elsewhere every process, so `list_changed` reaches
+//! every session of the pool. Streams end when the client leaves or the
+//! proxy shuts down.
+
+use super::error::ProxyError;
+use super::legacy;
+use super::Proxy;
+use crate::http::{self, Body};
+use crate::jsonrpc;
+use ::http::{HeaderMap, HeaderValue, Response, StatusCode};
+use bytes::Bytes;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+const BUFFER: usize = 16;
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+fn sse(msg: &Value) -> Bytes {
+    Bytes::from(format!(
+        "event: message\ndata: {}\n\n",
+        serde_json::to_string(msg).expect("Value serializes")
+    ))
+}
+
+fn sse_response(body: Body) -> Response<Body> {
+    let mut r = http::response(StatusCode::OK, "text/event-stream", body);
+    r.headers_mut()
+        .insert(::http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// Pumps broker events through `map` into an SSE body until either side ends.
+fn pump(
+    proxy: &Arc<Proxy>,
+    mut events: super::backend::Lines,
+    first: Option<Value>,
+    map: impl Fn(Value) -> Option<Value> + Send + 'static,
+) -> Body {
+    let (tx, body) = http::channel_body(BUFFER);
+    let shutdown = proxy.shutdown.clone();
+    proxy.tracker.spawn(async move {
+        if let Some(f) = first {
+            if tx.send(sse(&f)).await.is_err() {
+                return;
+            }
+        }
+        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+        loop {
+            let out = tokio::select! {
+                ev = events.next() => match ev {
+                    Some(Ok(m)) => match map(m) { Some(m) => sse(&m), None => continue },
+                    Some(Err(_)) => continue,
+                    None => break,
+                },
+                _ = keepalive.tick() => Bytes::from_static(b": keep-alive\n\n"),
+                _ = tx.closed() => break,
+                _ = shutdown.cancelled() => break,
+            };
+            if tx.send(out).await.is_err() {
+                break;
+            }
+        }
+    });
+    body
+}
+
+/// `GET /mcp` for a session.
+pub async fn get(proxy: &Arc<Proxy>, headers: &HeaderMap, accept_sse: bool) -> Response<Body> {
+    if !accept_sse {
+        return ProxyError::NotAcceptable("GET needs Accept: text/event-stream").into_response(Value::Null);
+    }
+    let s = match legacy::session(proxy, headers) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(Value::Null),
+    };
+    match proxy.backend.events(Some(&s.id)).await {
+        Ok(events) => sse_response(pump(proxy, events, None, Some)),
+        Err(e) => ProxyError::Backend(e).into_response(Value::Null),
+    }
+}
+
+/// `subscriptions/listen` from a 2026-07-28 client.
+pub async fn modern(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body> {
+    let wanted = msg.pointer("/params/notifications").cloned().unwrap_or(json!({}));
+    let flag = |k: &str| wanted.get(k).and_then(Value::as_bool).unwrap_or(false);
+    let (tools, prompts, resources) = (
+        flag("toolsListChanged"),
+        flag("promptsListChanged"),
+        flag("resourcesListChanged"),
+    );
+    let events = match proxy.backend.events(None).await {
+        Ok(e) => e,
+        Err(e) => return ProxyError::Backend(e).into_response(id),
+    };
+    let sub_meta = json!({"io.modelcontextprotocol/subscriptionId": id});
+    // Per-resource subscriptions need a process held per client; not offered.
+    let ack = jsonrpc::notification(
+        "notifications/subscriptions/acknowledged",
+        json!({
+            "_meta": sub_meta,
+            "notifications": {
+                "toolsListChanged": tools,
+                "promptsListChanged": prompts,
+                "resourcesListChanged": resources,
+                "resourceSubscriptions": [],
+            }
+        }),
+    );
+    let map = move |mut m: Value| {
+        let method = m.get("method").and_then(Value::as_str)?;
+        let keep = match method {
+            "notifications/tools/list_changed" => tools,
+            "notifications/prompts/list_changed" => prompts,
+            "notifications/resources/list_changed" => resources,
+            _ => false,
+        };
+        if !keep {
+            return None;
+        }
+        let params = m.as_object_mut()?.entry("params").or_insert_with(|| json!({}));
+        if let Some(p) = params.as_object_mut() {
+            p.insert("_meta".into(), sub_meta.clone());
+        }
+        Some(m)
+    };
+    sse_response(pump(proxy, events, Some(ack), map))
+}
