@@ -60,7 +60,8 @@ impl Broker {
         let pools = config
             .pools
             .into_iter()
-            .map(|cfg| {
+            .map(|mut cfg| {
+                cfg.max_message_size = config.broker.max_message_size;
                 let name = cfg.name.clone();
                 let pool = Pool::start(
                     cfg,

@@ -94,6 +94,15 @@ impl LineSplitter {
         }
     }
 
+    /// Ends the stream: an unterminated last line becomes a frame.
+    pub fn finish(&mut self, out: &mut Vec<Frame>) {
+        if self.discarding.is_some() {
+            self.push(b"\n", out);
+        } else if !self.buf.is_empty() {
+            self.push(b"\n", out);
+        }
+    }
+
     /// Bytes of an unfinished line currently held.
     pub fn pending(&self) -> usize {
         self.buf.remaining()

@@ -262,7 +262,8 @@ impl Pool {
             if let Some(slot) = st.slots.get_mut(&id) {
                 slot.inflight = slot.inflight.saturating_sub(1);
                 slot.last_used = Instant::now();
-                if discard || slot.retire || slot.worker.is_exited() {
+                // An exited process is left to `watch`, which accounts for the crash.
+                if (discard || slot.retire) && !slot.worker.is_exited() {
                     slot.retire = true;
                     if slot.inflight == 0 {
                         let slot = st.slots.remove(&id).expect("present");

@@ -105,7 +105,12 @@ impl Lines {
                     self.done = true;
                     return Some(Err(format!("the lease stream broke: {e}")));
                 }
-                None => self.done = true,
+                None => {
+                    self.done = true;
+                    let mut out = Vec::new();
+                    self.splitter.finish(&mut out);
+                    self.ready.extend(out);
+                }
             }
         }
     }

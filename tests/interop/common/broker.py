@@ -33,6 +33,10 @@ STOP_TIMEOUT = float(os.environ.get("MCP_INTEROP_STOP_TIMEOUT", "10"))
 
 INSTALL_HINT = "run scripts/install-test-deps.sh"
 
+# Brokers started or still running during the current test; the pytest hook in fixtures.py
+# attaches their log tails to a failing test's report.
+TOUCHED: list["Broker"] = []
+
 
 class HarnessError(AssertionError):
     """A missing binary/dependency or a broker that would not start/stop. Always a failure, never a skip."""
@@ -151,10 +155,12 @@ def run_broker(
     log = log_path.open("wb")
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "info")
+    env.setdefault("NO_COLOR", "1")
     proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
     broker = Broker(proc=proc, base=f"http://127.0.0.1:{port}", log_path=log_path, argv=argv, standin=bool(standin))
+    TOUCHED.append(broker)
     try:
         deadline = time.monotonic() + ready_timeout
         with httpx.Client() as client:
@@ -223,3 +229,87 @@ def tools_diff(direct: list[dict], proxied: list[dict]) -> str:
         if p is not None and p != t:
             out.append(f"tool {t['name']!r} differs:\n  direct:  {t}\n  proxied: {p}")
     return "\n".join(out)
+
+
+# What `mcp-broker` declares when it initializes a pooled backend (src/protocol.rs): every
+# server→client feature, since a warm process cannot know which client it will serve. The broker
+# then relays a server→client request only to a client that declared that capability.
+BROKER_BACKEND_CAPABILITIES = {"roots": {"listChanged": True}, "sampling": {}, "elicitation": {}}
+
+
+def raw_stdio_tools(cmd: list[str], capabilities: dict, *, timeout: float = 20.0) -> list[dict]:
+    """tools/list from a direct stdio connection whose `initialize` declares exactly `capabilities`
+    (SDK-free JSON-RPC, so both suites get the same reference). Server→client requests are answered
+    minimally (roots/list → no roots, anything else → method not found)."""
+    import json
+    import queue
+    import threading
+
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    lines: queue.Queue[bytes | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+
+    def send(msg: dict) -> None:
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(msg).encode() + b"\n")
+        proc.stdin.flush()
+
+    def wait_for(rid: int) -> dict:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HarnessError(f"direct stdio {shlex.join(cmd)}: no answer to request {rid} within {timeout}s")
+            try:
+                line = lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise HarnessError(f"direct stdio {shlex.join(cmd)} exited before answering request {rid}")
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if "method" in msg and "id" in msg:  # server→client request
+                if msg["method"] == "roots/list":
+                    send({"jsonrpc": "2.0", "id": msg["id"], "result": {"roots": []}})
+                else:
+                    send({"jsonrpc": "2.0", "id": msg["id"], "error": {"code": -32601, "message": "not supported"}})
+            elif msg.get("id") == rid:
+                if "error" in msg:
+                    raise HarnessError(f"direct stdio request {rid} failed: {msg['error']}")
+                return msg["result"]
+
+    try:
+        send({
+            "jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-11-25", "capabilities": capabilities,
+                       "clientInfo": {"name": "mcp-broker-interop-raw", "version": "0"}},
+        })
+        wait_for(1)
+        send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        tools: list[dict] = []
+        cursor = None
+        for rid in range(2, 50):
+            send({"jsonrpc": "2.0", "id": rid, "method": "tools/list", "params": {"cursor": cursor} if cursor else {}})
+            page = wait_for(rid)
+            tools.extend(page.get("tools", []))
+            cursor = page.get("nextCursor")
+            if not cursor:
+                return tools
+        raise HarnessError("tools/list pagination did not end")
+    finally:
+        with contextlib.suppress(Exception):
+            proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=3)

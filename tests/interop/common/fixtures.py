@@ -6,9 +6,23 @@ from collections.abc import Iterator
 
 import pytest
 
-from common.broker import Broker, run_broker
+from common.broker import TOUCHED, Broker, run_broker
 
-__all__ = ["anyio_backend", "everything_broker", "time_broker"]
+__all__ = ["anyio_backend", "everything_broker", "time_broker", "pytest_runtest_setup", "pytest_runtest_makereport"]
+
+
+def pytest_runtest_setup(item) -> None:
+    # Forget brokers that have exited; module-scoped ones still running stay listed.
+    TOUCHED[:] = [b for b in TOUCHED if b.proc.poll() is None]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and TOUCHED:
+        for b in TOUCHED:
+            report.sections.append((f"mcp-broker log ({b.base})", b.describe()))
 
 
 @pytest.fixture(scope="session")

@@ -28,11 +28,11 @@ if not _version("mcp").startswith("1."):
 
 
 @asynccontextmanager
-async def http_session(url: str) -> AsyncIterator[ClientSession]:
-    """An initialized 1.x ClientSession over Streamable HTTP."""
+async def http_session(url: str, **session_kwargs) -> AsyncIterator[ClientSession]:
+    """An initialized 1.x ClientSession over Streamable HTTP (kwargs go to ClientSession, e.g. sampling_callback)."""
     async with streamablehttp_client(url, timeout=30, sse_read_timeout=60) as (read, write, _get_sid):
-        async with ClientSession(read, write) as session:
-            await session.initialize()
+        async with ClientSession(read, write, **session_kwargs) as session:
+            session.interop_init = await session.initialize()  # type: ignore[attr-defined]
             yield session
 
 
@@ -42,7 +42,11 @@ async def stdio_session(cmd: list[str]) -> AsyncIterator[ClientSession]:
     params = StdioServerParameters(command=cmd[0], args=cmd[1:])
     async with stdio_client(params) as (read, write):
         async with ClientSession(read, write) as session:
-            await session.initialize()
+            session.interop_init = await session.initialize()  # type: ignore[attr-defined]
+            # server-everything sends notifications/tools/list_changed right after `initialized`;
+            # a ping round-trip drains it, so it cannot race the session's shutdown (SDK 1.x raises
+            # BrokenResourceError from stdio_client when a message lands after the session closed).
+            await session.send_ping()
             yield session
 
 

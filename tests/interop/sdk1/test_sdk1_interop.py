@@ -11,9 +11,28 @@ import anyio
 import pytest
 from mcp import types
 
-from common.broker import NODE_DIR, TS_CLIENT_SRC, everything_cmd, node_bin, run_broker, time_cmd, tool_signature, tools_diff
+from common.broker import (
+    BROKER_BACKEND_CAPABILITIES,
+    NODE_DIR,
+    TS_CLIENT_SRC,
+    everything_cmd,
+    node_bin,
+    raw_stdio_tools,
+    run_broker,
+    time_cmd,
+    tool_signature,
+    tools_diff,
+)
 
 pytestmark = pytest.mark.anyio
+
+# Known divergence (see README): the broker initializes pooled backends declaring roots+sampling+
+# elicitation, so server-everything registers 3 capability-conditional tools that a capability-less
+# direct client does not see. strict=True: if the broker changes, this XPASS fails and the mark goes.
+CAPABILITY_XFAIL = pytest.mark.xfail(
+    strict=True,
+    reason="broker declares roots/sampling/elicitation to pooled backends: +3 conditional tools vs a capability-less direct client",
+)
 
 CALL_TIMEOUT = 30
 
@@ -35,10 +54,32 @@ async def _list_tools_direct(connect_stdio, cmd) -> list[dict]:
             return _dump((await s.list_tools()).tools)
 
 
-# --- tools/list equality ------------------------------------------------------------------------
+# --- initialize -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("backend", ["everything", "time"])
+async def test_initialize_result_matches_direct_stdio(backend, request, connect_http, connect_stdio):
+    broker = request.getfixturevalue(f"{backend}_broker")
+    cmd = everything_cmd() if backend == "everything" else time_cmd()
+    with anyio.fail_after(CALL_TIMEOUT):
+        async with connect_stdio(cmd) as d:
+            direct = d.interop_init
+        async with connect_http(broker.url) as s:
+            proxied = s.interop_init
+    assert proxied.protocolVersion == "2025-11-25"
+    assert proxied.serverInfo.name == direct.serverInfo.name
+    assert proxied.serverInfo.version == direct.serverInfo.version
+    assert proxied.instructions == direct.instructions
+    pc = proxied.capabilities.model_dump(mode="json", exclude_none=True)
+    dc = direct.capabilities.model_dump(mode="json", exclude_none=True)
+    for feature in ("tools", "resources", "prompts"):
+        assert (feature in pc) == (feature in dc), f"capability {feature!r}: proxied {pc} vs direct {dc}"
+
+
+# --- tools/list equality ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", [pytest.param("everything", marks=CAPABILITY_XFAIL), "time"])
 async def test_tools_list_matches_direct_stdio(backend, request, connect_http, connect_stdio):
     broker = request.getfixturevalue(f"{backend}_broker")
     cmd = everything_cmd() if backend == "everything" else time_cmd()
@@ -51,6 +92,54 @@ async def test_tools_list_matches_direct_stdio(backend, request, connect_http, c
     assert not diff, f"tools/list through the broker differs from direct stdio:\n{diff}"
     # A handshake-era proxy should pass every field through, not just the three above.
     assert proxied == direct
+
+
+@pytest.mark.parametrize("backend", ["everything", "time"])
+async def test_tools_list_matches_direct_stdio_with_broker_capabilities(backend, request, connect_http):
+    """Same comparison, but the direct client declares what the broker declares to its pooled
+    backends (roots+sampling+elicitation), so capability-conditional tools are on both sides."""
+    broker = request.getfixturevalue(f"{backend}_broker")
+    cmd = everything_cmd() if backend == "everything" else time_cmd()
+    direct = await anyio.to_thread.run_sync(raw_stdio_tools, cmd, BROKER_BACKEND_CAPABILITIES)
+    with anyio.fail_after(CALL_TIMEOUT):
+        async with connect_http(broker.url) as s:
+            proxied = _dump((await s.list_tools()).tools)
+    diff = tools_diff(tool_signature(direct), tool_signature(proxied))
+    assert not diff, f"tools/list through the broker differs from direct stdio:\n{diff}"
+
+
+# --- server→client requests ---------------------------------------------------------------------
+
+
+async def test_sampling_request_relayed_to_client(everything_broker, connect_http):
+    asked: list[str] = []
+
+    async def sampling(context, params: types.CreateMessageRequestParams):
+        asked.append(params.messages[0].content.text)
+        return types.CreateMessageResult(
+            role="assistant", content=types.TextContent(type="text", text="pong from interop"), model="interop-model"
+        )
+
+    with anyio.fail_after(CALL_TIMEOUT):
+        async with connect_http(everything_broker.url, sampling_callback=sampling) as s:
+            result = await s.call_tool("trigger-sampling-request", {"prompt": "ping", "maxTokens": 10})
+    text = _text(result)
+    assert asked == ["Resource trigger-sampling-request context: ping"], asked
+    assert "pong from interop" in text and "interop-model" in text, text
+
+
+async def test_sampling_request_without_client_capability_fails_fast(everything_broker, connect_http):
+    """A client that did not declare sampling still sees the tool (the backend was initialized by
+    the broker), but calling it must end in an error, not a hang."""
+    with anyio.fail_after(20):
+        async with connect_http(everything_broker.url) as s:
+            try:
+                result = await s.call_tool("trigger-sampling-request", {"prompt": "ping", "maxTokens": 10})
+            except Exception:  # McpError is fine
+                pass
+            else:
+                assert result.isError, f"sampling without the capability succeeded: {result}"
+            assert _text(await s.call_tool("echo", {"message": "still alive"})) == "Echo: still alive"
 
 
 # --- tool calls ---------------------------------------------------------------------------------
@@ -158,6 +247,7 @@ CALLS = 20
     [pytest.param([], id="defaults"), pytest.param(["--mode", "shared", "--min-idle", "1", "--max", "2"], id="shared-max2")],
 )
 async def test_concurrent_sessions_no_crossed_responses(extra_args, connect_http):
+    """20 sessions at once, each making 20 echo calls one after another (20 requests in flight)."""
     with run_broker("everything", extra_args=extra_args) as broker:
         crossed: list[str] = []
         ok = 0
@@ -165,9 +255,7 @@ async def test_concurrent_sessions_no_crossed_responses(extra_args, connect_http
         async def one_session(i: int) -> None:
             nonlocal ok
             async with connect_http(broker.url) as s:
-
-                async def one_call(j: int) -> None:
-                    nonlocal ok
+                for j in range(CALLS):
                     text = f"s{i:02d}-c{j:02d}-{i * 7919 + j * 104729:x}"
                     got = _text(await s.call_tool("echo", {"message": text}))
                     if got != f"Echo: {text}":
@@ -175,16 +263,30 @@ async def test_concurrent_sessions_no_crossed_responses(extra_args, connect_http
                     else:
                         ok += 1
 
-                async with anyio.create_task_group() as tg:
-                    for j in range(CALLS):
-                        tg.start_soon(one_call, j)
-
         with anyio.fail_after(90):
             async with anyio.create_task_group() as tg:
                 for i in range(SESSIONS):
                     tg.start_soon(one_session, i)
     assert not crossed, f"{len(crossed)} crossed responses, e.g. {crossed[:5]}"
     assert ok == SESSIONS * CALLS
+
+
+async def test_pipelined_calls_in_one_session(everything_broker, connect_http):
+    """50 echo calls in flight at once on one session (well under the default --queue-limit 256):
+    each POST's answer must be its own. SDK 1.x turns any non-2xx answer other than 404 into an
+    exception that ends the whole session, so the broker must queue rather than refuse here."""
+    answers: dict[int, str] = {}
+    with anyio.fail_after(60):
+        async with connect_http(everything_broker.url) as s:
+
+            async def one_call(j: int) -> None:
+                answers[j] = _text(await s.call_tool("echo", {"message": f"pipelined-{j}"}))
+
+            async with anyio.create_task_group() as tg:
+                for j in range(50):
+                    tg.start_soon(one_call, j)
+    wrong = {j: a for j, a in answers.items() if a != f"Echo: pipelined-{j}"}
+    assert len(answers) == 50 and not wrong, wrong
 
 
 # --- TypeScript SDK client ----------------------------------------------------------------------
@@ -208,3 +310,6 @@ def test_typescript_sdk_client(everything_broker):
     assert summary["echo"] == "Echo: hello from the TypeScript SDK", detail
     assert summary["concurrent"] == {"calls": 10, "correct": 10}, detail
     assert summary["failures"] == [], detail
+    assert summary["protocolVersion"] == "2025-11-25", detail  # TS SDK 1.x is handshake-era
+    assert summary["sessionId"], f"no Mcp-Session-Id issued to the TS client\n{detail}"
+    assert summary["serverInfo"]["name"] == "mcp-servers/everything", detail

@@ -12,9 +12,25 @@ import mcp_types as types
 import pytest
 from mcp import Client, StdioServerParameters
 
-from common.broker import everything_cmd, run_broker, time_cmd, tool_signature, tools_diff
+from common.broker import (
+    BROKER_BACKEND_CAPABILITIES,
+    everything_cmd,
+    raw_stdio_tools,
+    run_broker,
+    time_cmd,
+    tool_signature,
+    tools_diff,
+)
 
 pytestmark = pytest.mark.anyio
+
+# Known divergence (see README / sdk1): the broker initializes pooled backends declaring roots+
+# sampling+elicitation, so server-everything lists 3 capability-conditional tools that a
+# capability-less direct client does not see. strict=True: an XPASS fails so the mark gets removed.
+CAPABILITY_XFAIL = pytest.mark.xfail(
+    strict=True,
+    reason="broker declares roots/sampling/elicitation to pooled backends: +3 conditional tools vs a capability-less direct client",
+)
 
 MODERN = "2026-07-28"
 CALL_TIMEOUT = 30
@@ -58,7 +74,7 @@ async def test_negotiates_modern_protocol(backend, request):
     assert discover.capabilities.tools is not None, "server/discover must advertise the tools capability"
 
 
-@pytest.mark.parametrize("backend", ["everything", "time"])
+@pytest.mark.parametrize("backend", [pytest.param("everything", marks=CAPABILITY_XFAIL), "time"])
 async def test_tools_list_matches_direct_stdio(backend, request):
     broker = request.getfixturevalue(f"{backend}_broker")
     with anyio.fail_after(CALL_TIMEOUT):
@@ -70,6 +86,38 @@ async def test_tools_list_matches_direct_stdio(backend, request):
     assert direct, "direct stdio tools/list returned no tools"
     diff = tools_diff(tool_signature(direct), tool_signature(proxied))
     assert not diff, f"tools/list through the broker differs from direct stdio:\n{diff}"
+
+
+@pytest.mark.parametrize("backend", ["everything", "time"])
+async def test_tools_list_matches_direct_stdio_with_broker_capabilities(backend, request):
+    """Reference client declares what the broker declares to pooled backends (roots+sampling+elicitation)."""
+    broker = request.getfixturevalue(f"{backend}_broker")
+    direct = await anyio.to_thread.run_sync(raw_stdio_tools, _cmd(backend), BROKER_BACKEND_CAPABILITIES)
+    with anyio.fail_after(CALL_TIMEOUT):
+        async with Client(broker.url) as client:
+            proxied = _dump((await client.list_tools()).tools)
+    diff = tools_diff(tool_signature(direct), tool_signature(proxied))
+    assert not diff, f"tools/list through the broker differs from direct stdio:\n{diff}"
+
+
+async def test_sampling_request_relayed_at_modern_protocol(everything_broker):
+    """At 2026-07-28 a server→client request comes back as an input-required result that the
+    client answers by retrying the call; the backend itself still sent sampling/createMessage."""
+    asked: list[str] = []
+
+    async def sampling(context, params: types.CreateMessageRequestParams):
+        asked.append(params.messages[0].content.text)
+        return types.CreateMessageResult(
+            role="assistant", content=types.TextContent(type="text", text="pong from sdk2"), model="interop-model-2"
+        )
+
+    with anyio.fail_after(CALL_TIMEOUT):
+        async with Client(everything_broker.url, sampling_callback=sampling) as client:
+            assert client.protocol_version == MODERN
+            result = await client.call_tool("trigger-sampling-request", {"prompt": "ping2", "maxTokens": 10})
+    text = _text(result)
+    assert asked == ["Resource trigger-sampling-request context: ping2"], asked
+    assert "pong from sdk2" in text and "interop-model-2" in text, text
 
 
 async def test_echo(everything_broker):

@@ -1,0 +1,307 @@
+//! Shared test harness: a broker on a temp socket with fixture pools, a
+//! lease client, a proxy on a loopback port, raw HTTP helpers, and a leak
+//! check that finds every process (grandchildren included) a test started
+//! by a tag in its environment.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use mcp_broker::broker::{listen, Broker};
+use mcp_broker::config::{BrokerSettings, Config, PoolConfig};
+use mcp_broker::metrics::Metrics;
+use mcp_broker::proxy::backend::Backend;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Env var whose value marks every process a test started.
+pub const TAG_VAR: &str = "MCP_BROKER_TEST_TAG";
+
+/// A pool running the crate's fixture server with `args`.
+pub fn fixture_pool(name: &str, args: &[&str]) -> PoolConfig {
+    let mut p = PoolConfig::new(
+        name,
+        env!("CARGO_BIN_EXE_mcp-fixture"),
+        args.iter().map(|s| s.to_string()).collect(),
+    );
+    p.stop_grace = Duration::from_millis(500);
+    p
+}
+
+/// A running broker.
+pub struct TestBroker {
+    pub broker: Arc<Broker>,
+    pub socket: PathBuf,
+    pub metrics: Arc<Metrics>,
+    pub tag: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestBroker {
+    /// Starts a broker with `pools`, all tagged for the leak check.
+    pub async fn start(pools: Vec<PoolConfig>) -> TestBroker {
+        Self::start_with(pools, |_| {}).await
+    }
+
+    /// Like [`Self::start`], with a hook to adjust broker settings.
+    pub async fn start_with(mut pools: Vec<PoolConfig>, adjust: impl FnOnce(&mut BrokerSettings)) -> TestBroker {
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        for p in &mut pools {
+            p.env.insert(TAG_VAR.into(), tag.clone());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("broker.sock");
+        let mut settings = BrokerSettings {
+            socket: socket.clone(),
+            metrics_listen: None,
+            drain_timeout: Duration::from_secs(5),
+            ..BrokerSettings::default()
+        };
+        adjust(&mut settings);
+        let metrics = Arc::new(Metrics::new());
+        let broker = Broker::start(Config { broker: settings, pools }, metrics.clone());
+        let listener = listen::bind(&socket, 0o600, None).unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(broker.clone().serve(listener, Some(socket.clone()), shutdown.clone()));
+        TestBroker {
+            broker,
+            socket,
+            metrics,
+            tag,
+            shutdown,
+            task,
+            _dir: dir,
+        }
+    }
+
+    /// A lease API client for `pool`.
+    pub fn client(&self, pool: &str) -> Backend {
+        Backend::new(self.socket.clone(), pool.to_string(), 16 << 20, Arc::new(Metrics::new()))
+    }
+
+    /// Waits until `pool` has at least `n` idle processes.
+    pub async fn wait_idle(&self, pool: &str, n: usize) {
+        let p = self.broker.pool(pool).unwrap().clone();
+        wait_until(Duration::from_secs(20), || p.status().idle >= n).await;
+    }
+
+    /// Shuts down, then asserts no process the test started is left.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("broker shut down in time")
+            .unwrap();
+        assert!(!self.socket.exists(), "socket removed at shutdown");
+        assert_no_procs(&self.tag).await;
+    }
+
+    /// Starts shutdown without waiting.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds, panicking after `limit`.
+pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "condition not reached within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Pids of live (non-zombie) processes whose environment carries `tag`.
+pub fn procs_with_tag(tag: &str) -> Vec<u32> {
+    let needle = format!("{TAG_VAR}={tag}");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(env) = std::fs::read(e.path().join("environ")) else { continue };
+        if !env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+        if state != Some("Z") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Asserts (waiting up to 5 s) that no process carries `tag`.
+pub async fn assert_no_procs(tag: &str) {
+    let start = Instant::now();
+    loop {
+        let left = procs_with_tag(tag);
+        if left.is_empty() {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "processes left behind: {left:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A `tools/call` request.
+pub fn tool(id: impl Into<Value>, name: &str, args: Value) -> Value {
+    json!({"jsonrpc":"2.0","id":id.into(),"method":"tools/call","params":{"name":name,"arguments":args}})
+}
+
+/// Runs one lease to its end: (HTTP status, every message in order).
+pub async fn lease(c: &Backend, msg: &Value, session: Option<&str>) -> (u16, Vec<Value>) {
+    let mut l = c.lease(msg, session).await.expect("broker reachable");
+    let mut out = Vec::new();
+    while let Some(m) = l.lines.next().await {
+        out.push(m.expect("valid line"));
+    }
+    (l.status.as_u16(), out)
+}
+
+/// The text of a tool result's first content item.
+pub fn text_of(msg: &Value) -> String {
+    msg.pointer("/result/content/0/text")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("not a text result: {}", short(msg)))
+        .to_string()
+}
+
+/// The error code of an error response.
+pub fn code_of(msg: &Value) -> i64 {
+    msg.pointer("/error/code")
+        .and_then(Value::as_i64)
+        .unwrap_or_else(|| panic!("not an error: {}", short(msg)))
+}
+
+/// A running proxy in front of a [`TestBroker`] pool.
+pub struct TestProxy {
+    pub url: String,
+    pub base: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestProxy {
+    /// Starts a proxy for `pool` of `broker` on a free loopback port.
+    pub async fn start(broker: &TestBroker, pool: &str) -> TestProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let settings = mcp_broker::proxy::ProxySettings {
+            listen: addr,
+            socket: broker.socket.clone(),
+            pool: pool.into(),
+            drain_timeout: Duration::from_secs(2),
+            ..Default::default()
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(mcp_broker::proxy::serve(
+            listener,
+            settings,
+            Arc::new(Metrics::new()),
+            shutdown.clone(),
+        ));
+        TestProxy {
+            url: format!("http://{addr}/mcp"),
+            base: format!("http://{addr}"),
+            shutdown,
+            task,
+        }
+    }
+
+    /// Stops the proxy.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+/// A raw HTTP response.
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    /// The body as JSON (or the single SSE response event).
+    pub fn json(&self) -> Value {
+        if self.content_type().starts_with("text/event-stream") {
+            let msgs = sse_messages(&self.body);
+            return msgs.last().cloned().unwrap_or(Value::Null);
+        }
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.get(name).map(|v| v.to_str().unwrap().to_string())
+    }
+
+    pub fn content_type(&self) -> String {
+        self.header("content-type").unwrap_or_default()
+    }
+}
+
+/// The JSON messages of an SSE body.
+pub fn sse_messages(body: &str) -> Vec<Value> {
+    body.split("\n\n")
+        .filter_map(|ev| {
+            let data: Vec<&str> = ev.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+            (!data.is_empty()).then(|| serde_json::from_str(&data.join("\n")).unwrap())
+        })
+        .collect()
+}
+
+/// Sends one HTTP request and reads the whole answer.
+pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let mut req = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .expect("answer in time")
+        .expect("request sent");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = tokio::time::timeout(Duration::from_secs(30), r.into_body().collect())
+        .await
+        .expect("body in time")
+        .unwrap()
+        .to_bytes();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// Standard headers of a handshake-era POST.
+pub const JSON_SSE: (&str, &str) = ("accept", "application/json, text/event-stream");
+pub const CT_JSON: (&str, &str) = ("content-type", "application/json");
+
+/// Opens a handshake-era session; returns its id.
+pub async fn initialize(url: &str, version: &str, capabilities: Value) -> String {
+    let body = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+        "protocolVersion": version, "capabilities": capabilities,
+        "clientInfo": {"name":"test","version":"1"}}});
+    let r = send("POST", url, &[JSON_SSE, CT_JSON], &body.to_string()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.header("mcp-session-id").expect("session id issued")
+}
+
+/// A message shortened for assertion output.
+pub fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 300 {
+        format!("{}…({} bytes)", &s[..300], s.len())
+    } else {
+        s
+    }
+}
