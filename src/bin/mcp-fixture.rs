@@ -38,6 +38,8 @@ const LATEST_LEGACY: &str = "2025-11-25";
 const STATELESS_VERSION: &str = "2026-07-28";
 /// Largest `huge` payload accepted, so a typo cannot exhaust memory.
 const HUGE_MAX: u64 = 1 << 30;
+/// How long EOF on stdin waits for in-flight requests before exiting.
+const EOF_GRACE: Duration = Duration::from_millis(500);
 
 /// Which handshake(s) the fixture answers.
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -75,6 +77,8 @@ struct State {
     /// Threads waiting for the client's answer to one of our requests.
     pending: Mutex<HashMap<String, mpsc::Sender<Value>>>,
     next_id: AtomicU64,
+    /// Requests whose thread has not finished yet.
+    in_flight: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -218,6 +222,7 @@ fn main() {
         cancelled: Mutex::new(HashSet::new()),
         pending: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(0),
+        in_flight: AtomicU64::new(0),
     });
     if state.opts.garbage_at_start {
         state.send_raw(b"mcp-fixture starting up (this is not json)");
@@ -234,6 +239,12 @@ fn main() {
         buf.clear();
         match stdin.read_until(b'\n', &mut buf) {
             Ok(0) => {
+                // Give quick in-flight requests a moment to answer, so
+                // `printf ... | mcp-fixture` works; hung ones are abandoned.
+                let deadline = Instant::now() + EOF_GRACE;
+                while state.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(5));
+                }
                 log("stdin closed, exiting");
                 std::process::exit(0);
             }
@@ -278,11 +289,16 @@ fn dispatch(state: &Arc<State>, msg: Value) {
             let method = method.clone();
             let params = obj.get("params").cloned().unwrap_or(Value::Null);
             let st = Arc::clone(state);
+            state.in_flight.fetch_add(1, Ordering::SeqCst);
             let spawned = thread::Builder::new()
                 .name(format!("req-{id}"))
-                .spawn(move || serve(&st, id, &method, &params));
+                .spawn(move || {
+                    serve(&st, id, &method, &params);
+                    st.in_flight.fetch_sub(1, Ordering::SeqCst);
+                });
             if let Err(e) = spawned {
                 log(&format!("cannot spawn request thread: {e}"));
+                state.in_flight.fetch_sub(1, Ordering::SeqCst);
             }
         }
         (Some(_), id) => {

@@ -233,3 +233,64 @@ impl State {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(min_idle: usize, max: usize, inflight: usize) -> PoolConfig {
+        let mut c = PoolConfig::new("p", "x", vec![]);
+        c.min_idle = min_idle;
+        c.max = max;
+        c.max_inflight = inflight;
+        c.idle_timeout = Duration::from_secs(60);
+        c
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(0), Duration::ZERO);
+        assert_eq!(backoff(1), BACKOFF_BASE);
+        assert_eq!(backoff(2), BACKOFF_BASE * 2);
+        assert_eq!(backoff(4), BACKOFF_BASE * 8);
+        assert_eq!(backoff(40), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn spawns_to_min_idle_then_for_waiters_up_to_max() {
+        let c = cfg(2, 5, 1);
+        let now = Instant::now();
+        let mut st = State::new();
+        assert_eq!(st.to_spawn(&c, now), 2);
+        st.starting = 2;
+        assert_eq!(st.to_spawn(&c, now), 0, "already starting");
+        for _ in 0..10 {
+            let (tx, _rx) = oneshot::channel();
+            st.waiters.push_back(Waiter { session: None, tx });
+        }
+        assert_eq!(st.to_spawn(&c, now), 3, "capped by max minus starting");
+        let c4 = cfg(0, 8, 4);
+        let mut st = State::new();
+        for _ in 0..9 {
+            let (tx, _rx) = oneshot::channel();
+            st.waiters.push_back(Waiter { session: None, tx });
+        }
+        assert_eq!(st.to_spawn(&c4, now), 3, "9 waiters / 4 per process");
+    }
+
+    #[test]
+    fn failures_probe_one_process_at_a_time_after_backoff() {
+        let c = cfg(3, 5, 1);
+        let now = Instant::now();
+        let mut st = State::new();
+        st.failures = 2;
+        st.next_spawn_at = now + backoff(2);
+        assert_eq!(st.to_spawn(&c, now), 0, "still backing off");
+        assert_eq!(st.to_spawn(&c, now + backoff(2)), 1, "one probe");
+        st.starting = 1;
+        assert_eq!(st.to_spawn(&c, now + backoff(2)), 0);
+        st.closed = true;
+        st.starting = 0;
+        assert_eq!(st.to_spawn(&c, now + backoff(2)), 0, "closed pools spawn nothing");
+    }
+}
