@@ -36,6 +36,8 @@ pub struct LeaseRef {
     pub lid: u64,
     /// The pool it came from.
     pub pool: String,
+    /// Fired when the client cancels the request.
+    pub cancel: CancellationToken,
 }
 
 /// The broker: pools, live leases and shutdown state.

@@ -38,19 +38,23 @@ const LATEST_LEGACY: &str = "2025-11-25";
 const STATELESS_VERSION: &str = "2026-07-28";
 /// Largest `huge` payload accepted, so a typo cannot exhaust memory.
 const HUGE_MAX: u64 = 1 << 30;
+/// Caps on `sleep` duration/steps and `garbage` lines, for the same reason.
+const SLEEP_MAX_MS: u64 = 24 * 3600 * 1000;
+const COUNT_MAX: u64 = 100_000;
 /// How long EOF on stdin waits for in-flight requests before exiting.
 const EOF_GRACE: Duration = Duration::from_millis(500);
 
 /// Which handshake(s) the fixture answers.
-#[derive(Clone, Copy, PartialEq, Debug)]
+#[derive(Clone, Copy, PartialEq, Debug, Default)]
 enum Era {
+    #[default]
     Legacy,
     Stateless,
     Both,
 }
 
 /// Command-line options.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Opts {
     era: Era,
     fail_start: bool,
@@ -62,12 +66,13 @@ struct Opts {
 
 /// A JSON-RPC error: code and message.
 type RpcError = (i64, String);
-type RpcResult = Result<Value, RpcError>;
+type RpcResult<T = Value> = Result<T, RpcError>;
+type Args = Map<String, Value>;
 
 /// State shared by the reader loop and every request thread.
+#[derive(Default)]
 struct State {
     opts: Opts,
-    out: Mutex<std::io::Stdout>,
     /// tools/call requests received so far (reported by `whoami`).
     calls: AtomicU64,
     /// tools/call requests answered so far (drives `--exit-after`).
@@ -96,27 +101,26 @@ fn bad(msg: impl Into<String>) -> RpcError {
 impl State {
     /// Writes one message as a single line and flushes.
     fn send(&self, msg: &Value) {
-        let line = msg.to_string();
-        let mut out = lock(&self.out);
-        if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
-            log(&format!("stdout write failed: {e}"));
-        }
+        self.send_raw(msg.to_string().as_bytes());
     }
 
-    /// Writes raw bytes as one line (for deliberately broken output).
+    /// Writes raw bytes plus a newline (also for deliberately broken output).
     fn send_raw(&self, bytes: &[u8]) {
-        let mut out = lock(&self.out);
-        let r = out.write_all(bytes);
-        if let Err(e) = r
-            .and_then(|()| out.write_all(b"\n"))
-            .and_then(|()| out.flush())
-        {
+        let mut line = Vec::with_capacity(bytes.len() + 1);
+        line.extend_from_slice(bytes);
+        line.push(b'\n');
+        let mut out = std::io::stdout().lock(); // exclusive across threads
+        if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {
             log(&format!("stdout write failed: {e}"));
         }
     }
 
     fn notify(&self, method: &str, params: Value) {
         self.send(&json!({"jsonrpc": "2.0", "method": method, "params": params}));
+    }
+
+    fn fail(&self, id: &Value, code: i64, message: &str) {
+        self.respond(id, Err((code, message.to_string())));
     }
 
     fn respond(&self, id: &Value, result: RpcResult) {
@@ -127,10 +131,6 @@ impl State {
             }
         };
         self.send(&msg);
-    }
-
-    fn is_cancelled(&self, key: &str) -> bool {
-        lock(&self.cancelled).contains(key)
     }
 
     /// Sends a request to the client and blocks until its response arrives.
@@ -152,33 +152,19 @@ impl State {
 }
 
 fn parse_args() -> Result<Opts, String> {
-    let mut opts = Opts {
-        era: Era::Legacy,
-        fail_start: false,
-        init_delay_ms: 0,
-        garbage_at_start: false,
-        ignore_sigterm: false,
-        exit_after: None,
-    };
+    let mut opts = Opts::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
         };
-        let mut value = |name: &str| {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        let number = |name: &str, v: String| {
-            v.parse::<u64>()
-                .map_err(|_| format!("{name}: not a number: {v}"))
-        };
+        let mut value = || inline.clone().or_else(|| args.next());
+        let mut value = || value().ok_or_else(|| format!("{flag} needs a value"));
+        let mut num = || value()?.parse().map_err(|e| format!("{flag}: {e}"));
         match flag.as_str() {
             "--era" => {
-                opts.era = match value("--era")?.as_str() {
+                opts.era = match value()?.as_str() {
                     "legacy" => Era::Legacy,
                     "stateless" => Era::Stateless,
                     "both" => Era::Both,
@@ -188,8 +174,8 @@ fn parse_args() -> Result<Opts, String> {
             "--fail-start" => opts.fail_start = true,
             "--garbage-at-start" => opts.garbage_at_start = true,
             "--ignore-sigterm" => opts.ignore_sigterm = true,
-            "--init-delay-ms" => opts.init_delay_ms = number(&flag, value(&flag)?)?,
-            "--exit-after" => opts.exit_after = Some(number(&flag, value(&flag)?)?),
+            "--init-delay-ms" => opts.init_delay_ms = num()?,
+            "--exit-after" => opts.exit_after = Some(num()?),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -210,19 +196,11 @@ fn main() {
     }
     if opts.ignore_sigterm {
         // SAFETY: installing SIG_IGN has no handler code and no preconditions.
-        unsafe {
-            libc::signal(libc::SIGTERM, libc::SIG_IGN);
-        }
+        unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
     }
     let state = Arc::new(State {
         opts,
-        out: Mutex::new(std::io::stdout()),
-        calls: AtomicU64::new(0),
-        answered: AtomicU64::new(0),
-        cancelled: Mutex::new(HashSet::new()),
-        pending: Mutex::new(HashMap::new()),
-        next_id: AtomicU64::new(0),
-        in_flight: AtomicU64::new(0),
+        ..State::default()
     });
     if state.opts.garbage_at_start {
         state.send_raw(b"mcp-fixture starting up (this is not json)");
@@ -259,10 +237,7 @@ fn main() {
         }
         match serde_json::from_slice::<Value>(&buf) {
             Ok(msg) => dispatch(&state, msg),
-            Err(e) => state.respond(
-                &Value::Null,
-                Err((PARSE_ERROR, format!("Parse error: {e}"))),
-            ),
+            Err(e) => state.fail(&Value::Null, PARSE_ERROR, &format!("Parse error: {e}")),
         }
     }
 }
@@ -270,10 +245,7 @@ fn main() {
 /// Routes one decoded message from the client.
 fn dispatch(state: &Arc<State>, msg: Value) {
     let Value::Object(obj) = msg else {
-        state.respond(
-            &Value::Null,
-            Err((INVALID_REQUEST, "not a JSON object".into())),
-        );
+        state.fail(&Value::Null, INVALID_REQUEST, "not a JSON object");
         return;
     };
     let id = obj.get("id").cloned();
@@ -303,10 +275,7 @@ fn dispatch(state: &Arc<State>, msg: Value) {
         }
         (Some(_), id) => {
             let id = id.unwrap_or(Value::Null);
-            state.respond(
-                &id,
-                Err((INVALID_REQUEST, "method must be a string".into())),
-            );
+            state.fail(&id, INVALID_REQUEST, "method must be a string");
         }
         (None, Some(id)) if obj.contains_key("result") || obj.contains_key("error") => {
             let waiter = lock(&state.pending).remove(&id.to_string());
@@ -319,10 +288,7 @@ fn dispatch(state: &Arc<State>, msg: Value) {
         }
         (None, id) => {
             let id = id.unwrap_or(Value::Null);
-            state.respond(
-                &id,
-                Err((INVALID_REQUEST, "neither method nor result".into())),
-            );
+            state.fail(&id, INVALID_REQUEST, "neither method nor result/error");
         }
     }
 }
@@ -366,7 +332,9 @@ fn handle_method(state: &State, method: &str, params: &Value) -> RpcResult {
             "supportedVersions": [STATELESS_VERSION], "capabilities": caps,
             "serverInfo": info, "instructions": "fixture"})),
         "ping" | "logging/setLevel" => Ok(json!({})),
-        "tools/list" => Ok(json!({"tools": tool_list()})),
+        "tools/list" => serde_json::from_str(TOOLS)
+            .map(|tools: Value| json!({"tools": tools}))
+            .map_err(|e| (INTERNAL_ERROR, format!("bad tool table: {e}"))),
         "resources/list" => Ok(json!({"resources": [{"uri": "fixture://pid", "name": "pid"}]})),
         "resources/read" => {
             let uri = params.get("uri").and_then(Value::as_str);
@@ -389,104 +357,44 @@ fn handle_method(state: &State, method: &str, params: &Value) -> RpcResult {
     }
 }
 
-fn tool(name: &str, description: &str, props: Value, required: &[&str]) -> Value {
-    json!({"name": name, "description": description,
-           "inputSchema": {"type": "object", "properties": props, "required": required}})
-}
+/// The advertised tools, one per line: name, description, input schema.
+const TOOLS: &str = r#"[
+ {"name":"echo","description":"Returns `text`","inputSchema":{"type":"object","properties":{"text":{"type":"string"}},"required":["text"]}},
+ {"name":"whoami","description":"Returns `pid=<pid> calls=<tools/call count>`","inputSchema":{"type":"object","properties":{}}},
+ {"name":"sleep","description":"Sleeps `ms`, sending `steps` progress notifications if asked","inputSchema":{"type":"object","properties":{"ms":{"type":"integer","minimum":0},"steps":{"type":"integer","minimum":0}},"required":["ms"]}},
+ {"name":"log","description":"Sends `text` as a log notification","inputSchema":{"type":"object","properties":{"text":{"type":"string"}},"required":["text"]}},
+ {"name":"crash","description":"Exits at once with `code` (default 3)","inputSchema":{"type":"object","properties":{"code":{"type":"integer"}}}},
+ {"name":"hang","description":"Never answers","inputSchema":{"type":"object","properties":{}}},
+ {"name":"garbage","description":"Writes `lines` (default 3) non-JSON lines, then answers","inputSchema":{"type":"object","properties":{"lines":{"type":"integer","minimum":0}}}},
+ {"name":"huge","description":"Answers with `bytes` x characters","inputSchema":{"type":"object","properties":{"bytes":{"type":"integer","minimum":0}},"required":["bytes"]}},
+ {"name":"sample","description":"Asks the client to sample `prompt`","inputSchema":{"type":"object","properties":{"prompt":{"type":"string"}},"required":["prompt"]}},
+ {"name":"elicit","description":"Asks the client to elicit with `message`","inputSchema":{"type":"object","properties":{"message":{"type":"string"}},"required":["message"]}},
+ {"name":"roots","description":"Asks the client for its roots","inputSchema":{"type":"object","properties":{}}},
+ {"name":"spawn_child","description":"Spawns `sleep 600` in this process group; returns its pid","inputSchema":{"type":"object","properties":{}}},
+ {"name":"list_changed","description":"Sends notifications/tools/list_changed","inputSchema":{"type":"object","properties":{}}},
+ {"name":"env","description":"Returns environment variable `name` or <unset>","inputSchema":{"type":"object","properties":{"name":{"type":"string"}},"required":["name"]}},
+ {"name":"stderr","description":"Writes `text` to stderr","inputSchema":{"type":"object","properties":{"text":{"type":"string"}},"required":["text"]}}
+]"#;
 
-fn tool_list() -> Vec<Value> {
-    let s = json!({"type": "string"});
-    let i = json!({"type": "integer", "minimum": 0});
-    let none = json!({});
-    vec![
-        tool("echo", "Returns `text`", json!({"text": s}), &["text"]),
-        tool(
-            "whoami",
-            "Returns pid and tool-call count",
-            none.clone(),
-            &[],
-        ),
-        tool(
-            "sleep",
-            "Sleeps `ms`, sending `steps` progress notifications",
-            json!({"ms": i, "steps": i}),
-            &["ms"],
-        ),
-        tool(
-            "log",
-            "Sends a log notification",
-            json!({"text": s}),
-            &["text"],
-        ),
-        tool(
-            "crash",
-            "Exits with `code` (default 3)",
-            json!({"code": {"type": "integer"}}),
-            &[],
-        ),
-        tool("hang", "Never answers", none.clone(), &[]),
-        tool(
-            "garbage",
-            "Writes non-JSON lines, then answers",
-            json!({"lines": i}),
-            &[],
-        ),
-        tool(
-            "huge",
-            "Answers with `bytes` x characters",
-            json!({"bytes": i}),
-            &["bytes"],
-        ),
-        tool(
-            "sample",
-            "Asks the client to sample",
-            json!({"prompt": s}),
-            &["prompt"],
-        ),
-        tool(
-            "elicit",
-            "Asks the client to elicit",
-            json!({"message": s}),
-            &["message"],
-        ),
-        tool("roots", "Asks the client for its roots", none.clone(), &[]),
-        tool(
-            "spawn_child",
-            "Spawns `sleep 600`, returns its pid",
-            none.clone(),
-            &[],
-        ),
-        tool("list_changed", "Sends tools/list_changed", none, &[]),
-        tool(
-            "env",
-            "Returns an environment variable",
-            json!({"name": s}),
-            &["name"],
-        ),
-        tool(
-            "stderr",
-            "Writes `text` to stderr",
-            json!({"text": s}),
-            &["text"],
-        ),
-    ]
-}
-
-fn arg_str<'a>(args: &'a Map<String, Value>, tool: &str, name: &str) -> Result<&'a str, RpcError> {
+fn arg_str<'a>(args: &'a Args, tool: &str, name: &str) -> RpcResult<&'a str> {
     args.get(name)
         .and_then(Value::as_str)
         .ok_or_else(|| bad(format!("{tool}: argument `{name}` must be a string")))
 }
 
-fn arg_u64(args: &Map<String, Value>, tool: &str, name: &str) -> Result<Option<u64>, RpcError> {
-    match args.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-            bad(format!(
-                "{tool}: argument `{name}` must be a non-negative integer"
-            ))
-        }),
-    }
+/// An integer argument in `0..=max`; `default` applies when it is absent
+/// (absent with no default is an error).
+fn arg_num(args: &Args, tool: &str, arg: &str, dflt: Option<u64>, max: u64) -> RpcResult<u64> {
+    let v = match args.get(arg) {
+        None | Some(Value::Null) => dflt,
+        Some(v) => v.as_u64(),
+    };
+    let msg = || {
+        bad(format!(
+            "{tool}: argument `{arg}` must be an integer in 0..={max}"
+        ))
+    };
+    v.filter(|n| *n <= max).ok_or_else(msg)
 }
 
 fn text(t: impl Into<String>) -> RpcResult {
@@ -529,23 +437,21 @@ fn call_tool(state: &State, id: &Value, params: &Value, n: u64) -> Option<RpcRes
         "hang" => loop {
             thread::park();
         },
-        "garbage" => arg_u64(args, name, "lines").and_then(|lines| {
+        "garbage" => arg_num(args, name, "lines", Some(3), COUNT_MAX).and_then(|lines| {
             let junk: [&[u8]; 3] = [
                 b"this is not json",
                 b"\x00\x01\x02\xff\xfe\x1b[31m binary junk \x7f\xc3\x28",
                 b"{\"truncated\": ",
             ];
-            for k in 0..lines.unwrap_or(3) {
+            for k in 0..lines {
                 state.send_raw(junk[(k % 3) as usize]);
             }
             text("ok")
         }),
-        "huge" => match arg_u64(args, name, "bytes") {
-            Ok(Some(b)) if b <= HUGE_MAX => text("x".repeat(b as usize)),
-            Ok(Some(_)) => Err(bad(format!("huge: `bytes` must be at most {HUGE_MAX}"))),
-            Ok(None) => Err(bad("huge: missing argument `bytes`")),
-            Err(e) => Err(e),
-        },
+        "huge" => arg_num(args, name, "bytes", None, HUGE_MAX).and_then(|b| {
+            let len = usize::try_from(b).map_err(|_| bad("huge: too big for this platform"))?;
+            text("x".repeat(len))
+        }),
         "sample" => arg_str(args, name, "prompt").and_then(|prompt| {
             let req = json!({"messages": [{"role": "user",
                 "content": {"type": "text", "text": prompt}}], "maxTokens": 10});
@@ -606,19 +512,11 @@ fn spawn_child() -> RpcResult {
 
 /// `sleep {ms, steps?}`: progress is only sent when the request carries a
 /// progress token. A cancelled request stops early and gets no response.
-fn sleep_tool(
-    state: &State,
-    id: &Value,
-    params: &Value,
-    args: &Map<String, Value>,
-) -> Option<RpcResult> {
-    let ms = match arg_u64(args, "sleep", "ms") {
-        Ok(Some(ms)) => ms,
-        Ok(None) => return Some(Err(bad("sleep: missing argument `ms`"))),
-        Err(e) => return Some(Err(e)),
-    };
-    let steps = match arg_u64(args, "sleep", "steps") {
-        Ok(s) => s.unwrap_or(0),
+fn sleep_tool(state: &State, id: &Value, params: &Value, args: &Args) -> Option<RpcResult> {
+    let nums = arg_num(args, "sleep", "ms", None, SLEEP_MAX_MS)
+        .and_then(|ms| Ok((ms, arg_num(args, "sleep", "steps", Some(0), COUNT_MAX)?)));
+    let (ms, steps) = match nums {
+        Ok(nums) => nums,
         Err(e) => return Some(Err(e)),
     };
     let token = params.pointer("/_meta/progressToken").cloned();
@@ -626,7 +524,7 @@ fn sleep_tool(
     let start = Instant::now();
     // Waits until `offset_ms` after start; false if cancelled meanwhile.
     let wait_until = |offset_ms: u64| loop {
-        if state.is_cancelled(&key) {
+        if lock(&state.cancelled).contains(&key) {
             return false;
         }
         let target = start + Duration::from_millis(offset_ms);
@@ -636,22 +534,18 @@ fn sleep_tool(
         }
         thread::sleep((target - now).min(Duration::from_millis(10)));
     };
-    let mut finished = true;
-    if let Some(token) = &token {
-        for i in 1..=steps {
-            let at = (u128::from(ms) * u128::from(i) / u128::from(steps)) as u64;
-            if !wait_until(at) {
-                finished = false;
-                break;
-            }
-            state.notify(
-                "notifications/progress",
-                json!({"progressToken": token, "progress": i, "total": steps,
-                       "message": format!("step {i}")}),
-            );
+    let progressed = (1..=steps).all(|i| {
+        let Some(token) = &token else { return true };
+        let at = (u128::from(ms) * u128::from(i) / u128::from(steps)) as u64;
+        let on_time = wait_until(at);
+        if on_time {
+            let msg = format!("step {i}");
+            let p = json!({"progressToken": token, "progress": i, "total": steps, "message": msg});
+            state.notify("notifications/progress", p);
         }
-    }
-    finished = finished && wait_until(ms);
+        on_time
+    });
+    let finished = progressed && wait_until(ms);
     lock(&state.cancelled).remove(&key);
     if !finished {
         log(&format!("sleep {key}: cancelled, not responding"));

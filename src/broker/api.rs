@@ -302,9 +302,15 @@ async fn deliver(broker: &Broker, lease: String, req: Request<Incoming>) -> Resu
     let Some(l) = found else {
         return Err(ApiError::UnknownLease(lease));
     };
+    let cancelled = msg.get("method").and_then(Value::as_str) == Some("notifications/cancelled");
     l.worker
         .deliver(l.lid, msg)
         .await
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if cancelled {
+        // The client no longer wants the answer: end the lease now rather
+        // than holding the process until request_timeout.
+        l.cancel.cancel();
+    }
     Ok(http::json(StatusCode::ACCEPTED, &json!({"delivered": true})))
 }

@@ -81,6 +81,7 @@ enum End {
     Answered { error: bool },
     TimedOut,
     CallerGone,
+    Cancelled,
 }
 
 /// Runs one request on one process and returns the streaming response.
@@ -119,12 +120,14 @@ pub async fn run(
         }
     };
     let token = uuid::Uuid::new_v4().simple().to_string();
+    let cancel = CancellationToken::new();
     broker.leases.lock().expect("lock").insert(
         token.clone(),
         LeaseRef {
             worker: guard.worker().clone(),
             lid,
             pool: name.clone(),
+            cancel: cancel.clone(),
         },
     );
     broker.lease_started();
@@ -132,6 +135,7 @@ pub async fn run(
     let timeout = pool.config().request_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let lease = Lease {
+        cancel,
         timeout,
         broker: broker.clone(),
         guard,
@@ -152,6 +156,7 @@ pub async fn run(
 }
 
 struct Lease {
+    cancel: CancellationToken,
     timeout: Duration,
     broker: Arc<Broker>,
     guard: LeaseGuard,
@@ -195,6 +200,7 @@ impl Lease {
                     None => break End::Answered { error: true },
                 },
                 _ = tokio::time::sleep_until(deadline) => break End::TimedOut,
+                _ = self.cancel.cancelled() => break End::Cancelled,
                 _ = tx.closed() => break End::CallerGone,
             }
         };
@@ -205,7 +211,7 @@ impl Lease {
             End::Answered { error: false } => "ok",
             End::Answered { error: true } => "error",
             End::TimedOut => "timeout",
-            End::CallerGone => "cancelled",
+            End::CallerGone | End::Cancelled => "cancelled",
         };
         metrics.requests.with_label_values(&[&self.pool, label]).inc();
         metrics
@@ -228,18 +234,30 @@ impl Lease {
                 );
                 let _ = tx.try_send(line(&err));
                 drop(tx);
-                self.settle("request_timeout").await;
+                self.settle("request_timeout", true).await;
             }
-            End::CallerGone => self.settle("client disconnected").await,
+            End::CallerGone => self.settle("client disconnected", true).await,
+            End::Cancelled => {
+                let err = jsonrpc::error(
+                    self.client_id.clone(),
+                    codes::CANCELLED,
+                    "the request was cancelled by the client",
+                );
+                let _ = tx.try_send(line(&err));
+                drop(tx);
+                self.settle("client cancellation", false).await;
+            }
         }
         broker.lease_ended();
     }
 
     /// Cancels the abandoned request and makes sure the process is healthy
     /// before it goes back to the pool.
-    async fn settle(mut self, reason: &str) {
+    async fn settle(mut self, reason: &str, send_cancel: bool) {
         let w = self.guard.worker().clone();
-        w.cancel(self.lid, reason).await;
+        if send_cancel {
+            w.cancel(self.lid, reason).await;
+        }
         if w.end(self.lid) && w.call("ping", json!({}), SETTLE_TIMEOUT).await.is_err() {
             tracing::warn!(pool = %self.pool, pid = w.pid, "process did not settle after {reason}; replacing it");
             self.broker

@@ -180,23 +180,65 @@ def run_broker(
             log.close()
 
 
+def _descendants(pid: int) -> set[int]:
+    """PIDs of all live descendants of `pid` (Linux /proc scan)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # field 4 (ppid) follows the parenthesised command name, which may contain spaces
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] != b"Z"
+
+
 def _stop(broker: Broker) -> None:
     proc = broker.proc
+    backends = _descendants(proc.pid) if proc.poll() is None else set()
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            _kill_group(proc, backends)
             raise HarnessError(f"broker did not exit within {STOP_TIMEOUT}s of SIGTERM\n{broker.describe()}") from None
     broker.exit_code = proc.returncode
-    # Reap anything the broker left in its process group (warm servers must not outlive it).
-    _kill_group(proc)
+    # The broker's stdio servers must not outlive it.
+    deadline = time.monotonic() + 5
+    while (left := {p for p in backends if _alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _kill_group(proc, left)
+    if left and not broker.standin:
+        raise HarnessError(f"processes {sorted(left)} outlived the broker's SIGTERM exit\n{broker.describe()}")
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+def _kill_group(proc: subprocess.Popen[bytes], pids: set[int] = frozenset()) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)
 

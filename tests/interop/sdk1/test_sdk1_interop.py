@@ -244,7 +244,12 @@ CALLS = 20
 
 @pytest.mark.parametrize(
     "extra_args",
-    [pytest.param([], id="defaults"), pytest.param(["--mode", "shared", "--min-idle", "1", "--max", "2"], id="shared-max2")],
+    [
+        pytest.param([], id="defaults"),
+        pytest.param(["--mode", "shared", "--min-idle", "1", "--max", "2"], id="shared-max2"),
+        pytest.param(["--mode", "sticky"], id="sticky"),
+        pytest.param(["--mode", "exclusive", "--min-idle", "2", "--max", "4"], id="exclusive-max4"),
+    ],
 )
 async def test_concurrent_sessions_no_crossed_responses(extra_args, connect_http):
     """20 sessions at once, each making 20 echo calls one after another (20 requests in flight)."""
