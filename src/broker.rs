@@ -177,13 +177,19 @@ impl Broker {
             }
             tracing::info!(in_flight = n, "draining leases");
             if tokio::time::timeout_at(deadline, idle).await.is_err() {
-                tracing::warn!(in_flight = n, "drain timeout: stopping processes with leases in flight");
+                tracing::warn!(
+                    in_flight = n,
+                    "drain timeout: stopping processes with leases in flight"
+                );
                 break;
             }
         }
         self.pools_shutdown.cancel();
         self.tracker.close();
-        if tokio::time::timeout(STOP_TASKS_TIMEOUT, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(STOP_TASKS_TIMEOUT, self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some pool tasks did not finish within {STOP_TASKS_TIMEOUT:?}");
         }
         tracing::info!("all processes stopped");

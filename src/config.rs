@@ -331,7 +331,8 @@ pub fn describe(c: &Config) -> String {
     let b = &c.broker;
     let mut out = String::new();
     let _ = writeln!(out, "config OK: {} pool(s)", c.pools.len());
-    let _ = writeln!(
+    let _ =
+        writeln!(
         out,
         "broker: socket={} mode={:o} group={} metrics={} drain_timeout={:?} max_message_size={}",
         b.socket.display(),
@@ -352,7 +353,11 @@ pub fn describe(c: &Config) -> String {
     out
 }
 
-fn pool_from_raw(index: usize, p: RawPool, max_message_size: usize) -> Result<PoolConfig, ConfigError> {
+fn pool_from_raw(
+    index: usize,
+    p: RawPool,
+    max_message_size: usize,
+) -> Result<PoolConfig, ConfigError> {
     let name = p.name.clone().unwrap_or_default();
     let at = if name.is_empty() {
         format!("pool #{}", index + 1)
@@ -405,7 +410,11 @@ fn pool_from_raw(index: usize, p: RawPool, max_message_size: usize) -> Result<Po
     c.max_inflight = p.max_inflight.unwrap_or(DEFAULT_MAX_INFLIGHT);
     c.queue_limit = p.queue_limit.unwrap_or(DEFAULT_QUEUE_LIMIT);
     c.queue_timeout = dur("queue_timeout", &p.queue_timeout, DEFAULT_QUEUE_TIMEOUT)?;
-    c.request_timeout = dur("request_timeout", &p.request_timeout, DEFAULT_REQUEST_TIMEOUT)?;
+    c.request_timeout = dur(
+        "request_timeout",
+        &p.request_timeout,
+        DEFAULT_REQUEST_TIMEOUT,
+    )?;
     c.idle_timeout = dur("idle_timeout", &p.idle_timeout, DEFAULT_IDLE_TIMEOUT)?;
     c.init_timeout = dur("init_timeout", &p.init_timeout, DEFAULT_INIT_TIMEOUT)?;
     c.session_idle_timeout = dur(

@@ -96,9 +96,7 @@ impl LineSplitter {
 
     /// Ends the stream: an unterminated last line becomes a frame.
     pub fn finish(&mut self, out: &mut Vec<Frame>) {
-        if self.discarding.is_some() {
-            self.push(b"\n", out);
-        } else if !self.buf.is_empty() {
+        if self.discarding.is_some() || !self.buf.is_empty() {
             self.push(b"\n", out);
         }
     }
@@ -192,8 +190,14 @@ mod tests {
 
     #[test]
     fn sniffs_ids() {
-        assert_eq!(sniff_id(b"\"result\":{},\"id\": 42}"), Some(serde_json::json!(42)));
-        assert_eq!(sniff_id(b"{\"id\":\"r-1\",\"x"), Some(serde_json::json!("r-1")));
+        assert_eq!(
+            sniff_id(b"\"result\":{},\"id\": 42}"),
+            Some(serde_json::json!(42))
+        );
+        assert_eq!(
+            sniff_id(b"{\"id\":\"r-1\",\"x"),
+            Some(serde_json::json!("r-1"))
+        );
         assert_eq!(sniff_id(b"{\"ids\":1}"), None);
         assert_eq!(sniff_id(b"no id here"), None);
     }

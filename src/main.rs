@@ -17,7 +17,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "mcp-broker", version, about = "Warm pools of stdio MCP servers, leased per request")]
+#[command(
+    name = "mcp-broker",
+    version,
+    about = "Warm pools of stdio MCP servers, leased per request"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -164,7 +168,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             http,
             command,
         } => {
-            let mut pool = PoolConfig::new(mcp_broker::up::POOL_NAME, &command[0], command[1..].to_vec());
+            let mut pool = PoolConfig::new(
+                mcp_broker::up::POOL_NAME,
+                &command[0],
+                command[1..].to_vec(),
+            );
             pool.min_idle = min_idle;
             pool.max = max;
             pool.max_inflight = max_inflight;
@@ -180,8 +188,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
 async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let socket = cfg.broker.socket.clone();
-    let listener = listen::bind(&socket, cfg.broker.socket_mode, cfg.broker.socket_group.as_deref())
-        .with_context(|| format!("binding the lease API socket {}", socket.display()))?;
+    let listener = listen::bind(
+        &socket,
+        cfg.broker.socket_mode,
+        cfg.broker.socket_group.as_deref(),
+    )
+    .with_context(|| format!("binding the lease API socket {}", socket.display()))?;
     let metrics = Arc::new(Metrics::new());
     let metrics_listen = cfg.broker.metrics_listen;
     let broker = Broker::start(cfg, metrics);
@@ -189,7 +201,11 @@ async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the metrics listener {addr}"))?;
-        tokio::spawn(mcp_broker::broker::api::serve_health(broker.clone(), l, shutdown.clone()));
+        tokio::spawn(mcp_broker::broker::api::serve_health(
+            broker.clone(),
+            l,
+            shutdown.clone(),
+        ));
     }
     tracing::info!(socket = %socket.display(), "broker listening");
     broker.serve(listener, Some(socket), shutdown).await;

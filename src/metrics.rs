@@ -51,32 +51,61 @@ impl Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         let histogram = |name: &str, help: &str, labels: &[&str]| {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()), labels)
-                .expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
+                labels,
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
         Self {
-            processes: gauge("mcp_broker_processes", "Processes per pool by state.", &["pool", "state"]),
+            processes: gauge(
+                "mcp_broker_processes",
+                "Processes per pool by state.",
+                &["pool", "state"],
+            ),
             spawns: counter("mcp_broker_spawns_total", "Processes started.", &["pool"]),
-            exits: counter("mcp_broker_exits_total", "Processes ended, by reason.", &["pool", "reason"]),
-            queue_depth: gauge("mcp_broker_queue_depth", "Requests waiting for a process.", &["pool"]),
-            lease_wait: histogram("mcp_broker_lease_wait_seconds", "Time waiting for a process.", &["pool"]),
+            exits: counter(
+                "mcp_broker_exits_total",
+                "Processes ended, by reason.",
+                &["pool", "reason"],
+            ),
+            queue_depth: gauge(
+                "mcp_broker_queue_depth",
+                "Requests waiting for a process.",
+                &["pool"],
+            ),
+            lease_wait: histogram(
+                "mcp_broker_lease_wait_seconds",
+                "Time waiting for a process.",
+                &["pool"],
+            ),
             request_duration: histogram(
                 "mcp_broker_request_duration_seconds",
                 "Time from request to final response.",
                 &["pool", "method"],
             ),
-            requests: counter("mcp_broker_requests_total", "Lease requests by outcome.", &["pool", "outcome"]),
+            requests: counter(
+                "mcp_broker_requests_total",
+                "Lease requests by outcome.",
+                &["pool", "outcome"],
+            ),
             skipped_lines: counter(
                 "mcp_broker_skipped_lines_total",
                 "Non-JSON or oversized stdout lines skipped.",

@@ -176,7 +176,9 @@ impl Pool {
         let rx = {
             let mut st = self.inner.state.lock().expect("lock");
             if st.closed {
-                return Err(PoolError::Closed { pool: cfg.name.clone() });
+                return Err(PoolError::Closed {
+                    pool: cfg.name.clone(),
+                });
             }
             if let Some(id) = st.pick(cfg, session) {
                 let worker = st.take(cfg, id, session);
@@ -215,7 +217,9 @@ impl Pool {
                 self.observe_wait(started);
                 Ok(guard)
             }
-            Ok(Err(_)) => Err(PoolError::Closed { pool: cfg.name.clone() }),
+            Ok(Err(_)) => Err(PoolError::Closed {
+                pool: cfg.name.clone(),
+            }),
             Err(_) => {
                 let mut st = self.inner.state.lock().expect("lock");
                 st.purge_waiters();
@@ -389,7 +393,11 @@ impl Pool {
     async fn warm_one(self) {
         let cfg = &self.inner.cfg;
         let id = self.inner.ids.fetch_add(1, Ordering::Relaxed) + 1;
-        self.inner.metrics.spawns.with_label_values(&[self.name()]).inc();
+        self.inner
+            .metrics
+            .spawns
+            .with_label_values(&[self.name()])
+            .inc();
         let result = match Worker::spawn(cfg, id, self.inner.metrics.clone(), &self.inner.tracker) {
             Err(e) => Err((None, e.to_string())),
             Ok(w) => {

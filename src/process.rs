@@ -178,9 +178,18 @@ impl Worker {
     }
 
     /// Sends a broker-internal request and waits for its response.
-    pub async fn call(&self, method: &str, params: Value, timeout: Duration) -> Result<Value, WorkerError> {
+    pub async fn call(
+        &self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+    ) -> Result<Value, WorkerError> {
         let (tx, rx) = oneshot::channel();
-        let msg = self.router.lock().expect("lock").internal(method, params, tx);
+        let msg = self
+            .router
+            .lock()
+            .expect("lock")
+            .internal(method, params, tx);
         self.send(&msg).await?;
         tokio::select! {
             r = rx => r.map_err(|_| WorkerError::Exited(self.exit_reason())),
@@ -197,8 +206,13 @@ impl Worker {
         sink: LeaseSink,
         done: CancellationToken,
     ) -> Result<u64, WorkerError> {
-        self.leased.store(true, std::sync::atomic::Ordering::Relaxed);
-        let lid = self.router.lock().expect("lock").begin(&mut msg, sink, done);
+        self.leased
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let lid = self
+            .router
+            .lock()
+            .expect("lock")
+            .begin(&mut msg, sink, done);
         if let Err(e) = self.send(&msg).await {
             self.end(lid);
             return Err(e);
@@ -268,9 +282,15 @@ impl Worker {
             }
             Action::Drop(kind) => {
                 if kind == "late_response" {
-                    self.metrics.late_responses.with_label_values(&[&self.pool]).inc();
+                    self.metrics
+                        .late_responses
+                        .with_label_values(&[&self.pool])
+                        .inc();
                 } else {
-                    self.metrics.unroutable.with_label_values(&[&self.pool, kind]).inc();
+                    self.metrics
+                        .unroutable
+                        .with_label_values(&[&self.pool, kind])
+                        .inc();
                 }
             }
         }
@@ -289,7 +309,10 @@ fn deliver_event(sink: LeaseSink, event: LeaseEvent, metrics: &Metrics, pool: &s
             });
         }
         Err(mpsc::error::TrySendError::Full(LeaseEvent::Message(_))) => {
-            metrics.unroutable.with_label_values(&[pool, "slow_consumer"]).inc();
+            metrics
+                .unroutable
+                .with_label_values(&[pool, "slow_consumer"])
+                .inc();
         }
     }
 }
@@ -392,7 +415,11 @@ async fn log_stderr(pool: String, pid: u32, stderr: tokio::process::ChildStderr)
     .await;
 }
 
-async fn reap(worker: Arc<Worker>, mut child: tokio::process::Child, stdout_done: CancellationToken) {
+async fn reap(
+    worker: Arc<Worker>,
+    mut child: tokio::process::Child,
+    stdout_done: CancellationToken,
+) {
     let watch = group::ExitWatch::new(worker.pid);
     // Wait for the leader to exit (pidfd, not reaped) or stdout to close.
     tokio::select! {
@@ -414,11 +441,10 @@ async fn reap(worker: Arc<Worker>, mut child: tokio::process::Child, stdout_done
     };
     tracing::debug!(pool = %worker.pool, pid = worker.pid, %reason, "process ended");
     *worker.exit_reason.lock().expect("lock") = Some(reason.clone());
-    let actions = worker
-        .router
-        .lock()
-        .expect("lock")
-        .fail_all(&format!("the server process {} {reason} while handling this request", worker.pid));
+    let actions = worker.router.lock().expect("lock").fail_all(&format!(
+        "the server process {} {reason} while handling this request",
+        worker.pid
+    ));
     for a in actions {
         worker.perform(a);
     }

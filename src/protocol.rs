@@ -120,20 +120,41 @@ mod tests {
 
     #[test]
     fn negotiates_legacy_versions() {
-        assert_eq!(negotiate_legacy(Some("2025-03-26"), "2025-06-18"), "2025-03-26");
-        assert_eq!(negotiate_legacy(Some("2025-11-25"), "2025-06-18"), "2025-06-18");
-        assert_eq!(negotiate_legacy(Some("1999-01-01"), "2025-06-18"), "2025-06-18");
+        assert_eq!(
+            negotiate_legacy(Some("2025-03-26"), "2025-06-18"),
+            "2025-03-26"
+        );
+        assert_eq!(
+            negotiate_legacy(Some("2025-11-25"), "2025-06-18"),
+            "2025-06-18"
+        );
+        assert_eq!(
+            negotiate_legacy(Some("1999-01-01"), "2025-06-18"),
+            "2025-06-18"
+        );
         assert_eq!(negotiate_legacy(None, "2025-06-18"), "2025-06-18");
         // A stateless server behind a legacy client: the client's version wins.
-        assert_eq!(negotiate_legacy(Some("2025-06-18"), STATELESS_VERSION), "2025-06-18");
-        assert_eq!(negotiate_legacy(Some("bogus"), STATELESS_VERSION), LATEST_LEGACY);
+        assert_eq!(
+            negotiate_legacy(Some("2025-06-18"), STATELESS_VERSION),
+            "2025-06-18"
+        );
+        assert_eq!(
+            negotiate_legacy(Some("bogus"), STATELESS_VERSION),
+            LATEST_LEGACY
+        );
     }
 
     #[test]
     fn picks_stateless_version() {
         let r = json!({"supportedVersions": ["2026-07-28", "2027-01-01"]});
-        assert_eq!(pick_stateless_version(&r).as_deref(), Some(STATELESS_VERSION));
-        assert_eq!(pick_stateless_version(&json!({"supportedVersions": ["x"]})), None);
+        assert_eq!(
+            pick_stateless_version(&r).as_deref(),
+            Some(STATELESS_VERSION)
+        );
+        assert_eq!(
+            pick_stateless_version(&json!({"supportedVersions": ["x"]})),
+            None
+        );
         assert_eq!(pick_stateless_version(&json!({})), None);
     }
 }

@@ -100,7 +100,11 @@ pub struct Proxy {
 }
 
 /// Serves until `shutdown`, then drains.
-pub async fn run(settings: ProxySettings, metrics: Arc<Metrics>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    settings: ProxySettings,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
@@ -110,8 +114,18 @@ pub async fn run(settings: ProxySettings, metrics: Arc<Metrics>, shutdown: Cance
 }
 
 /// Serves on an already bound listener (tests bind port 0).
-pub async fn serve(listener: tokio::net::TcpListener, settings: ProxySettings, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let backend = Backend::new(settings.socket.clone(), settings.pool.clone(), settings.max_body, metrics.clone());
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    settings: ProxySettings,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let backend = Backend::new(
+        settings.socket.clone(),
+        settings.pool.clone(),
+        settings.max_body,
+        metrics.clone(),
+    );
     let proxy = Arc::new(Proxy {
         sessions: Sessions::new(settings.max_sessions, settings.session_idle_timeout),
         held: mrtr::Held::new(mrtr::DEFAULT_MAX_HELD, mrtr::DEFAULT_HOLD_TIMEOUT),
@@ -147,9 +161,11 @@ pub async fn serve(listener: tokio::net::TcpListener, settings: ProxySettings, m
     conns.close();
     proxy.tracker.close();
     let drain = proxy.settings.drain_timeout;
-    if tokio::time::timeout(drain, async { tokio::join!(conns.wait(), proxy.tracker.wait()) })
-        .await
-        .is_err()
+    if tokio::time::timeout(drain, async {
+        tokio::join!(conns.wait(), proxy.tracker.wait())
+    })
+    .await
+    .is_err()
     {
         tracing::warn!("proxy drain timeout: closing remaining streams");
     }
@@ -178,7 +194,10 @@ impl Proxy {
     }
 
     async fn finish_session(&self, s: &Session) {
-        self.metrics.sessions.with_label_values(&[self.backend.pool()]).dec();
+        self.metrics
+            .sessions
+            .with_label_values(&[self.backend.pool()])
+            .dec();
         self.backend.end_session(&s.id).await;
     }
 }
@@ -192,7 +211,11 @@ pub async fn forward(
     accept: Accept,
 ) -> Response<Body> {
     let id = msg.get("id").cloned().unwrap_or(Value::Null);
-    let method = msg.get("method").and_then(Value::as_str).unwrap_or_default().to_string();
+    let method = msg
+        .get("method")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     let lease = match proxy.backend.lease(&msg, session).await {
         Ok(l) => l,
         Err(e) => return ProxyError::Backend(e).into_response(id),
@@ -245,7 +268,10 @@ fn accept_of(headers: &HeaderMap) -> Accept {
         .collect::<Vec<_>>()
         .join(",");
     if v.trim().is_empty() || v.contains("*/*") {
-        return Accept { json: true, sse: true };
+        return Accept {
+            json: true,
+            sse: true,
+        };
     }
     Accept {
         json: v.contains("application/json") || v.contains("application/*"),
@@ -325,18 +351,27 @@ async fn mcp(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
         _ => return ProxyError::MethodNotAllowed.into_response(Value::Null),
     }
     if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
-        if !ct.to_str().unwrap_or("").trim_start().starts_with("application/json") {
+        if !ct
+            .to_str()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with("application/json")
+        {
             return ProxyError::UnsupportedMediaType.into_response(Value::Null);
         }
     }
     if !accept.json && !accept.sse {
-        return ProxyError::NotAcceptable("Accept must include application/json or text/event-stream")
-            .into_response(Value::Null);
+        return ProxyError::NotAcceptable(
+            "Accept must include application/json or text/event-stream",
+        )
+        .into_response(Value::Null);
     }
     let (parts, body) = req.into_parts();
     let bytes = match http::read_body(body, proxy.settings.max_body).await {
         Ok(b) => b,
-        Err(http::BodyError::TooLarge { limit }) => return ProxyError::TooLarge(limit).into_response(Value::Null),
+        Err(http::BodyError::TooLarge { limit }) => {
+            return ProxyError::TooLarge(limit).into_response(Value::Null)
+        }
         Err(e) => return ProxyError::Invalid(e.to_string()).into_response(Value::Null),
     };
     let msg: Value = match serde_json::from_slice(&bytes) {
@@ -344,8 +379,10 @@ async fn mcp(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
         Err(e) => return ProxyError::Parse(e.to_string()).into_response(Value::Null),
     };
     if msg.is_array() {
-        return ProxyError::Invalid("JSON-RPC batches are not supported; send one message per POST".into())
-            .into_response(Value::Null);
+        return ProxyError::Invalid(
+            "JSON-RPC batches are not supported; send one message per POST".into(),
+        )
+        .into_response(Value::Null);
     }
     if modern::is_modern(&parts.headers, &msg) {
         modern::post(proxy, &parts.headers, msg, accept).await
@@ -357,7 +394,8 @@ async fn mcp(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
 /// GET and DELETE belong to sessions; a stateless client gets 405.
 fn legacy_headers(h: &HeaderMap) -> bool {
     h.get(legacy::SESSION_ID).is_some()
-        && h.get("mcp-protocol-version").and_then(|v| v.to_str().ok()) != Some(crate::protocol::STATELESS_VERSION)
+        && h.get("mcp-protocol-version").and_then(|v| v.to_str().ok())
+            != Some(crate::protocol::STATELESS_VERSION)
 }
 
 #[cfg(test)]

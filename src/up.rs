@@ -15,7 +15,11 @@ use tokio_util::sync::CancellationToken;
 pub const POOL_NAME: &str = "default";
 
 /// Runs broker and proxy until `shutdown`, then drains both.
-pub async fn run(pool: PoolConfig, mut proxy: ProxySettings, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    pool: PoolConfig,
+    mut proxy: ProxySettings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     pool.check()?;
     let dir = tempfile_dir()?;
     let socket = dir.join("broker.sock");
@@ -50,7 +54,11 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
         .map(std::path::PathBuf::from)
         .filter(|p| p.is_dir())
         .unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!("mcp-broker-up-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()));
+    let dir = base.join(format!(
+        "mcp-broker-up-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     Ok(dir)

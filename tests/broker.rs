@@ -63,7 +63,10 @@ async fn pool_of_four_runs_sixteen_requests_in_parallel() {
     // Four rounds of 300 ms at best; serial would be 4.8 s. A loose bound
     // that only parallel execution can meet (not a performance assertion).
     assert!(elapsed >= Duration::from_millis(1150), "{elapsed:?}");
-    assert!(elapsed < Duration::from_millis(3500), "requests were not parallel: {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_millis(3500),
+        "requests were not parallel: {elapsed:?}"
+    );
     assert_eq!(procs_with_tag(&b.tag).len(), 4, "never more than max");
     b.stop().await;
 }
@@ -98,9 +101,18 @@ async fn max_inflight_multiplexes_sessions_without_crossing() {
         assert_eq!(m2.len(), 1);
         assert_eq!(m2[0]["id"], 7);
         assert_eq!(text_of(&m2[0]), format!("client-{i}"), "crossed response");
-        let progress: Vec<_> = m1.iter().filter(|m| m["method"] == "notifications/progress").collect();
-        assert_eq!(progress.len(), 2, "each client sees only its own progress: {m1:?}");
-        assert!(progress.iter().all(|p| p["params"]["progressToken"] == "same"));
+        let progress: Vec<_> = m1
+            .iter()
+            .filter(|m| m["method"] == "notifications/progress")
+            .collect();
+        assert_eq!(
+            progress.len(),
+            2,
+            "each client sees only its own progress: {m1:?}"
+        );
+        assert!(progress
+            .iter()
+            .all(|p| p["params"]["progressToken"] == "same"));
         assert_eq!(m1.last().unwrap()["id"], 7);
     }
     assert_eq!(pids.len(), 1, "all on one process");
@@ -134,7 +146,10 @@ async fn queue_full_is_immediate_and_queue_timeout_is_bounded() {
     let (status, msgs) = queued.await.unwrap();
     assert_eq!(status, 504);
     assert_eq!(code_of(&msgs[0]), codes::QUEUE_TIMEOUT);
-    assert!(msgs[0]["error"]["message"].as_str().unwrap().contains("queue_timeout"));
+    assert!(msgs[0]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("queue_timeout"));
     let (status, msgs) = busy.await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(text_of(&msgs[0]), "slept 1500");
@@ -180,7 +195,10 @@ async fn crash_fails_only_its_request_and_is_replaced() {
     }
     let _ = victim;
     let m = b.metrics.render();
-    assert!(m.contains("mcp_broker_exits_total{pool=\"fx\",reason=\"crashed\"} 1"), "{m}");
+    assert!(
+        m.contains("mcp_broker_exits_total{pool=\"fx\",reason=\"crashed\"} 1"),
+        "{m}"
+    );
     b.stop().await;
 }
 
@@ -198,13 +216,19 @@ async fn garbage_on_stdout_is_skipped_and_counted() {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    assert!(skipped >= 5, "2 at start + 3 from the tool, got {skipped}: {m}");
+    assert!(
+        skipped >= 5,
+        "2 at start + 3 from the tool, got {skipped}: {m}"
+    );
     b.stop().await;
 }
 
 #[tokio::test]
 async fn oversized_messages_fail_cleanly_both_ways() {
-    let b = TestBroker::start_with(vec![fixture_pool("fx", &[])], |s| s.max_message_size = 64 * 1024).await;
+    let b = TestBroker::start_with(vec![fixture_pool("fx", &[])], |s| {
+        s.max_message_size = 64 * 1024
+    })
+    .await;
     b.wait_idle("fx", 1).await;
     let c = b.client("fx");
     let (status, msgs) = lease(&c, &tool(1, "huge", json!({"bytes": 200_000})), None).await;
@@ -228,12 +252,18 @@ async fn failing_command_backs_off_and_reports() {
     let pool = b.broker.pool("fx").unwrap().clone();
     wait_until(Duration::from_secs(10), || pool.status().failures >= 3).await;
     let st = pool.status();
-    assert!(st.last_error.as_deref().unwrap_or("").contains("exited"), "{st:?}");
+    assert!(
+        st.last_error.as_deref().unwrap_or("").contains("exited"),
+        "{st:?}"
+    );
     let c = b.client("fx");
     let (status, msgs) = lease(&c, &tool(1, "echo", json!({"text": "x"})), None).await;
     assert!(status == 503 || status == 504, "{status}");
     let code = code_of(&msgs[0]);
-    assert!(code == codes::POOL_FAILING || code == codes::QUEUE_TIMEOUT, "{msgs:?}");
+    assert!(
+        code == codes::POOL_FAILING || code == codes::QUEUE_TIMEOUT,
+        "{msgs:?}"
+    );
     // Backoff: after 2 s, far fewer than one spawn per 10 ms.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let spawns: u64 = b
@@ -252,7 +282,10 @@ async fn server_requests_and_answers_flow_through_the_lease() {
     let b = TestBroker::start(vec![fixture_pool("fx", &[])]).await;
     b.wait_idle("fx", 1).await;
     let c = b.client("fx");
-    let mut l = c.lease(&tool(1, "sample", json!({"prompt": "2+2?"})), None).await.unwrap();
+    let mut l = c
+        .lease(&tool(1, "sample", json!({"prompt": "2+2?"})), None)
+        .await
+        .unwrap();
     let token = l.token.clone().expect("lease token");
     let req = l.lines.next().await.unwrap().unwrap();
     assert_eq!(req["method"], "sampling/createMessage");
@@ -277,12 +310,20 @@ async fn caller_disconnect_cancels_and_frees_the_process() {
     msg["params"]["_meta"] = json!({"progressToken": 1});
     let mut l = c.lease(&msg, None).await.unwrap();
     let first = l.lines.next().await.unwrap().unwrap();
-    assert_eq!(first["method"], "notifications/progress", "{}", short(&first));
+    assert_eq!(
+        first["method"],
+        "notifications/progress",
+        "{}",
+        short(&first)
+    );
     drop(l);
     let started = Instant::now();
     let (_, msgs) = lease(&c, &tool(2, "echo", json!({"text": "next"})), None).await;
     assert_eq!(text_of(&msgs[0]), "next");
-    assert!(started.elapsed() < Duration::from_secs(10), "process was not freed");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "process was not freed"
+    );
     b.stop().await;
 }
 
@@ -308,7 +349,10 @@ async fn exclusive_sessions_own_a_process_until_they_end() {
     assert!(a2.ends_with("calls=2"));
     let old: u32 = pid(&a1).trim_start_matches("pid=").parse().unwrap();
     c.end_session("a").await;
-    wait_until(Duration::from_secs(5), || !procs_with_tag(&b.tag).contains(&old)).await;
+    wait_until(Duration::from_secs(5), || {
+        !procs_with_tag(&b.tag).contains(&old)
+    })
+    .await;
     let a3 = who("a").await;
     assert_ne!(pid(&a3), pid(&a1), "a new session gets a fresh process");
     assert!(a3.ends_with("calls=1"));
@@ -327,7 +371,13 @@ async fn sticky_sessions_return_to_their_process() {
     let mut seen = HashSet::new();
     for i in 0..5 {
         let (_, m) = lease(&c, &tool(i, "whoami", json!({})), Some("s1")).await;
-        seen.insert(text_of(&m[0]).split_whitespace().next().unwrap().to_string());
+        seen.insert(
+            text_of(&m[0])
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string(),
+        );
     }
     assert_eq!(seen.len(), 1, "{seen:?}");
     b.stop().await;
@@ -372,7 +422,11 @@ async fn shutdown_drains_in_flight_and_kills_process_groups() {
     b.begin_shutdown();
     let (status, msgs) = inflight.await.unwrap();
     assert_eq!(status, 200);
-    assert_eq!(text_of(&msgs[0]), "slept 500", "in-flight lease finished during drain");
+    assert_eq!(
+        text_of(&msgs[0]),
+        "slept 500",
+        "in-flight lease finished during drain"
+    );
     // stop() asserts the socket is gone and no process (grandchild included,
     // despite ignoring SIGTERM) is left.
     b.stop().await;
@@ -386,12 +440,25 @@ async fn bad_lease_api_input_gets_clear_errors() {
     let (status, msgs) = lease(&b.client("nope"), &tool(1, "echo", json!({})), None).await;
     assert_eq!(status, 404);
     assert_eq!(code_of(&msgs[0]), codes::UNKNOWN_POOL);
-    let (status, msgs) = lease(&c, &json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}), None).await;
+    let (status, msgs) = lease(
+        &c,
+        &json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}),
+        None,
+    )
+    .await;
     assert_eq!(status, 400);
-    assert!(msgs[0]["error"]["message"].as_str().unwrap().contains("initialized by the broker"));
+    assert!(msgs[0]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("initialized by the broker"));
     let (status, _) = lease(&c, &json!({"jsonrpc":"1.0","id":1,"method":"x"}), None).await;
     assert_eq!(status, 400);
-    let (status, msgs) = lease(&c, &json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"nosuch"}}), None).await;
+    let (status, msgs) = lease(
+        &c,
+        &json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"nosuch"}}),
+        None,
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(code_of(&msgs[0]), -32602, "server errors pass through");
     b.stop().await;

@@ -17,8 +17,13 @@ async fn setup(args: &[&str], max: usize) -> (TestBroker, TestProxy) {
     (b, px)
 }
 
-fn hdrs<'a>(session: &'a str) -> Vec<(&'a str, &'a str)> {
-    vec![JSON_SSE, CT_JSON, ("mcp-session-id", session), ("mcp-protocol-version", "2025-06-18")]
+fn hdrs(session: &str) -> Vec<(&str, &str)> {
+    vec![
+        JSON_SSE,
+        CT_JSON,
+        ("mcp-session-id", session),
+        ("mcp-protocol-version", "2025-06-18"),
+    ]
 }
 
 async fn post(url: &str, session: &str, msg: &Value) -> Reply {
@@ -40,9 +45,18 @@ async fn initialize_is_answered_from_cache_and_negotiates() {
     assert_eq!(v["result"]["capabilities"]["tools"]["listChanged"], true);
     let body = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
         "protocolVersion":"1999-01-01","capabilities":{},"clientInfo":{"name":"t","version":"1"}}});
-    let v = send("POST", &px.url, &[JSON_SSE, CT_JSON], &body.to_string()).await.json();
-    assert_eq!(v["result"]["protocolVersion"], "2025-11-25", "unknown version: server's own");
-    assert_eq!(procs_with_tag(&b.tag), before, "no process started for a handshake");
+    let v = send("POST", &px.url, &[JSON_SSE, CT_JSON], &body.to_string())
+        .await
+        .json();
+    assert_eq!(
+        v["result"]["protocolVersion"], "2025-11-25",
+        "unknown version: server's own"
+    );
+    assert_eq!(
+        procs_with_tag(&b.tag),
+        before,
+        "no process started for a handshake"
+    );
     px.stop().await;
     b.stop().await;
 }
@@ -57,17 +71,43 @@ async fn session_lifecycle() {
     assert_eq!(r.status, 200);
     assert!(r.content_type().starts_with("application/json"));
     assert_eq!(text_of(&r.json()), "hi");
-    let ping = post(&px.url, &s, &json!({"jsonrpc":"2.0","id":2,"method":"ping"})).await;
+    let ping = post(
+        &px.url,
+        &s,
+        &json!({"jsonrpc":"2.0","id":2,"method":"ping"}),
+    )
+    .await;
     assert_eq!(ping.json()["result"], json!({}));
     // No session: 400; unknown session: 404.
-    let r = send("POST", &px.url, &[JSON_SSE, CT_JSON], &tool(3, "echo", json!({"text":"x"})).to_string()).await;
+    let r = send(
+        "POST",
+        &px.url,
+        &[JSON_SSE, CT_JSON],
+        &tool(3, "echo", json!({"text":"x"})).to_string(),
+    )
+    .await;
     assert_eq!(r.status, 400);
-    assert_eq!(post(&px.url, "nope", &tool(4, "echo", json!({"text":"x"}))).await.status, 404);
+    assert_eq!(
+        post(&px.url, "nope", &tool(4, "echo", json!({"text":"x"})))
+            .await
+            .status,
+        404
+    );
     // DELETE ends it.
     let r = send("DELETE", &px.url, &[("mcp-session-id", &s)], "").await;
     assert_eq!(r.status, 200);
-    assert_eq!(post(&px.url, &s, &tool(5, "echo", json!({"text":"x"}))).await.status, 404);
-    assert_eq!(send("DELETE", &px.url, &[("mcp-session-id", &s)], "").await.status, 404);
+    assert_eq!(
+        post(&px.url, &s, &tool(5, "echo", json!({"text":"x"})))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        send("DELETE", &px.url, &[("mcp-session-id", &s)], "")
+            .await
+            .status,
+        404
+    );
     px.stop().await;
     b.stop().await;
 }
@@ -79,7 +119,11 @@ async fn progress_rides_sse_in_order_and_json_only_clients_get_json() {
     let mut msg = tool(1, "sleep", json!({"ms": 300, "steps": 3}));
     msg["params"]["_meta"] = json!({"progressToken": "p1"});
     let r = post(&px.url, &s, &msg).await;
-    assert!(r.content_type().starts_with("text/event-stream"), "{}", r.content_type());
+    assert!(
+        r.content_type().starts_with("text/event-stream"),
+        "{}",
+        r.content_type()
+    );
     let msgs = sse_messages(&r.body);
     assert_eq!(msgs.len(), 4, "{msgs:?}");
     for (i, m) in msgs[..3].iter().enumerate() {
@@ -91,7 +135,11 @@ async fn progress_rides_sse_in_order_and_json_only_clients_get_json() {
     let r = send(
         "POST",
         &px.url,
-        &[("accept", "application/json"), CT_JSON, ("mcp-session-id", &s)],
+        &[
+            ("accept", "application/json"),
+            CT_JSON,
+            ("mcp-session-id", &s),
+        ],
         &msg.to_string(),
     )
     .await;
@@ -116,17 +164,27 @@ async fn sampling_round_trip_over_sse() {
         )))
         .unwrap();
     let resp = client.request(req).await.unwrap();
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let mut body = resp.into_body();
     let mut buf = String::new();
     use http_body_util::BodyExt;
     let mut answered = false;
     let fin = loop {
-        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame()).await.unwrap().unwrap().unwrap();
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         buf.push_str(&String::from_utf8_lossy(&frame.into_data().unwrap()));
         let msgs = sse_messages(&buf);
         if !answered {
-            if let Some(req) = msgs.iter().find(|m| m["method"] == "sampling/createMessage") {
+            if let Some(req) = msgs
+                .iter()
+                .find(|m| m["method"] == "sampling/createMessage")
+            {
                 let answer = json!({"jsonrpc":"2.0","id":req["id"],"result":{"role":"assistant","content":{"type":"text","text":"4"},"model":"m"}});
                 assert_eq!(post(&px.url, &s, &answer).await.status, 202);
                 answered = true;
@@ -184,12 +242,31 @@ async fn get_stream_carries_list_changed() {
     assert_eq!(text_of(&r.json()), "ok");
     use http_body_util::BodyExt;
     let mut body = resp.into_body();
-    let frame = tokio::time::timeout(Duration::from_secs(10), body.frame()).await.unwrap().unwrap().unwrap();
+    let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let msgs = sse_messages(&String::from_utf8_lossy(&frame.into_data().unwrap()));
     assert_eq!(msgs[0]["method"], "notifications/tools/list_changed");
     // GET needs a session and an SSE Accept.
-    assert_eq!(send("GET", &px.url, &[("accept", "text/event-stream")], "").await.status, 405);
-    assert_eq!(send("GET", &px.url, &[("accept", "application/json"), ("mcp-session-id", &s)], "").await.status, 406);
+    assert_eq!(
+        send("GET", &px.url, &[("accept", "text/event-stream")], "")
+            .await
+            .status,
+        405
+    );
+    assert_eq!(
+        send(
+            "GET",
+            &px.url,
+            &[("accept", "application/json"), ("mcp-session-id", &s)],
+            ""
+        )
+        .await
+        .status,
+        406
+    );
     drop(body);
     px.stop().await;
     b.stop().await;
@@ -206,24 +283,78 @@ async fn bad_input_gets_clear_errors() {
     let r = send("POST", &px.url, &h, "[]").await;
     assert_eq!(r.status, 400);
     assert!(r.body.contains("batch"));
-    let r = send("POST", &px.url, &[JSON_SSE, ("content-type", "text/plain"), ("mcp-session-id", &s)], "{}").await;
+    let r = send(
+        "POST",
+        &px.url,
+        &[
+            JSON_SSE,
+            ("content-type", "text/plain"),
+            ("mcp-session-id", &s),
+        ],
+        "{}",
+    )
+    .await;
     assert_eq!(r.status, 415);
-    let r = send("POST", &px.url, &[("accept", "text/html"), CT_JSON, ("mcp-session-id", &s)], "{}").await;
+    let r = send(
+        "POST",
+        &px.url,
+        &[("accept", "text/html"), CT_JSON, ("mcp-session-id", &s)],
+        "{}",
+    )
+    .await;
     assert_eq!(r.status, 406);
     let mut evil = h.clone();
     evil.push(("origin", "https://evil.example"));
-    assert_eq!(send("POST", &px.url, &evil, &tool(1, "echo", json!({"text":"x"})).to_string()).await.status, 403);
+    assert_eq!(
+        send(
+            "POST",
+            &px.url,
+            &evil,
+            &tool(1, "echo", json!({"text":"x"})).to_string()
+        )
+        .await
+        .status,
+        403
+    );
     let big = "x".repeat(17 << 20);
     assert_eq!(send("POST", &px.url, &h, &big).await.status, 413);
-    let r = send("POST", &px.url, &h, &json!({"jsonrpc":"2.0","id":1}).to_string()).await;
+    let r = send(
+        "POST",
+        &px.url,
+        &h,
+        &json!({"jsonrpc":"2.0","id":1}).to_string(),
+    )
+    .await;
     assert_eq!(r.status, 400);
     let mut wrong = h.clone();
     wrong[3] = ("mcp-protocol-version", "1999-01-01");
-    assert_eq!(send("POST", &px.url, &wrong, &tool(1, "echo", json!({"text":"x"})).to_string()).await.status, 400);
+    assert_eq!(
+        send(
+            "POST",
+            &px.url,
+            &wrong,
+            &tool(1, "echo", json!({"text":"x"})).to_string()
+        )
+        .await
+        .status,
+        400
+    );
     assert_eq!(send("PUT", &px.url, &h, "{}").await.status, 405);
-    assert_eq!(send("GET", &format!("{}/nope", px.base), &[], "").await.status, 404);
+    assert_eq!(
+        send("GET", &format!("{}/nope", px.base), &[], "")
+            .await
+            .status,
+        404
+    );
     // The proxy still serves after all that.
-    assert_eq!(text_of(&post(&px.url, &s, &tool(2, "echo", json!({"text":"ok"}))).await.json()), "ok");
+    assert_eq!(
+        text_of(
+            &post(&px.url, &s, &tool(2, "echo", json!({"text":"ok"})))
+                .await
+                .json()
+        ),
+        "ok"
+    );
     px.stop().await;
     b.stop().await;
 }
@@ -254,13 +385,27 @@ async fn broker_errors_map_to_clear_answers() {
     }
     let r = post(&px.url, &s, &tool(6, "crash", json!({}))).await;
     assert_eq!(r.status, 200);
-    assert_eq!(code_of(&r.json()), mcp_broker::jsonrpc::codes::PROCESS_EXITED);
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("exited"));
+    assert_eq!(
+        code_of(&r.json()),
+        mcp_broker::jsonrpc::codes::PROCESS_EXITED
+    );
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("exited"));
     b.stop().await;
     // Broker gone: a clear 503 after the bounded reconnect window.
     let r = post(&px.url, &s, &tool(7, "echo", json!({"text":"x"}))).await;
     assert_eq!(r.status, 503);
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("unreachable"));
-    assert_eq!(send("GET", &format!("{}/readyz", px.base), &[], "").await.status, 503);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("unreachable"));
+    assert_eq!(
+        send("GET", &format!("{}/readyz", px.base), &[], "")
+            .await
+            .status,
+        503
+    );
     px.stop().await;
 }

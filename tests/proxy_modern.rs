@@ -32,8 +32,16 @@ fn request(id: u64, method: &str, mut params: Value, caps: Value) -> Value {
 
 async fn post(url: &str, msg: &Value) -> Reply {
     let method = msg["method"].as_str().unwrap().to_string();
-    let name = msg["params"]["name"].as_str().or(msg["params"]["uri"].as_str()).map(str::to_string);
-    let mut h = vec![JSON_SSE, CT_JSON, ("mcp-protocol-version", V), ("mcp-method", method.as_str())];
+    let name = msg["params"]["name"]
+        .as_str()
+        .or(msg["params"]["uri"].as_str())
+        .map(str::to_string);
+    let mut h = vec![
+        JSON_SSE,
+        CT_JSON,
+        ("mcp-protocol-version", V),
+        ("mcp-method", method.as_str()),
+    ];
     if let Some(n) = &name {
         h.push(("mcp-name", n.as_str()));
     }
@@ -41,30 +49,68 @@ async fn post(url: &str, msg: &Value) -> Reply {
 }
 
 fn call(id: u64, name: &str, args: Value, caps: Value) -> Value {
-    request(id, "tools/call", json!({"name": name, "arguments": args}), caps)
+    request(
+        id,
+        "tools/call",
+        json!({"name": name, "arguments": args}),
+        caps,
+    )
 }
 
 #[tokio::test]
 async fn discover_and_complete_results() {
     let (b, px) = setup(&[], 2).await;
-    let r = post(&px.url, &request(1, "server/discover", json!({}), json!({}))).await;
+    let r = post(
+        &px.url,
+        &request(1, "server/discover", json!({}), json!({})),
+    )
+    .await;
     assert_eq!(r.status, 200);
     let d = r.json()["result"].clone();
     assert_eq!(d["supportedVersions"], json!([V]));
     assert_eq!(d["resultType"], "complete");
-    assert_eq!(d["_meta"]["io.modelcontextprotocol/serverInfo"]["name"], "mcp-fixture");
-    assert!(r.header("mcp-session-id").is_none(), "no sessions in this era");
-    let l = post(&px.url, &request(2, "tools/list", json!({}), json!({}))).await.json();
+    assert_eq!(
+        d["_meta"]["io.modelcontextprotocol/serverInfo"]["name"],
+        "mcp-fixture"
+    );
+    assert!(
+        r.header("mcp-session-id").is_none(),
+        "no sessions in this era"
+    );
+    let l = post(&px.url, &request(2, "tools/list", json!({}), json!({})))
+        .await
+        .json();
     assert_eq!(l["result"]["resultType"], "complete");
     assert!(l["result"]["ttlMs"].is_number() && l["result"]["cacheScope"].is_string());
-    assert!(l["result"]["tools"].as_array().unwrap().iter().any(|t| t["name"] == "echo"));
-    let c = post(&px.url, &call(3, "echo", json!({"text": "modern"}), json!({}))).await.json();
+    assert!(l["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["name"] == "echo"));
+    let c = post(
+        &px.url,
+        &call(3, "echo", json!({"text": "modern"}), json!({})),
+    )
+    .await
+    .json();
     assert_eq!(text_of(&c), "modern");
     assert_eq!(c["result"]["resultType"], "complete");
     // A session header from an old client library is ignored.
-    let mut h = vec![JSON_SSE, CT_JSON, ("mcp-protocol-version", V), ("mcp-method", "tools/call"), ("mcp-name", "echo")];
+    let mut h = vec![
+        JSON_SSE,
+        CT_JSON,
+        ("mcp-protocol-version", V),
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "echo"),
+    ];
     h.push(("mcp-session-id", "stale"));
-    let r = send("POST", &px.url, &h, &call(4, "echo", json!({"text":"x"}), json!({})).to_string()).await;
+    let r = send(
+        "POST",
+        &px.url,
+        &h,
+        &call(4, "echo", json!({"text":"x"}), json!({})).to_string(),
+    )
+    .await;
     assert_eq!(r.status, 200);
     px.stop().await;
     b.stop().await;
@@ -74,33 +120,86 @@ async fn discover_and_complete_results() {
 async fn header_rules() {
     let (b, px) = setup(&[], 2).await;
     let body = call(1, "echo", json!({"text":"x"}), json!({})).to_string();
-    let base = [JSON_SSE, CT_JSON, ("mcp-protocol-version", V), ("mcp-method", "tools/call")];
+    let base = [
+        JSON_SSE,
+        CT_JSON,
+        ("mcp-protocol-version", V),
+        ("mcp-method", "tools/call"),
+    ];
     let with = |extra: &[(&'static str, &'static str)]| {
         let mut h = base.to_vec();
         h.extend_from_slice(extra);
         h
     };
     let r = send("POST", &px.url, &with(&[("mcp-name", "other")]), &body).await;
-    assert_eq!((r.status, code_of(&r.json())), (400, codes::HEADER_MISMATCH));
+    assert_eq!(
+        (r.status, code_of(&r.json())),
+        (400, codes::HEADER_MISMATCH)
+    );
     assert_eq!(r.json()["id"], 1);
     let r = send("POST", &px.url, &base, &body).await;
-    assert_eq!((r.status, code_of(&r.json())), (400, codes::HEADER_MISMATCH), "Mcp-Name required");
-    let h = [JSON_SSE, CT_JSON, ("mcp-protocol-version", V), ("mcp-method", "tools/list"), ("mcp-name", "echo")];
+    assert_eq!(
+        (r.status, code_of(&r.json())),
+        (400, codes::HEADER_MISMATCH),
+        "Mcp-Name required"
+    );
+    let h = [
+        JSON_SSE,
+        CT_JSON,
+        ("mcp-protocol-version", V),
+        ("mcp-method", "tools/list"),
+        ("mcp-name", "echo"),
+    ];
     let r = send("POST", &px.url, &h, &body).await;
-    assert_eq!(code_of(&r.json()), codes::HEADER_MISMATCH, "Mcp-Method must match");
+    assert_eq!(
+        code_of(&r.json()),
+        codes::HEADER_MISMATCH,
+        "Mcp-Method must match"
+    );
     let mut old = call(2, "echo", json!({"text":"x"}), json!({}));
     old["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] = json!("2099-01-01");
-    let h = [JSON_SSE, CT_JSON, ("mcp-protocol-version", "2099-01-01"), ("mcp-method", "tools/call"), ("mcp-name", "echo")];
+    let h = [
+        JSON_SSE,
+        CT_JSON,
+        ("mcp-protocol-version", "2099-01-01"),
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "echo"),
+    ];
     let r = send("POST", &px.url, &h, &old.to_string()).await;
-    assert_eq!((r.status, code_of(&r.json())), (400, codes::UNSUPPORTED_VERSION));
+    assert_eq!(
+        (r.status, code_of(&r.json())),
+        (400, codes::UNSUPPORTED_VERSION)
+    );
     assert_eq!(r.json()["error"]["data"]["requested"], "2099-01-01");
-    assert!(r.json()["error"]["data"]["supported"].as_array().unwrap().contains(&json!(V)));
-    let r = send("POST", &px.url, &with(&[("mcp-name", "echo")]), &call(3, "echo", json!({"text":"x"}), json!({})).to_string()).await;
+    assert!(r.json()["error"]["data"]["supported"]
+        .as_array()
+        .unwrap()
+        .contains(&json!(V)));
+    let r = send(
+        "POST",
+        &px.url,
+        &with(&[("mcp-name", "echo")]),
+        &call(3, "echo", json!({"text":"x"}), json!({})).to_string(),
+    )
+    .await;
     assert_eq!(r.status, 200);
     let r = post(&px.url, &request(4, "no/such", json!({}), json!({}))).await;
-    assert_eq!((r.status, code_of(&r.json())), (404, codes::METHOD_NOT_FOUND));
-    assert_eq!(send("GET", &px.url, &[JSON_SSE, ("mcp-protocol-version", V)], "").await.status, 405);
-    assert_eq!(send("DELETE", &px.url, &[("mcp-protocol-version", V)], "").await.status, 405);
+    assert_eq!(
+        (r.status, code_of(&r.json())),
+        (404, codes::METHOD_NOT_FOUND)
+    );
+    assert_eq!(
+        send("GET", &px.url, &[JSON_SSE, ("mcp-protocol-version", V)], "")
+            .await
+            .status,
+        405
+    );
+    assert_eq!(
+        send("DELETE", &px.url, &[("mcp-protocol-version", V)], "")
+            .await
+            .status,
+        405
+    );
     px.stop().await;
     b.stop().await;
 }
@@ -127,10 +226,15 @@ async fn sse_progress_and_close_to_cancel() {
         .header("mcp-name", "sleep")
         .body(http_body_util::Full::new(bytes::Bytes::from(m.to_string())))
         .unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await.unwrap().unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .unwrap()
+        .unwrap();
     use http_body_util::BodyExt;
     let mut body = resp.into_body();
-    let _first = tokio::time::timeout(Duration::from_secs(10), body.frame()).await.unwrap();
+    let _first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .unwrap();
     drop(body);
     drop(client);
     let started = Instant::now();
@@ -145,23 +249,35 @@ async fn sse_progress_and_close_to_cancel() {
 async fn input_required_round_trip_is_signed_and_single_use() {
     let (b, px) = setup(&[], 2).await;
     let caps = json!({"sampling": {}});
-    let r = post(&px.url, &call(1, "sample", json!({"prompt": "2+2?"}), caps.clone())).await.json();
+    let r = post(
+        &px.url,
+        &call(1, "sample", json!({"prompt": "2+2?"}), caps.clone()),
+    )
+    .await
+    .json();
     assert_eq!(r["id"], 1);
     let res = &r["result"];
     assert_eq!(res["resultType"], "input_required");
-    let (key, ask) = res["inputRequests"].as_object().unwrap().iter().next().unwrap();
+    let (key, ask) = res["inputRequests"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .next()
+        .unwrap();
     assert_eq!(ask["method"], "sampling/createMessage");
     assert_eq!(ask["params"]["messages"][0]["content"]["text"], "2+2?");
     let state = res["requestState"].as_str().unwrap().to_string();
     // A forged state is refused and the real one still works.
     let mut forged = call(2, "sample", json!({"prompt": "2+2?"}), caps.clone());
     forged["params"]["requestState"] = json!(format!("{}x", state));
-    forged["params"]["inputResponses"] = json!({key: {"role":"assistant","content":{"type":"text","text":"5"},"model":"m"}});
+    forged["params"]["inputResponses"] =
+        json!({key: {"role":"assistant","content":{"type":"text","text":"5"},"model":"m"}});
     let r = post(&px.url, &forged).await.json();
     assert_eq!(code_of(&r), codes::INVALID_PARAMS);
     let mut retry = call(3, "sample", json!({"prompt": "2+2?"}), caps.clone());
     retry["params"]["requestState"] = json!(state);
-    retry["params"]["inputResponses"] = json!({key: {"role":"assistant","content":{"type":"text","text":"4"},"model":"m"}});
+    retry["params"]["inputResponses"] =
+        json!({key: {"role":"assistant","content":{"type":"text","text":"4"},"model":"m"}});
     let r = post(&px.url, &retry).await.json();
     assert_eq!(r["id"], 3, "answered under the retry's id");
     assert_eq!(text_of(&r), "4");
@@ -169,7 +285,12 @@ async fn input_required_round_trip_is_signed_and_single_use() {
     let r = post(&px.url, &retry).await.json();
     assert_eq!(code_of(&r), codes::INVALID_PARAMS, "single use");
     // Without the capability, the server's question is refused, not relayed.
-    let r = post(&px.url, &call(4, "sample", json!({"prompt": "x"}), json!({}))).await.json();
+    let r = post(
+        &px.url,
+        &call(4, "sample", json!({"prompt": "x"}), json!({})),
+    )
+    .await
+    .json();
     assert!(text_of(&r).starts_with("error"));
     px.stop().await;
     b.stop().await;
@@ -178,9 +299,16 @@ async fn input_required_round_trip_is_signed_and_single_use() {
 #[tokio::test]
 async fn stateless_backend_serves_both_eras() {
     let (b, px) = setup(&["--era", "stateless"], 2).await;
-    let d = post(&px.url, &request(1, "server/discover", json!({}), json!({}))).await.json();
+    let d = post(
+        &px.url,
+        &request(1, "server/discover", json!({}), json!({})),
+    )
+    .await
+    .json();
     assert_eq!(d["result"]["supportedVersions"], json!([V]));
-    let c = post(&px.url, &call(2, "echo", json!({"text": "m"}), json!({}))).await.json();
+    let c = post(&px.url, &call(2, "echo", json!({"text": "m"}), json!({})))
+        .await
+        .json();
     assert_eq!(text_of(&c), "m");
     // A handshake-era client of a stateless server.
     let s = initialize(&px.url, "2025-06-18", json!({})).await;

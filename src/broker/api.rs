@@ -80,7 +80,9 @@ impl ApiError {
             ApiError::Pool(PoolError::QueueFull { .. }) => codes::QUEUE_FULL,
             ApiError::Pool(PoolError::QueueTimeout { .. }) => codes::QUEUE_TIMEOUT,
             ApiError::Pool(PoolError::Failing { .. }) => codes::POOL_FAILING,
-            ApiError::Pool(PoolError::Closed { .. }) | ApiError::Draining => codes::BROKER_UNAVAILABLE,
+            ApiError::Pool(PoolError::Closed { .. }) | ApiError::Draining => {
+                codes::BROKER_UNAVAILABLE
+            }
             ApiError::BadRequest(_) => codes::INVALID_REQUEST,
             ApiError::TooLarge(_) => codes::MESSAGE_TOO_LARGE,
             ApiError::Process(_) => codes::PROCESS_EXITED,
@@ -92,17 +94,26 @@ impl ApiError {
 
     /// The HTTP response: a JSON-RPC error for request `id`.
     pub fn into_response(self, id: Value) -> Response<Body> {
-        let mut r = http::json(self.status(), &jsonrpc::error(id, self.code(), self.to_string()));
+        let mut r = http::json(
+            self.status(),
+            &jsonrpc::error(id, self.code(), self.to_string()),
+        );
         if r.status() == StatusCode::SERVICE_UNAVAILABLE {
-            r.headers_mut()
-                .insert(::http::header::RETRY_AFTER, ::http::HeaderValue::from_static("1"));
+            r.headers_mut().insert(
+                ::http::header::RETRY_AFTER,
+                ::http::HeaderValue::from_static("1"),
+            );
         }
         r
     }
 }
 
 /// Serves one lease API connection until it closes or shutdown asks it to finish.
-pub async fn serve_connection(broker: Arc<Broker>, stream: UnixStream, shutdown: CancellationToken) {
+pub async fn serve_connection(
+    broker: Arc<Broker>,
+    stream: UnixStream,
+    shutdown: CancellationToken,
+) {
     let svc = hyper::service::service_fn(move |req| {
         let broker = broker.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(broker, req).await) }
@@ -112,7 +123,11 @@ pub async fn serve_connection(broker: Arc<Broker>, stream: UnixStream, shutdown:
 
 /// Serves `/livez`, `/readyz` and `/metrics` (only those: the lease API is
 /// never reachable over TCP) on `listener` until `shutdown`.
-pub async fn serve_health(broker: Arc<Broker>, listener: tokio::net::TcpListener, shutdown: CancellationToken) {
+pub async fn serve_health(
+    broker: Arc<Broker>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -144,7 +159,11 @@ pub async fn serve_health(broker: Arc<Broker>, listener: tokio::net::TcpListener
 pub async fn serve_io<I, S>(io: I, svc: S, shutdown: CancellationToken)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = std::convert::Infallible>,
+    S: hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Body>,
+        Error = std::convert::Infallible,
+    >,
     S::Future: Send + 'static,
 {
     let conn = hyper::server::conn::http1::Builder::new()
@@ -193,7 +212,11 @@ async fn handle(broker: Arc<Broker>, req: Request<Incoming>) -> Response<Body> {
         (&Method::DELETE, ["v1", "pools", name, "sessions", session]) => match broker.pool(name) {
             Some(p) => {
                 p.end_session(session);
-                Ok(http::response(StatusCode::NO_CONTENT, "text/plain", http::empty()))
+                Ok(http::response(
+                    StatusCode::NO_CONTENT,
+                    "text/plain",
+                    http::empty(),
+                ))
             }
             None => Err(ApiError::UnknownPool(name.to_string())),
         },
@@ -242,11 +265,14 @@ fn session_of<B>(req: &Request<B>) -> Result<Option<String>, ApiError> {
 
 async fn read_message(broker: &Broker, req: Request<Incoming>) -> Result<Value, ApiError> {
     let limit = broker.settings().max_message_size;
-    let body = http::read_body(req.into_body(), limit).await.map_err(|e| match e {
-        http::BodyError::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
-        other => ApiError::BadRequest(other.to_string()),
-    })?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body is not JSON: {e}")))
+    let body = http::read_body(req.into_body(), limit)
+        .await
+        .map_err(|e| match e {
+            http::BodyError::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
+            other => ApiError::BadRequest(other.to_string()),
+        })?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("body is not JSON: {e}")))
 }
 
 /// `POST /v1/pools/{pool}/messages`.
@@ -296,7 +322,11 @@ async fn submit(broker: Arc<Broker>, name: String, req: Request<Incoming>) -> Re
 }
 
 /// `POST /v1/leases/{lease}`.
-async fn deliver(broker: &Broker, lease: String, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn deliver(
+    broker: &Broker,
+    lease: String,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let msg = read_message(broker, req).await?;
     let found = broker.leases.lock().expect("lock").get(&lease).cloned();
     let Some(l) = found else {
@@ -312,5 +342,8 @@ async fn deliver(broker: &Broker, lease: String, req: Request<Incoming>) -> Resu
         // than holding the process until request_timeout.
         l.cancel.cancel();
     }
-    Ok(http::json(StatusCode::ACCEPTED, &json!({"delivered": true})))
+    Ok(http::json(
+        StatusCode::ACCEPTED,
+        &json!({"delivered": true}),
+    ))
 }

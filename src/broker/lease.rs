@@ -61,9 +61,9 @@ fn method_label(method: &str) -> &'static str {
 /// The JSON description of a pool served by `GET /v1/pools`.
 pub fn describe(pool: &Pool) -> Value {
     let c = pool.config();
-    let hs = pool.handshake().map(|h| {
-        json!({"era": h.era, "protocolVersion": h.protocol_version, "result": h.result})
-    });
+    let hs = pool
+        .handshake()
+        .map(|h| json!({"era": h.era, "protocolVersion": h.protocol_version, "result": h.result}));
     json!({
         "name": c.name,
         "mode": c.mode.as_str(),
@@ -94,7 +94,13 @@ pub async fn run(
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let name = pool.config().name.clone();
-    let outcome = |o: &str| broker.metrics().requests.with_label_values(&[&name, o]).inc();
+    let outcome = |o: &str| {
+        broker
+            .metrics()
+            .requests
+            .with_label_values(&[&name, o])
+            .inc()
+    };
     let guard = match pool.acquire(session.as_deref()).await {
         Ok(g) => g,
         Err(e) => {
@@ -110,7 +116,11 @@ pub async fn run(
     };
     let client_id = msg.get("id").cloned().unwrap_or(Value::Null);
     let (sink, events) = mpsc::channel(LEASE_EVENTS);
-    let lid = match guard.worker().begin(msg, sink, CancellationToken::new()).await {
+    let lid = match guard
+        .worker()
+        .begin(msg, sink, CancellationToken::new())
+        .await
+    {
         Ok(lid) => lid,
         Err(e) => {
             outcome("process_exited");
@@ -213,7 +223,10 @@ impl Lease {
             End::TimedOut => "timeout",
             End::CallerGone | End::Cancelled => "cancelled",
         };
-        metrics.requests.with_label_values(&[&self.pool, label]).inc();
+        metrics
+            .requests
+            .with_label_values(&[&self.pool, label])
+            .inc();
         metrics
             .request_duration
             .with_label_values(&[&self.pool, method_label(&self.method)])

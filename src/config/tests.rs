@@ -50,7 +50,10 @@ fn unknown_field_is_named() {
 #[test]
 fn bad_duration_names_pool_and_field() {
     let e = err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nqueue_timeout = \"soon\"\n");
-    assert!(e.contains("pool \"a\"") && e.contains("queue_timeout"), "{e}");
+    assert!(
+        e.contains("pool \"a\"") && e.contains("queue_timeout"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -69,7 +72,8 @@ fn empty_command_is_refused() {
 
 #[test]
 fn duplicate_names_are_refused() {
-    let e = err("[[pool]]\nname = \"a\"\ncommand = \"x\"\n[[pool]]\nname = \"a\"\ncommand = \"y\"\n");
+    let e =
+        err("[[pool]]\nname = \"a\"\ncommand = \"x\"\n[[pool]]\nname = \"a\"\ncommand = \"y\"\n");
     assert!(e.contains("duplicate"), "{e}");
 }
 
@@ -93,7 +97,8 @@ fn unsupported_policy_fields_fail_closed() {
 
 #[test]
 fn exclusive_requires_single_inflight() {
-    let e = err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nmode = \"exclusive\"\nmax_inflight = 4\n");
+    let e =
+        err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nmode = \"exclusive\"\nmax_inflight = 4\n");
     assert!(e.contains("max_inflight"), "{e}");
 }
 

@@ -64,7 +64,14 @@ pub struct State {
     pub closed: bool,
 }
 
+impl Default for State {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl State {
+    /// An empty pool: no processes, nobody waiting.
     pub fn new() -> Self {
         Self {
             slots: HashMap::new(),
@@ -95,9 +102,9 @@ impl State {
     /// Chooses a process for `session`, if one has room now.
     pub fn pick(&self, cfg: &PoolConfig, session: Option<&str>) -> Option<u64> {
         let has_room = |id: &u64| {
-            self.slots
-                .get(id)
-                .is_some_and(|s| s.inflight < cfg.max_inflight && !s.retire && !s.worker.is_exited())
+            self.slots.get(id).is_some_and(|s| {
+                s.inflight < cfg.max_inflight && !s.retire && !s.worker.is_exited()
+            })
         };
         match cfg.mode {
             Mode::Exclusive => {
@@ -291,6 +298,10 @@ mod tests {
         assert_eq!(st.to_spawn(&c, now + backoff(2)), 0);
         st.closed = true;
         st.starting = 0;
-        assert_eq!(st.to_spawn(&c, now + backoff(2)), 0, "closed pools spawn nothing");
+        assert_eq!(
+            st.to_spawn(&c, now + backoff(2)),
+            0,
+            "closed pools spawn nothing"
+        );
     }
 }

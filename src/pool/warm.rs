@@ -32,7 +32,10 @@ impl Handshake {
 
     /// `capabilities` from the cached result.
     pub fn capabilities(&self) -> Value {
-        self.result.get("capabilities").cloned().unwrap_or(json!({}))
+        self.result
+            .get("capabilities")
+            .cloned()
+            .unwrap_or(json!({}))
     }
 
     /// `instructions` from the cached result, if any.
@@ -53,7 +56,11 @@ pub enum WarmError {
 }
 
 /// Runs the handshake `protocol` asks for on `w` within `timeout`.
-pub async fn handshake(w: &Worker, protocol: Protocol, timeout: Duration) -> Result<Handshake, WarmError> {
+pub async fn handshake(
+    w: &Worker,
+    protocol: Protocol,
+    timeout: Duration,
+) -> Result<Handshake, WarmError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
     if protocol != Protocol::Legacy {
@@ -61,7 +68,10 @@ pub async fn handshake(w: &Worker, protocol: Protocol, timeout: Duration) -> Res
             Ok(h) => return Ok(h),
             Err(e) if protocol == Protocol::Stateless => return Err(e),
             Err(WarmError::Worker(e @ WorkerError::Exited(_))) => return Err(e.into()),
-            Err(e) => tracing::debug!(pid = w.pid, "server/discover probe failed ({e}); using initialize"),
+            Err(e) => tracing::debug!(
+                pid = w.pid,
+                "server/discover probe failed ({e}); using initialize"
+            ),
         }
     }
     initialize(w, left()).await
@@ -72,10 +82,11 @@ async fn discover(w: &Worker, timeout: Duration) -> Result<Handshake, WarmError>
         .call("server/discover", protocol::discover_params(), timeout)
         .await?;
     let result = ok_result(resp, "server/discover")?;
-    let version = protocol::pick_stateless_version(&result).ok_or_else(|| WarmError::Malformed {
-        method: "server/discover",
-        why: "no supported stateless protocol version offered".into(),
-    })?;
+    let version =
+        protocol::pick_stateless_version(&result).ok_or_else(|| WarmError::Malformed {
+            method: "server/discover",
+            why: "no supported stateless protocol version offered".into(),
+        })?;
     Ok(Handshake {
         era: Era::Stateless,
         protocol_version: version,
@@ -96,8 +107,11 @@ async fn initialize(w: &Worker, timeout: Duration) -> Result<Handshake, WarmErro
             why: "missing protocolVersion".into(),
         })?
         .to_string();
-    w.send(&crate::jsonrpc::notification("notifications/initialized", json!({})))
-        .await?;
+    w.send(&crate::jsonrpc::notification(
+        "notifications/initialized",
+        json!({}),
+    ))
+    .await?;
     Ok(Handshake {
         era: Era::Legacy,
         protocol_version: version,

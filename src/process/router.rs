@@ -298,7 +298,9 @@ impl Router {
                 }
             }
             _ => match self.sole_open_lease() {
-                Some(lid) => Action::ToLease(self.leases[&lid].sink.clone(), LeaseEvent::Message(msg)),
+                Some(lid) => {
+                    Action::ToLease(self.leases[&lid].sink.clone(), LeaseEvent::Message(msg))
+                }
                 None => Action::Drop("notification"),
             },
         }

@@ -86,8 +86,12 @@ impl Lines {
         loop {
             if let Some(f) = self.ready.pop_front() {
                 return Some(match f {
-                    Frame::Line(l) => serde_json::from_slice(&l).map_err(|e| format!("bad line from broker: {e}")),
-                    Frame::Oversized { len, .. } => Err(format!("{len}-byte message from the broker is over the limit")),
+                    Frame::Line(l) => {
+                        serde_json::from_slice(&l).map_err(|e| format!("bad line from broker: {e}"))
+                    }
+                    Frame::Oversized { len, .. } => Err(format!(
+                        "{len}-byte message from the broker is over the limit"
+                    )),
                 });
             }
             if self.done {
@@ -162,7 +166,9 @@ impl Backend {
         let started = Instant::now();
         let mut delay = CONNECT_RETRY_BASE;
         loop {
-            let mut req = Request::builder().method(method.clone()).uri(self.uri(path));
+            let mut req = Request::builder()
+                .method(method.clone())
+                .uri(self.uri(path));
             if let Some(s) = session {
                 req = req.header(SESSION_HEADER, s);
             }
@@ -175,12 +181,18 @@ impl Backend {
             match self.client.request(req).await {
                 Ok(r) => return Ok(r),
                 Err(e) if e.is_connect() && started.elapsed() < CONNECT_RETRY_FOR => {
-                    self.metrics.broker_errors.with_label_values(&["connect_retry"]).inc();
+                    self.metrics
+                        .broker_errors
+                        .with_label_values(&["connect_retry"])
+                        .inc();
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(CONNECT_RETRY_MAX);
                 }
                 Err(e) => {
-                    self.metrics.broker_errors.with_label_values(&["unreachable"]).inc();
+                    self.metrics
+                        .broker_errors
+                        .with_label_values(&["unreachable"])
+                        .inc();
                     return Err(BackendError::Unreachable {
                         socket: self.socket.display().to_string(),
                         reason: error_chain(&e),
@@ -209,7 +221,11 @@ impl Backend {
         };
         tokio::time::timeout(CALL_TIMEOUT, fut)
             .await
-            .unwrap_or_else(|_| Err(BackendError::Malformed("the broker did not answer in time".into())))
+            .unwrap_or_else(|_| {
+                Err(BackendError::Malformed(
+                    "the broker did not answer in time".into(),
+                ))
+            })
     }
 
     /// The pool's description and cached handshake (fetched at most every
@@ -227,7 +243,11 @@ impl Backend {
             return Err(BackendError::NotWarm(self.pool.clone()));
         };
         let info = PoolInfo {
-            mode: v.get("mode").and_then(Value::as_str).unwrap_or("shared").to_string(),
+            mode: v
+                .get("mode")
+                .and_then(Value::as_str)
+                .unwrap_or("shared")
+                .to_string(),
             era: serde_json::from_value(hs.get("era").cloned().unwrap_or(Value::Null))
                 .map_err(|e| BackendError::Malformed(format!("handshake era: {e}")))?,
             protocol_version: hs

@@ -51,9 +51,11 @@ impl ProxyError {
     fn status(&self) -> StatusCode {
         use ProxyError::*;
         match self {
-            Parse(_) | Invalid(_) | HeaderMismatch(_) | UnsupportedVersion { .. } | SessionRequired => {
-                StatusCode::BAD_REQUEST
-            }
+            Parse(_)
+            | Invalid(_)
+            | HeaderMismatch(_)
+            | UnsupportedVersion { .. }
+            | SessionRequired => StatusCode::BAD_REQUEST,
             MethodNotFound(_) | UnknownSession | NotFound => StatusCode::NOT_FOUND,
             NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -99,8 +101,10 @@ impl ProxyError {
                 .insert(::http::header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if status == StatusCode::METHOD_NOT_ALLOWED {
-            r.headers_mut()
-                .insert(::http::header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+            r.headers_mut().insert(
+                ::http::header::ALLOW,
+                HeaderValue::from_static("GET, POST, DELETE"),
+            );
         }
         r
     }

@@ -83,7 +83,11 @@ impl Flow {
             let msg = match self.lines.next().await {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {
-                    return Step::Final(jsonrpc::error(self.client_id.clone(), codes::INTERNAL_ERROR, e))
+                    return Step::Final(jsonrpc::error(
+                        self.client_id.clone(),
+                        codes::INTERNAL_ERROR,
+                        e,
+                    ))
                 }
                 None => {
                     return Step::Final(jsonrpc::error(
@@ -143,7 +147,9 @@ impl Flow {
         match &self.client {
             ClientSide::Modern { .. } => modern::complete_result(&self.method, &mut msg),
             ClientSide::Legacy(_) => {
-                if msg.pointer("/result/resultType").and_then(Value::as_str) == Some("input_required") {
+                if msg.pointer("/result/resultType").and_then(Value::as_str)
+                    == Some("input_required")
+                {
                     return jsonrpc::error(
                         self.client_id.clone(),
                         codes::INTERNAL_ERROR,
@@ -168,7 +174,8 @@ impl Flow {
 
 /// The HTTP status for a final message in a JSON answer.
 fn final_status(flow: &Flow, msg: &Value) -> StatusCode {
-    let not_found = msg.pointer("/error/code").and_then(Value::as_i64) == Some(codes::METHOD_NOT_FOUND);
+    let not_found =
+        msg.pointer("/error/code").and_then(Value::as_i64) == Some(codes::METHOD_NOT_FOUND);
     match flow.client {
         ClientSide::Modern { .. } if not_found => StatusCode::NOT_FOUND,
         _ => StatusCode::OK,
@@ -206,7 +213,10 @@ pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
                 }
                 Step::Hold(req) => return http::json(StatusCode::OK, &mrtr::hold(flow, req).await),
                 Step::ServerRequest(req) => {
-                    if let (Some(id), Some(m)) = (req.get("id").cloned(), req.get("method").and_then(Value::as_str)) {
+                    if let (Some(id), Some(m)) = (
+                        req.get("id").cloned(),
+                        req.get("method").and_then(Value::as_str),
+                    ) {
                         if let ClientSide::Legacy(s) = &flow.client {
                             s.take_server_request(&id);
                         }
@@ -254,8 +264,10 @@ pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
         flow.done();
     });
     let mut r = http::response(StatusCode::OK, "text/event-stream", body);
-    r.headers_mut()
-        .insert(::http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r.headers_mut().insert(
+        ::http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
     r.headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
     r

@@ -34,7 +34,10 @@ pub fn session(proxy: &Proxy, headers: &HeaderMap) -> Result<Arc<Session>, Proxy
 }
 
 fn check_version_header(headers: &HeaderMap) -> Result<(), ProxyError> {
-    match headers.get("mcp-protocol-version").map(|v| v.to_str().unwrap_or("")) {
+    match headers
+        .get("mcp-protocol-version")
+        .map(|v| v.to_str().unwrap_or(""))
+    {
         None => Ok(()),
         Some(v) if protocol::era_of(v) == Some(Era::Legacy) => Ok(()),
         Some(v) => Err(ProxyError::Invalid(format!(
@@ -53,7 +56,10 @@ async fn initialize(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body
     let version = protocol::negotiate_legacy(requested, &info.protocol_version);
     let server_info = match info.era {
         Era::Legacy => info.result.get("serverInfo").cloned(),
-        Era::Stateless => info.result.pointer("/_meta/io.modelcontextprotocol~1serverInfo").cloned(),
+        Era::Stateless => info
+            .result
+            .pointer("/_meta/io.modelcontextprotocol~1serverInfo")
+            .cloned(),
     }
     .unwrap_or(json!({"name": "mcp-broker", "version": env!("CARGO_PKG_VERSION")}));
     let session = match proxy.sessions.create(
@@ -64,7 +70,11 @@ async fn initialize(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body
         Ok(s) => s,
         Err(e) => return ProxyError::Busy(e.to_string()).into_response(id),
     };
-    proxy.metrics.sessions.with_label_values(&[proxy.backend.pool()]).inc();
+    proxy
+        .metrics
+        .sessions
+        .with_label_values(&[proxy.backend.pool()])
+        .inc();
     let mut result = json!({
         "protocolVersion": version,
         "capabilities": info.result.get("capabilities").cloned().unwrap_or(json!({})),
@@ -82,7 +92,12 @@ async fn initialize(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body
 }
 
 /// Answers one POST from a handshake-era client.
-pub async fn post(proxy: &Arc<Proxy>, headers: &HeaderMap, mut msg: Value, accept: Accept) -> Response<Body> {
+pub async fn post(
+    proxy: &Arc<Proxy>,
+    headers: &HeaderMap,
+    mut msg: Value,
+    accept: Accept,
+) -> Response<Body> {
     let id = msg.get("id").cloned().unwrap_or(Value::Null);
     let kind = match jsonrpc::classify(&msg) {
         Ok(k) => k,
@@ -98,7 +113,9 @@ pub async fn post(proxy: &Arc<Proxy>, headers: &HeaderMap, mut msg: Value, accep
         Err(e) => return e.into_response(id),
     };
     match kind {
-        Kind::Request { method, .. } if method == "ping" => http::json(StatusCode::OK, &flow::empty_result(id)),
+        Kind::Request { method, .. } if method == "ping" => {
+            http::json(StatusCode::OK, &flow::empty_result(id))
+        }
         Kind::Request { .. } => {
             if let Ok(info) = proxy.backend.pool_info().await {
                 if info.era == Era::Stateless {
@@ -118,7 +135,10 @@ pub async fn post(proxy: &Arc<Proxy>, headers: &HeaderMap, mut msg: Value, accep
             match method.as_str() {
                 "notifications/initialized" => {}
                 "notifications/cancelled" => {
-                    let rid = msg.pointer("/params/requestId").cloned().unwrap_or(Value::Null);
+                    let rid = msg
+                        .pointer("/params/requestId")
+                        .cloned()
+                        .unwrap_or(Value::Null);
                     if let Some(token) = session.lease_of_request(&rid) {
                         let _ = proxy.backend.deliver(&token, &msg).await;
                     }
@@ -140,8 +160,10 @@ pub async fn post(proxy: &Arc<Proxy>, headers: &HeaderMap, mut msg: Value, accep
                 ))
                 .into_response(Value::Null),
             },
-            None => ProxyError::Invalid(format!("no server request with id {rid} is waiting for an answer"))
-                .into_response(Value::Null),
+            None => ProxyError::Invalid(format!(
+                "no server request with id {rid} is waiting for an answer"
+            ))
+            .into_response(Value::Null),
         },
     }
 }
@@ -149,7 +171,10 @@ pub async fn post(proxy: &Arc<Proxy>, headers: &HeaderMap, mut msg: Value, accep
 /// Gives a stateless server what a handshake-era client said at initialize.
 fn add_stateless_meta(msg: &mut Value, session: &Session) {
     let meta = protocol::stateless_meta(&session.capabilities, &session.client_info);
-    let Some(params) = msg.as_object_mut().map(|o| o.entry("params").or_insert_with(|| json!({}))) else {
+    let Some(params) = msg
+        .as_object_mut()
+        .map(|o| o.entry("params").or_insert_with(|| json!({})))
+    else {
         return;
     };
     if !params.is_object() {

@@ -29,8 +29,10 @@ fn sse(msg: &Value) -> Bytes {
 
 fn sse_response(body: Body) -> Response<Body> {
     let mut r = http::response(StatusCode::OK, "text/event-stream", body);
-    r.headers_mut()
-        .insert(::http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r.headers_mut().insert(
+        ::http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
     r
 }
 
@@ -49,7 +51,8 @@ fn pump(
                 return;
             }
         }
-        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+        let mut keepalive =
+            tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
         loop {
             let out = tokio::select! {
                 ev = events.next() => match ev {
@@ -72,7 +75,8 @@ fn pump(
 /// `GET /mcp` for a session.
 pub async fn get(proxy: &Arc<Proxy>, headers: &HeaderMap, accept_sse: bool) -> Response<Body> {
     if !accept_sse {
-        return ProxyError::NotAcceptable("GET needs Accept: text/event-stream").into_response(Value::Null);
+        return ProxyError::NotAcceptable("GET needs Accept: text/event-stream")
+            .into_response(Value::Null);
     }
     let s = match legacy::session(proxy, headers) {
         Ok(s) => s,
@@ -86,7 +90,10 @@ pub async fn get(proxy: &Arc<Proxy>, headers: &HeaderMap, accept_sse: bool) -> R
 
 /// `subscriptions/listen` from a 2026-07-28 client.
 pub async fn modern(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body> {
-    let wanted = msg.pointer("/params/notifications").cloned().unwrap_or(json!({}));
+    let wanted = msg
+        .pointer("/params/notifications")
+        .cloned()
+        .unwrap_or(json!({}));
     let flag = |k: &str| wanted.get(k).and_then(Value::as_bool).unwrap_or(false);
     let (tools, prompts, resources) = (
         flag("toolsListChanged"),
@@ -122,7 +129,10 @@ pub async fn modern(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body
         if !keep {
             return None;
         }
-        let params = m.as_object_mut()?.entry("params").or_insert_with(|| json!({}));
+        let params = m
+            .as_object_mut()?
+            .entry("params")
+            .or_insert_with(|| json!({}));
         if let Some(p) = params.as_object_mut() {
             p.insert("_meta".into(), sub_meta.clone());
         }

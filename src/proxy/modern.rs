@@ -56,7 +56,10 @@ pub fn complete_result(method: &str, msg: &mut Value) {
 
 /// Decodes a header value that may use the `=?base64?…?=` form.
 fn header_text(v: &str) -> Option<String> {
-    match v.strip_prefix("=?base64?").and_then(|r| r.strip_suffix("?=")) {
+    match v
+        .strip_prefix("=?base64?")
+        .and_then(|r| r.strip_suffix("?="))
+    {
         Some(b64) => base64::engine::general_purpose::STANDARD
             .decode(b64)
             .ok()
@@ -68,8 +71,9 @@ fn header_text(v: &str) -> Option<String> {
 /// Checks the mirrored headers against the body.
 fn validate(headers: &HeaderMap, method: &str, msg: &Value) -> Result<(), ProxyError> {
     let get = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or("\u{fffd}"));
-    let version = get("mcp-protocol-version")
-        .ok_or_else(|| ProxyError::HeaderMismatch("MCP-Protocol-Version header is required".into()))?;
+    let version = get("mcp-protocol-version").ok_or_else(|| {
+        ProxyError::HeaderMismatch("MCP-Protocol-Version header is required".into())
+    })?;
     if version != STATELESS_VERSION {
         return Err(ProxyError::UnsupportedVersion {
             requested: version.to_string(),
@@ -99,7 +103,9 @@ fn validate(headers: &HeaderMap, method: &str, msg: &Value) -> Result<(), ProxyE
         _ => None,
     };
     if let Some(field) = name_field {
-        let body = msg.pointer(&format!("/params/{field}")).and_then(Value::as_str);
+        let body = msg
+            .pointer(&format!("/params/{field}"))
+            .and_then(Value::as_str);
         let header = get("mcp-name").and_then(header_text);
         if header.as_deref() != body {
             return Err(ProxyError::HeaderMismatch(format!(
@@ -152,14 +158,21 @@ fn strip_modern_meta(msg: &mut Value) {
 }
 
 /// Answers one POST from a 2026-07-28 client.
-pub async fn post(proxy: &Arc<Proxy>, headers: &HeaderMap, mut msg: Value, accept: Accept) -> Response<Body> {
+pub async fn post(
+    proxy: &Arc<Proxy>,
+    headers: &HeaderMap,
+    mut msg: Value,
+    accept: Accept,
+) -> Response<Body> {
     let id = msg.get("id").cloned().unwrap_or(Value::Null);
     let (method, kind) = match jsonrpc::classify(&msg) {
         Ok(Kind::Request { method, .. }) => (method, true),
         Ok(Kind::Notification { method }) => (method, false),
         Ok(Kind::Response { .. }) => {
-            return ProxyError::Invalid("2026-07-28 clients send no responses; answer input requests by retrying".into())
-                .into_response(id)
+            return ProxyError::Invalid(
+                "2026-07-28 clients send no responses; answer input requests by retrying".into(),
+            )
+            .into_response(id)
         }
         Err(e) => return ProxyError::Invalid(e.to_string()).into_response(id),
     };
@@ -189,8 +202,10 @@ pub async fn post(proxy: &Arc<Proxy>, headers: &HeaderMap, mut msg: Value, accep
         }
         "subscriptions/listen" => return super::listen::modern(proxy, id, &msg).await,
         "initialize" => {
-            return ProxyError::Invalid("initialize is not part of 2026-07-28; send requests directly".into())
-                .into_response(id)
+            return ProxyError::Invalid(
+                "initialize is not part of 2026-07-28; send requests directly".into(),
+            )
+            .into_response(id)
         }
         _ => {}
     }
@@ -204,7 +219,14 @@ pub async fn post(proxy: &Arc<Proxy>, headers: &HeaderMap, mut msg: Value, accep
     if info.era == Era::Legacy {
         strip_modern_meta(&mut msg);
     }
-    super::forward(proxy, msg, None, ClientSide::Modern { capabilities }, accept).await
+    super::forward(
+        proxy,
+        msg,
+        None,
+        ClientSide::Modern { capabilities },
+        accept,
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -226,19 +248,38 @@ mod tests {
 
     #[test]
     fn validates_mirrored_headers() {
-        let ok = headers(&[("mcp-protocol-version", "2026-07-28"), ("mcp-method", "tools/call"), ("mcp-name", "echo")]);
+        let ok = headers(&[
+            ("mcp-protocol-version", "2026-07-28"),
+            ("mcp-method", "tools/call"),
+            ("mcp-name", "echo"),
+        ]);
         assert!(validate(&ok, "tools/call", &call("echo")).is_ok());
-        assert!(matches!(validate(&ok, "tools/call", &call("other")), Err(ProxyError::HeaderMismatch(_))));
+        assert!(matches!(
+            validate(&ok, "tools/call", &call("other")),
+            Err(ProxyError::HeaderMismatch(_))
+        ));
         let b64 = headers(&[
             ("mcp-protocol-version", "2026-07-28"),
             ("mcp-method", "tools/call"),
             ("mcp-name", "=?base64?w6ljaG8=?="),
         ]);
         assert!(validate(&b64, "tools/call", &call("écho")).is_ok());
-        let wrong_method = headers(&[("mcp-protocol-version", "2026-07-28"), ("mcp-method", "tools/list")]);
-        assert!(matches!(validate(&wrong_method, "tools/call", &call("echo")), Err(ProxyError::HeaderMismatch(_))));
-        let old = headers(&[("mcp-protocol-version", "2099-01-01"), ("mcp-method", "tools/call")]);
-        assert!(matches!(validate(&old, "tools/call", &call("echo")), Err(ProxyError::UnsupportedVersion { .. })));
+        let wrong_method = headers(&[
+            ("mcp-protocol-version", "2026-07-28"),
+            ("mcp-method", "tools/list"),
+        ]);
+        assert!(matches!(
+            validate(&wrong_method, "tools/call", &call("echo")),
+            Err(ProxyError::HeaderMismatch(_))
+        ));
+        let old = headers(&[
+            ("mcp-protocol-version", "2099-01-01"),
+            ("mcp-method", "tools/call"),
+        ]);
+        assert!(matches!(
+            validate(&old, "tools/call", &call("echo")),
+            Err(ProxyError::UnsupportedVersion { .. })
+        ));
     }
 
     #[test]
@@ -247,7 +288,8 @@ mod tests {
         complete_result("tools/list", &mut m);
         assert_eq!(m["result"]["resultType"], "complete");
         assert_eq!(m["result"]["ttlMs"], 0);
-        let mut c = json!({"jsonrpc":"2.0","id":1,"result":{"content":[],"resultType":"input_required"}});
+        let mut c =
+            json!({"jsonrpc":"2.0","id":1,"result":{"content":[],"resultType":"input_required"}});
         complete_result("tools/call", &mut c);
         assert_eq!(c["result"]["resultType"], "input_required");
         assert!(c["result"].get("ttlMs").is_none());
@@ -268,7 +310,10 @@ mod tests {
         let d = discover_result(&info);
         assert_eq!(d["supportedVersions"], json!(["2026-07-28"]));
         assert_eq!(d["capabilities"], json!({"tools":{}}));
-        assert_eq!(d["_meta"]["io.modelcontextprotocol/serverInfo"]["name"], "s");
+        assert_eq!(
+            d["_meta"]["io.modelcontextprotocol/serverInfo"]["name"],
+            "s"
+        );
         assert_eq!(d["instructions"], "hi");
     }
 }

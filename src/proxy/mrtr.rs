@@ -85,7 +85,9 @@ impl Held {
         let payload = format!("{id}.{exp}.{pool}");
         let mut mac = HmacSha256::new_from_slice(&self.key).expect("any key length works");
         mac.update(payload.as_bytes());
-        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig).ok()?;
+        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(sig)
+            .ok()?;
         mac.verify_slice(&sig).ok()?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
         (exp.parse::<u64>().ok()? >= now).then(|| id.to_string())
@@ -126,7 +128,11 @@ pub async fn hold(flow: Flow, req: Value) -> Value {
     let held = &proxy.held;
     let client_id = flow.client_id.clone();
     let server_request_id = req.get("id").cloned().unwrap_or(Value::Null);
-    let method = req.get("method").and_then(Value::as_str).unwrap_or_default().to_string();
+    let method = req
+        .get("method")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     if held.len() >= held.max {
         flow.refuse(server_request_id, &method).await;
         return jsonrpc::error(
@@ -166,7 +172,10 @@ pub async fn resume(
     capabilities: Value,
     accept: Accept,
 ) -> Result<hyper::Response<Body>, super::error::ProxyError> {
-    let state = params.get("requestState").and_then(Value::as_str).unwrap_or_default();
+    let state = params
+        .get("requestState")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let hold_id = proxy.held.verify(state, proxy.backend.pool());
     let found = hold_id.and_then(|h| proxy.held.map.lock().expect("lock").remove(&h));
     let Some(h) = found else {

@@ -52,7 +52,8 @@ impl Session {
     pub fn track_request(&self, id: &Value, token: &str) {
         let mut st = self.state.lock().expect("lock");
         if st.inflight.len() < MAX_TRACKED_PER_SESSION {
-            st.inflight.insert(crate::jsonrpc::key_of(id), token.to_string());
+            st.inflight
+                .insert(crate::jsonrpc::key_of(id), token.to_string());
         }
     }
 
@@ -107,7 +108,9 @@ impl Session {
 
     fn idle_for(&self, now: Instant) -> Duration {
         let st = self.state.lock().expect("lock");
-        st.last_seen.map(|t| now.duration_since(t)).unwrap_or_default()
+        st.last_seen
+            .map(|t| now.duration_since(t))
+            .unwrap_or_default()
     }
 }
 
@@ -212,7 +215,9 @@ mod tests {
     #[test]
     fn tracks_requests_by_typed_id() {
         let t = Sessions::new(1, Duration::from_secs(60));
-        let s = t.create("2025-11-25".into(), json!({"sampling": {}}), json!({})).unwrap();
+        let s = t
+            .create("2025-11-25".into(), json!({"sampling": {}}), json!({}))
+            .unwrap();
         assert!(s.has_capability("sampling"));
         assert!(!s.has_capability("roots"));
         s.track_request(&json!(1), "lease-a");

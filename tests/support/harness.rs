@@ -48,7 +48,10 @@ impl TestBroker {
     }
 
     /// Like [`Self::start`], with a hook to adjust broker settings.
-    pub async fn start_with(mut pools: Vec<PoolConfig>, adjust: impl FnOnce(&mut BrokerSettings)) -> TestBroker {
+    pub async fn start_with(
+        mut pools: Vec<PoolConfig>,
+        adjust: impl FnOnce(&mut BrokerSettings),
+    ) -> TestBroker {
         let tag = uuid::Uuid::new_v4().simple().to_string();
         for p in &mut pools {
             p.env.insert(TAG_VAR.into(), tag.clone());
@@ -63,10 +66,20 @@ impl TestBroker {
         };
         adjust(&mut settings);
         let metrics = Arc::new(Metrics::new());
-        let broker = Broker::start(Config { broker: settings, pools }, metrics.clone());
+        let broker = Broker::start(
+            Config {
+                broker: settings,
+                pools,
+            },
+            metrics.clone(),
+        );
         let listener = listen::bind(&socket, 0o600, None).unwrap();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(broker.clone().serve(listener, Some(socket.clone()), shutdown.clone()));
+        let task = tokio::spawn(broker.clone().serve(
+            listener,
+            Some(socket.clone()),
+            shutdown.clone(),
+        ));
         TestBroker {
             broker,
             socket,
@@ -80,7 +93,12 @@ impl TestBroker {
 
     /// A lease API client for `pool`.
     pub fn client(&self, pool: &str) -> Backend {
-        Backend::new(self.socket.clone(), pool.to_string(), 16 << 20, Arc::new(Metrics::new()))
+        Backend::new(
+            self.socket.clone(),
+            pool.to_string(),
+            16 << 20,
+            Arc::new(Metrics::new()),
+        )
     }
 
     /// Waits until `pool` has at least `n` idle processes.
@@ -110,7 +128,10 @@ impl TestBroker {
 pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < limit, "condition not reached within {limit:?}");
+        assert!(
+            start.elapsed() < limit,
+            "condition not reached within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -120,13 +141,20 @@ pub fn procs_with_tag(tag: &str) -> Vec<u32> {
     let needle = format!("{TAG_VAR}={tag}");
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(env) = std::fs::read(e.path().join("environ")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
         if !env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
             continue;
         }
         let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next());
         if state != Some("Z") {
             out.push(pid);
         }
@@ -142,7 +170,10 @@ pub async fn assert_no_procs(tag: &str) {
         if left.is_empty() {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "processes left behind: {left:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "processes left behind: {left:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -237,7 +268,9 @@ impl Reply {
     }
 
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).map(|v| v.to_str().unwrap().to_string())
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
     }
 
     pub fn content_type(&self) -> String {
@@ -249,7 +282,10 @@ impl Reply {
 pub fn sse_messages(body: &str) -> Vec<Value> {
     body.split("\n\n")
         .filter_map(|ev| {
-            let data: Vec<&str> = ev.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+            let data: Vec<&str> = ev
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .collect();
             (!data.is_empty()).then(|| serde_json::from_str(&data.join("\n")).unwrap())
         })
         .collect()

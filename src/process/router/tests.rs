@@ -31,7 +31,8 @@ fn ids_are_rewritten_and_mapped_back() {
     let lb = r.begin(&mut b, s2, CancellationToken::new());
     assert_ne!(a["id"], b["id"], "same client id, distinct process ids");
     // Answer b first: it must reach b's sink with b's original id.
-    let (sink, ev) = deliver_to(r.route(json!({"jsonrpc":"2.0","id":b["id"],"result":{"who":"b"}})));
+    let (sink, ev) =
+        deliver_to(r.route(json!({"jsonrpc":"2.0","id":b["id"],"result":{"who":"b"}})));
     sink.try_send(ev).unwrap();
     match rx2.try_recv().unwrap() {
         LeaseEvent::Final(m) => {
@@ -55,8 +56,14 @@ fn late_responses_after_end_are_dropped() {
     let act = r.route(json!({"jsonrpc":"2.0","id":a["id"],"result":{}}));
     assert!(matches!(act, Action::Drop("late_response")));
     // An id the broker never issued, or a non-numeric one, is dropped too.
-    assert!(matches!(r.route(json!({"jsonrpc":"2.0","id":999,"result":{}})), Action::Drop(_)));
-    assert!(matches!(r.route(json!({"jsonrpc":"2.0","id":"zz","result":{}})), Action::Drop(_)));
+    assert!(matches!(
+        r.route(json!({"jsonrpc":"2.0","id":999,"result":{}})),
+        Action::Drop(_)
+    ));
+    assert!(matches!(
+        r.route(json!({"jsonrpc":"2.0","id":"zz","result":{}})),
+        Action::Drop(_)
+    ));
 }
 
 #[test]
@@ -88,17 +95,26 @@ fn server_requests_get_broker_ids_and_answers_route_back() {
     let (s, mut rx) = sink();
     let mut a = req(json!(1), None);
     let lid = r.begin(&mut a, s, CancellationToken::new());
-    let (sink, ev) = deliver_to(r.route(json!({"jsonrpc":"2.0","id":0,"method":"sampling/createMessage","params":{}})));
+    let (sink, ev) = deliver_to(
+        r.route(json!({"jsonrpc":"2.0","id":0,"method":"sampling/createMessage","params":{}})),
+    );
     sink.try_send(ev).unwrap();
-    let LeaseEvent::Message(m) = rx.try_recv().unwrap() else { panic!() };
+    let LeaseEvent::Message(m) = rx.try_recv().unwrap() else {
+        panic!()
+    };
     let broker_id = m["id"].clone();
     assert!(broker_id.as_str().unwrap().starts_with("mcp-broker-3-"));
     let answer = r
-        .deliver(lid, json!({"jsonrpc":"2.0","id":broker_id,"result":{"ok":true}}))
+        .deliver(
+            lid,
+            json!({"jsonrpc":"2.0","id":broker_id,"result":{"ok":true}}),
+        )
         .unwrap();
     assert_eq!(answer["id"], 0, "the process sees its own id again");
     // A second answer to the same request, or to an unknown one, is refused.
-    assert!(r.deliver(lid, json!({"jsonrpc":"2.0","id":broker_id,"result":{}})).is_err());
+    assert!(r
+        .deliver(lid, json!({"jsonrpc":"2.0","id":broker_id,"result":{}}))
+        .is_err());
     assert_eq!(
         r.deliver(lid, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"})),
         Err(DeliverError::NotAllowed)
