@@ -73,6 +73,25 @@ pub fn stateless_meta(capabilities: &Value, info: &Value) -> Value {
     })
 }
 
+/// Adds the stateless `_meta` envelope keys a request lacks, so a
+/// 2026-07-28 server accepts it; keys already present are kept.
+pub fn ensure_stateless_meta(msg: &mut Value, capabilities: &Value, info: &Value) {
+    let Some(obj) = msg.as_object_mut() else {
+        return;
+    };
+    let params = obj.entry("params").or_insert_with(|| json!({}));
+    let Some(params) = params.as_object_mut() else {
+        return;
+    };
+    let meta = params.entry("_meta").or_insert_with(|| json!({}));
+    let (Some(meta), Value::Object(add)) = (meta.as_object_mut(), stateless_meta(capabilities, info)) else {
+        return;
+    };
+    for (k, v) in add {
+        meta.entry(k).or_insert(v);
+    }
+}
+
 /// `params` of the broker's warm-up `server/discover`.
 pub fn discover_params() -> Value {
     json!({"_meta": stateless_meta(&client_capabilities(), &client_info())})
@@ -142,6 +161,20 @@ mod tests {
             negotiate_legacy(Some("bogus"), STATELESS_VERSION),
             LATEST_LEGACY
         );
+    }
+
+    #[test]
+    fn fills_missing_envelope_only() {
+        let mut m = json!({"jsonrpc":"2.0","id":1,"method":"tools/list"});
+        ensure_stateless_meta(&mut m, &json!({}), &client_info());
+        assert_eq!(m["params"]["_meta"][META_PROTOCOL_VERSION], STATELESS_VERSION);
+        let mut k = json!({"params":{"_meta":{META_CLIENT_CAPABILITIES: {"sampling":{}}, "progressToken": 3}}});
+        ensure_stateless_meta(&mut k, &json!({}), &client_info());
+        assert_eq!(k["params"]["_meta"][META_CLIENT_CAPABILITIES], json!({"sampling":{}}));
+        assert_eq!(k["params"]["_meta"]["progressToken"], 3);
+        let mut bad = json!({"params": [1]});
+        ensure_stateless_meta(&mut bad, &json!({}), &client_info());
+        assert_eq!(bad["params"], json!([1]));
     }
 
     #[test]

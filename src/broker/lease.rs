@@ -17,6 +17,7 @@ use crate::http::{self, Body};
 use crate::jsonrpc::{self, codes};
 use crate::pool::{LeaseGuard, Pool};
 use crate::process::router::LeaseEvent;
+use crate::protocol::{self, Era};
 use ::http::{HeaderValue, Response, StatusCode};
 use bytes::Bytes;
 use serde_json::{json, Value};
@@ -115,6 +116,12 @@ pub async fn run(
         }
     };
     let client_id = msg.get("id").cloned().unwrap_or(Value::Null);
+    let mut msg = msg;
+    if pool.handshake().is_some_and(|h| h.era == Era::Stateless) {
+        // Callers need not know the era: a stateless server gets the envelope
+        // it requires (with no client capabilities unless the caller gave some).
+        protocol::ensure_stateless_meta(&mut msg, &json!({}), &protocol::client_info());
+    }
     let (sink, events) = mpsc::channel(LEASE_EVENTS);
     let lid = match guard
         .worker()

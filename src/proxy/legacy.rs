@@ -170,26 +170,7 @@ pub async fn post(
 
 /// Gives a stateless server what a handshake-era client said at initialize.
 fn add_stateless_meta(msg: &mut Value, session: &Session) {
-    let meta = protocol::stateless_meta(&session.capabilities, &session.client_info);
-    let Some(params) = msg
-        .as_object_mut()
-        .map(|o| o.entry("params").or_insert_with(|| json!({})))
-    else {
-        return;
-    };
-    if !params.is_object() {
-        return;
-    }
-    let m = params
-        .as_object_mut()
-        .expect("checked")
-        .entry("_meta")
-        .or_insert_with(|| json!({}));
-    if let (Some(m), Some(add)) = (m.as_object_mut(), meta.as_object()) {
-        for (k, v) in add {
-            m.entry(k.clone()).or_insert_with(|| v.clone());
-        }
-    }
+    protocol::ensure_stateless_meta(msg, &session.capabilities, &session.client_info);
 }
 
 /// `DELETE /mcp`: ends the session.
