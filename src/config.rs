@@ -159,6 +159,8 @@ pub struct PoolConfig {
     pub stop_grace: Duration,
     pub protocol: Protocol,
     pub max_message_size: usize,
+    /// Capabilities the broker declares for clients when warming a process.
+    pub client_capabilities: serde_json::Value,
 }
 
 impl PoolConfig {
@@ -183,6 +185,7 @@ impl PoolConfig {
             stop_grace: DEFAULT_STOP_GRACE,
             protocol: Protocol::Auto,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            client_capabilities: crate::protocol::client_capabilities(),
         }
     }
 
@@ -435,6 +438,17 @@ fn pool_from_raw(
         }
     };
     c.max_message_size = max_message_size;
+    if let Some(caps) = &p.client_capabilities {
+        c.client_capabilities = serde_json::to_value(caps)
+            .ok()
+            .filter(serde_json::Value::is_object)
+            .ok_or_else(|| {
+                bad(
+                    "client_capabilities",
+                    "must be a table, e.g. { sampling = {} }".into(),
+                )
+            })?;
+    }
     c.check()?;
     Ok(c)
 }

@@ -78,6 +78,10 @@ enum Command {
         /// Waiting requests at most.
         #[arg(long, default_value_t = config::DEFAULT_QUEUE_LIMIT)]
         queue_limit: usize,
+        /// Capabilities declared to the server at warm-up, as JSON
+        /// (default: roots, sampling and elicitation, which the proxy relays).
+        #[arg(long, value_parser = parse_object)]
+        client_capabilities: Option<serde_json::Value>,
         #[command(flatten)]
         http: HttpFlags,
         /// The stdio server command and its arguments.
@@ -109,6 +113,15 @@ impl HttpFlags {
             max_sessions: self.max_sessions,
             ..ProxySettings::default()
         }
+    }
+}
+
+fn parse_object(s: &str) -> Result<serde_json::Value, String> {
+    match serde_json::from_str::<serde_json::Value>(s) {
+        Ok(v) if v.is_object() => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a JSON object such as '{{}}' or '{{\"sampling\":{{}}}}'"
+        )),
     }
 }
 
@@ -165,6 +178,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             request_timeout,
             queue_timeout,
             queue_limit,
+            client_capabilities,
             http,
             command,
         } => {
@@ -180,6 +194,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             pool.request_timeout = request_timeout;
             pool.queue_timeout = queue_timeout;
             pool.queue_limit = queue_limit;
+            if let Some(c) = client_capabilities {
+                pool.client_capabilities = c;
+            }
             let settings = http.settings(PathBuf::new(), String::new());
             mcp_broker::up::run(pool, settings, shutdown).await
         }

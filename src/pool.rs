@@ -402,7 +402,7 @@ impl Pool {
             Err(e) => Err((None, e.to_string())),
             Ok(w) => {
                 let hs = tokio::select! {
-                    r = warm::handshake(&w, cfg.protocol, cfg.init_timeout) => r.map_err(|e| e.to_string()),
+                    r = warm::handshake(&w, cfg.protocol, &cfg.client_capabilities, cfg.init_timeout) => r.map_err(|e| e.to_string()),
                     _ = self.inner.shutdown.cancelled() => Err("broker shutting down".to_string()),
                 };
                 match hs {

@@ -55,11 +55,11 @@ pub fn client_capabilities() -> Value {
     json!({"roots": {"listChanged": true}, "sampling": {}, "elicitation": {}})
 }
 
-/// `params` of the broker's warm-up `initialize`.
-pub fn initialize_params() -> Value {
+/// `params` of the broker's warm-up `initialize`, declaring `capabilities`.
+pub fn initialize_params(capabilities: &Value) -> Value {
     json!({
         "protocolVersion": LATEST_LEGACY,
-        "capabilities": client_capabilities(),
+        "capabilities": capabilities,
         "clientInfo": client_info(),
     })
 }
@@ -84,7 +84,9 @@ pub fn ensure_stateless_meta(msg: &mut Value, capabilities: &Value, info: &Value
         return;
     };
     let meta = params.entry("_meta").or_insert_with(|| json!({}));
-    let (Some(meta), Value::Object(add)) = (meta.as_object_mut(), stateless_meta(capabilities, info)) else {
+    let (Some(meta), Value::Object(add)) =
+        (meta.as_object_mut(), stateless_meta(capabilities, info))
+    else {
         return;
     };
     for (k, v) in add {
@@ -93,8 +95,8 @@ pub fn ensure_stateless_meta(msg: &mut Value, capabilities: &Value, info: &Value
 }
 
 /// `params` of the broker's warm-up `server/discover`.
-pub fn discover_params() -> Value {
-    json!({"_meta": stateless_meta(&client_capabilities(), &client_info())})
+pub fn discover_params(capabilities: &Value) -> Value {
+    json!({"_meta": stateless_meta(capabilities, &client_info())})
 }
 
 /// The stateless version a discover result offers, if it is one we speak.
@@ -167,10 +169,16 @@ mod tests {
     fn fills_missing_envelope_only() {
         let mut m = json!({"jsonrpc":"2.0","id":1,"method":"tools/list"});
         ensure_stateless_meta(&mut m, &json!({}), &client_info());
-        assert_eq!(m["params"]["_meta"][META_PROTOCOL_VERSION], STATELESS_VERSION);
+        assert_eq!(
+            m["params"]["_meta"][META_PROTOCOL_VERSION],
+            STATELESS_VERSION
+        );
         let mut k = json!({"params":{"_meta":{META_CLIENT_CAPABILITIES: {"sampling":{}}, "progressToken": 3}}});
         ensure_stateless_meta(&mut k, &json!({}), &client_info());
-        assert_eq!(k["params"]["_meta"][META_CLIENT_CAPABILITIES], json!({"sampling":{}}));
+        assert_eq!(
+            k["params"]["_meta"][META_CLIENT_CAPABILITIES],
+            json!({"sampling":{}})
+        );
         assert_eq!(k["params"]["_meta"]["progressToken"], 3);
         let mut bad = json!({"params": [1]});
         ensure_stateless_meta(&mut bad, &json!({}), &client_info());

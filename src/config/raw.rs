@@ -54,6 +54,8 @@ pub struct RawPool {
     pub session_idle_timeout: Option<String>,
     pub stop_grace: Option<String>,
     pub protocol: Option<String>,
+    /// Capabilities declared to servers at warm-up (a TOML table).
+    pub client_capabilities: Option<toml::Table>,
     /// Accepted in the schema so the error can say it is not supported yet.
     pub allow: Option<toml::Value>,
     /// Accepted in the schema so the error can say it is not supported yet.

@@ -108,3 +108,28 @@ fn durations_parse() {
     assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
     assert!(parse_duration("5 parsecs").is_err());
 }
+
+#[test]
+fn client_capabilities_are_configurable() {
+    let c =
+        Config::from_toml("[[pool]]\nname = \"a\"\ncommand = \"x\"\nclient_capabilities = {}\n")
+            .unwrap();
+    assert_eq!(c.pools[0].client_capabilities, serde_json::json!({}));
+    let c = Config::from_toml(
+        "[[pool]]\nname = \"a\"\ncommand = \"x\"\nclient_capabilities = { sampling = {} }\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.pools[0].client_capabilities,
+        serde_json::json!({"sampling": {}})
+    );
+    let d = Config::from_toml("[[pool]]\nname = \"a\"\ncommand = \"x\"\n").unwrap();
+    assert!(
+        d.pools[0].client_capabilities.get("sampling").is_some(),
+        "relays everything by default"
+    );
+    assert!(
+        err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nclient_capabilities = 3\n")
+            .contains("client_capabilities")
+    );
+}

@@ -59,12 +59,13 @@ pub enum WarmError {
 pub async fn handshake(
     w: &Worker,
     protocol: Protocol,
+    capabilities: &Value,
     timeout: Duration,
 ) -> Result<Handshake, WarmError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
     if protocol != Protocol::Legacy {
-        match discover(w, left()).await {
+        match discover(w, capabilities, left()).await {
             Ok(h) => return Ok(h),
             Err(e) if protocol == Protocol::Stateless => return Err(e),
             Err(WarmError::Worker(e @ WorkerError::Exited(_))) => return Err(e.into()),
@@ -74,12 +75,20 @@ pub async fn handshake(
             ),
         }
     }
-    initialize(w, left()).await
+    initialize(w, capabilities, left()).await
 }
 
-async fn discover(w: &Worker, timeout: Duration) -> Result<Handshake, WarmError> {
+async fn discover(
+    w: &Worker,
+    capabilities: &Value,
+    timeout: Duration,
+) -> Result<Handshake, WarmError> {
     let resp = w
-        .call("server/discover", protocol::discover_params(), timeout)
+        .call(
+            "server/discover",
+            protocol::discover_params(capabilities),
+            timeout,
+        )
         .await?;
     let result = ok_result(resp, "server/discover")?;
     let version =
@@ -94,9 +103,17 @@ async fn discover(w: &Worker, timeout: Duration) -> Result<Handshake, WarmError>
     })
 }
 
-async fn initialize(w: &Worker, timeout: Duration) -> Result<Handshake, WarmError> {
+async fn initialize(
+    w: &Worker,
+    capabilities: &Value,
+    timeout: Duration,
+) -> Result<Handshake, WarmError> {
     let resp = w
-        .call("initialize", protocol::initialize_params(), timeout)
+        .call(
+            "initialize",
+            protocol::initialize_params(capabilities),
+            timeout,
+        )
         .await?;
     let result = ok_result(resp, "initialize")?;
     let version = result

@@ -8,7 +8,7 @@ import pytest
 
 from common.broker import TOUCHED, Broker, run_broker
 
-__all__ = ["anyio_backend", "everything_broker", "time_broker", "pytest_runtest_setup", "pytest_runtest_makereport"]
+__all__ = ["anyio_backend", "everything_broker", "everything_nocaps_broker", "time_broker", "pytest_runtest_setup", "pytest_runtest_makereport"]
 
 
 def pytest_runtest_setup(item) -> None:
@@ -34,6 +34,14 @@ def anyio_backend() -> str:
 def everything_broker() -> Iterator[Broker]:
     """`mcp-broker up -- node server-everything stdio` with default pool settings."""
     with run_broker("everything") as broker:
+        yield broker
+
+
+@pytest.fixture(scope="module")
+def everything_nocaps_broker() -> Iterator[Broker]:
+    """server-everything warmed declaring no client capabilities
+    (`--client-capabilities {}`), as a capability-less direct client does."""
+    with run_broker("everything", extra_args=["--client-capabilities", "{}"]) as broker:
         yield broker
 
 

@@ -26,13 +26,9 @@ from common.broker import (
 
 pytestmark = pytest.mark.anyio
 
-# Known divergence (see README): the broker initializes pooled backends declaring roots+sampling+
-# elicitation, so server-everything registers 3 capability-conditional tools that a capability-less
-# direct client does not see. strict=True: if the broker changes, this XPASS fails and the mark goes.
-CAPABILITY_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="broker declares roots/sampling/elicitation to pooled backends: +3 conditional tools vs a capability-less direct client",
-)
+# By default the broker warms backends declaring roots+sampling+elicitation (which the proxy
+# relays), and server-everything then registers 3 capability-conditional tools; a pool warmed with
+# `--client-capabilities {}` matches a capability-less direct client exactly.
 
 CALL_TIMEOUT = 30
 
@@ -60,7 +56,7 @@ async def _list_tools_direct(connect_stdio, cmd) -> list[dict]:
 @pytest.mark.parametrize("backend", ["everything", "time"])
 async def test_initialize_result_matches_direct_stdio(backend, request, connect_http, connect_stdio):
     broker = request.getfixturevalue(f"{backend}_broker")
-    cmd = everything_cmd() if backend == "everything" else time_cmd()
+    cmd = everything_cmd() if backend.startswith("everything") else time_cmd()
     with anyio.fail_after(CALL_TIMEOUT):
         async with connect_stdio(cmd) as d:
             direct = d.interop_init
@@ -79,10 +75,10 @@ async def test_initialize_result_matches_direct_stdio(backend, request, connect_
 # --- tools/list equality ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", [pytest.param("everything", marks=CAPABILITY_XFAIL), "time"])
+@pytest.mark.parametrize("backend", ["everything_nocaps", "time"])
 async def test_tools_list_matches_direct_stdio(backend, request, connect_http, connect_stdio):
     broker = request.getfixturevalue(f"{backend}_broker")
-    cmd = everything_cmd() if backend == "everything" else time_cmd()
+    cmd = everything_cmd() if backend.startswith("everything") else time_cmd()
     direct = await _list_tools_direct(connect_stdio, cmd)
     with anyio.fail_after(CALL_TIMEOUT):
         async with connect_http(broker.url) as s:
@@ -99,7 +95,7 @@ async def test_tools_list_matches_direct_stdio_with_broker_capabilities(backend,
     """Same comparison, but the direct client declares what the broker declares to its pooled
     backends (roots+sampling+elicitation), so capability-conditional tools are on both sides."""
     broker = request.getfixturevalue(f"{backend}_broker")
-    cmd = everything_cmd() if backend == "everything" else time_cmd()
+    cmd = everything_cmd() if backend.startswith("everything") else time_cmd()
     direct = await anyio.to_thread.run_sync(raw_stdio_tools, cmd, BROKER_BACKEND_CAPABILITIES)
     with anyio.fail_after(CALL_TIMEOUT):
         async with connect_http(broker.url) as s:
