@@ -10,6 +10,7 @@
 pub mod api;
 pub mod lease;
 pub mod listen;
+pub mod reload;
 
 use crate::config::{BrokerSettings, Config};
 use crate::metrics::Metrics;
@@ -17,13 +18,15 @@ use crate::pool::Pool;
 use crate::process::Worker;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Isolated tenants one pool serves at most.
+pub const MAX_TENANTS: usize = 256;
 /// How long to wait for pool tasks and reapers after processes were stopped.
 const STOP_TASKS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -43,7 +46,13 @@ pub struct LeaseRef {
 /// The broker: pools, live leases and shutdown state.
 pub struct Broker {
     settings: BrokerSettings,
-    pools: BTreeMap<String, Pool>,
+    /// Copy-on-write: readers clone a handle; [`Broker::reload`] swaps pools.
+    pools: RwLock<BTreeMap<String, Pool>>,
+    /// Per-identity pools of `isolate`d pools: base name → tenant → pool.
+    tenants: Mutex<HashMap<String, HashMap<String, Pool>>>,
+    reviewer: std::sync::OnceLock<crate::policy::tokenreview::TokenReviewer>,
+    pods: std::sync::OnceLock<crate::policy::pods::PodIndex>,
+    ids: Arc<AtomicU64>,
     leases: Mutex<HashMap<String, LeaseRef>>,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
@@ -65,11 +74,12 @@ impl Broker {
             .map(|mut cfg| {
                 cfg.max_message_size = config.broker.max_message_size;
                 let name = cfg.name.clone();
+                metrics.init_pool(&name);
                 let pool = Pool::start(
                     cfg,
                     metrics.clone(),
                     tracker.clone(),
-                    pools_shutdown.clone(),
+                    pools_shutdown.child_token(),
                     ids.clone(),
                 );
                 (name, pool)
@@ -77,7 +87,11 @@ impl Broker {
             .collect();
         Arc::new(Broker {
             settings: config.broker,
-            pools,
+            pools: RwLock::new(pools),
+            tenants: Mutex::new(HashMap::new()),
+            reviewer: std::sync::OnceLock::new(),
+            pods: std::sync::OnceLock::new(),
+            ids,
             leases: Mutex::new(HashMap::new()),
             metrics,
             tracker,
@@ -99,21 +113,124 @@ impl Broker {
     }
 
     /// A pool by name.
-    pub fn pool(&self, name: &str) -> Option<&Pool> {
-        self.pools.get(name)
+    pub fn pool(&self, name: &str) -> Option<Pool> {
+        self.pools.read().expect("lock").get(name).cloned()
     }
 
     /// Every pool, by name.
-    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
-        self.pools.values()
+    pub fn pools(&self) -> Vec<Pool> {
+        self.pools.read().expect("lock").values().cloned().collect()
+    }
+
+    /// Installs the ServiceAccount token verifier (`identity = "kubernetes"`).
+    pub fn set_token_reviewer(&self, r: crate::policy::tokenreview::TokenReviewer) {
+        let _ = self.reviewer.set(r);
+    }
+
+    /// Installs the node's pod index (`peer_identity = true`).
+    pub fn set_pod_index(&self, idx: crate::policy::pods::PodIndex) {
+        let _ = self.pods.set(idx);
+    }
+
+    /// The pod index, if callers' pods are looked up.
+    pub fn pod_index(&self) -> Option<&crate::policy::pods::PodIndex> {
+        self.pods.get()
+    }
+
+    /// The token verifier, if identities are verified.
+    pub fn token_reviewer(&self) -> Option<&crate::policy::tokenreview::TokenReviewer> {
+        self.reviewer.get()
+    }
+
+    /// The pool of `base` reserved for `tenant` (an `isolate`d pool), started
+    /// on first use; at most [`MAX_TENANTS`] per pool.
+    pub fn tenant_pool(&self, base: &Pool, tenant: &str) -> Result<Pool, String> {
+        let name = &base.config().name;
+        let mut all = self.tenants.lock().expect("lock");
+        let mine = all.entry(name.clone()).or_default();
+        if let Some(p) = mine.get(tenant) {
+            return Ok(p.clone());
+        }
+        if mine.len() >= MAX_TENANTS {
+            return Err(format!(
+                "pool {name:?} already serves {MAX_TENANTS} isolated tenants"
+            ));
+        }
+        let mut cfg = base.config().clone();
+        cfg.name = format!("{name}@{tenant}");
+        let pool = Pool::start(
+            cfg,
+            self.metrics.clone(),
+            self.tracker.clone(),
+            self.pools_shutdown.child_token(),
+            self.ids.clone(),
+        );
+        mine.insert(tenant.to_string(), pool.clone());
+        Ok(pool)
+    }
+
+    /// Reconciles the pools with `configs`: new pools start warming, removed
+    /// ones and ones whose config changed are retired gracefully (their
+    /// in-flight leases finish; a changed pool's replacement serves new
+    /// leases at once), unchanged ones are left alone.
+    pub fn reload(&self, configs: Vec<crate::config::PoolConfig>) -> reload::Summary {
+        let mut summary = reload::Summary::default();
+        let mut retired = Vec::new();
+        {
+            let mut pools = self.pools.write().expect("lock");
+            let mut next = BTreeMap::new();
+            for mut cfg in configs {
+                cfg.max_message_size = self.settings.max_message_size;
+                match pools.remove(&cfg.name) {
+                    Some(old) if *old.config() == cfg => {
+                        summary.unchanged.push(cfg.name.clone());
+                        next.insert(cfg.name.clone(), old);
+                        continue;
+                    }
+                    Some(old) => {
+                        summary.changed.push(cfg.name.clone());
+                        retired.push(old);
+                    }
+                    None => summary.added.push(cfg.name.clone()),
+                }
+                let pool = Pool::start(
+                    cfg.clone(),
+                    self.metrics.clone(),
+                    self.tracker.clone(),
+                    self.pools_shutdown.child_token(),
+                    self.ids.clone(),
+                );
+                next.insert(cfg.name, pool);
+            }
+            for (name, old) in std::mem::take(&mut *pools) {
+                summary.removed.push(name);
+                retired.push(old);
+            }
+            *pools = next;
+        }
+        {
+            let mut tenants = self.tenants.lock().expect("lock");
+            for name in summary.changed.iter().chain(&summary.removed) {
+                retired.extend(
+                    tenants
+                        .remove(name)
+                        .into_iter()
+                        .flat_map(|m| m.into_values()),
+                );
+            }
+        }
+        for p in retired {
+            p.retire_gracefully();
+        }
+        summary
     }
 
     /// True once every pool that keeps warm processes has one warm.
     pub fn ready(&self) -> bool {
         !self.is_draining()
             && self
-                .pools
-                .values()
+                .pools()
+                .iter()
                 .all(|p| p.config().min_idle == 0 || p.handshake().is_some())
     }
 

@@ -5,8 +5,10 @@
 //! value or an unparsed duration. Every error names the pool and the field.
 
 pub mod raw;
+pub mod sandbox;
 
 use raw::{RawConfig, RawPool};
+pub use sandbox::SandboxConfig;
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,6 +42,9 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default idle time after which an exclusive/sticky session is forgotten.
 pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default cap on server→client requests (sampling, elicitation, roots)
+/// waiting for the client per lease; more are refused to the server.
+pub const DEFAULT_MAX_SERVER_REQUESTS: usize = crate::process::router::DEFAULT_MAX_SERVER_REQUESTS;
 /// Default time between SIGTERM and SIGKILL when stopping a process.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(3);
 
@@ -123,6 +128,22 @@ pub struct BrokerSettings {
     pub drain_timeout: Duration,
     /// Largest message accepted from a client or a process.
     pub max_message_size: usize,
+    /// Kubernetes token verification; `None` when callers are identified by
+    /// socket peer credentials only.
+    pub kubernetes: Option<KubeSettings>,
+}
+
+/// `[broker] identity = "kubernetes"`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubeSettings {
+    /// Token audience the broker accepts.
+    pub audience: String,
+    /// Longest reuse of a verdict.
+    pub cache_ttl: Duration,
+    /// Identify callers' pods from socket peer credentials (needs hostPID).
+    pub peer_identity: bool,
+    /// The node whose pods are indexed (`NODE_NAME` by default).
+    pub node_name: Option<String>,
 }
 
 impl Default for BrokerSettings {
@@ -134,12 +155,13 @@ impl Default for BrokerSettings {
             metrics_listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            kubernetes: None,
         }
     }
 }
 
 /// One validated pool.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub name: String,
     pub command: String,
@@ -161,6 +183,14 @@ pub struct PoolConfig {
     pub max_message_size: usize,
     /// Capabilities the broker declares for clients when warming a process.
     pub client_capabilities: serde_json::Value,
+    /// Who may lease; `None`: anyone who can reach the socket.
+    pub allow: Option<Vec<crate::policy::Rule>>,
+    /// Separate warm processes per caller identity.
+    pub isolate: crate::policy::Isolate,
+    /// Server→client requests waiting for the client per lease at most.
+    pub max_server_requests: usize,
+    /// Restrictions applied to every process (`[pool.sandbox]`).
+    pub sandbox: SandboxConfig,
 }
 
 impl PoolConfig {
@@ -186,6 +216,10 @@ impl PoolConfig {
             protocol: Protocol::Auto,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             client_capabilities: crate::protocol::client_capabilities(),
+            allow: None,
+            isolate: crate::policy::Isolate::None,
+            max_server_requests: DEFAULT_MAX_SERVER_REQUESTS,
+            sandbox: SandboxConfig::default(),
         }
     }
 
@@ -310,11 +344,49 @@ impl Config {
             metrics_listen,
             drain_timeout: dur("drain_timeout", b.drain_timeout, DEFAULT_DRAIN_TIMEOUT)?,
             max_message_size,
+            kubernetes: match b.identity.as_deref() {
+                None | Some("none") if b.peer_identity == Some(true) => {
+                    return Err(ConfigError::Invalid {
+                        at: at(),
+                        field: "peer_identity",
+                        msg: "needs identity = \"kubernetes\" (pods are looked up in the API)"
+                            .into(),
+                    })
+                }
+                None | Some("none") => None,
+                Some("kubernetes") => Some(KubeSettings {
+                    audience: b
+                        .token_audience
+                        .unwrap_or_else(|| crate::policy::tokenreview::DEFAULT_AUDIENCE.into()),
+                    cache_ttl: dur(
+                        "token_cache_ttl",
+                        b.token_cache_ttl,
+                        crate::policy::tokenreview::DEFAULT_CACHE_TTL,
+                    )?,
+                    peer_identity: b.peer_identity.unwrap_or(false),
+                    node_name: b.node_name.or_else(|| std::env::var("NODE_NAME").ok()),
+                })
+                .filter(|k| !k.peer_identity || k.node_name.is_some())
+                .ok_or_else(|| ConfigError::Invalid {
+                    at: at(),
+                    field: "node_name",
+                    msg: "peer_identity needs the node name: set node_name or NODE_NAME".into(),
+                })
+                .map(Some)?,
+                Some(other) => {
+                    return Err(ConfigError::Invalid {
+                        at: at(),
+                        field: "identity",
+                        msg: format!("unknown identity {other:?} (expected none or kubernetes)"),
+                    })
+                }
+            },
         };
         let mut seen = HashSet::new();
         let mut pools = Vec::new();
         for (i, p) in raw.pool.into_iter().enumerate() {
-            let pool = pool_from_raw(i, p, max_message_size)?;
+            let peer = broker.kubernetes.as_ref().is_some_and(|k| k.peer_identity);
+            let pool = pool_from_raw(i, p, max_message_size, broker.kubernetes.is_some(), peer)?;
             if !seen.insert(pool.name.clone()) {
                 return Err(ConfigError::Invalid {
                     at: format!("pool {:?}", pool.name),
@@ -345,6 +417,18 @@ pub fn describe(c: &Config) -> String {
         b.drain_timeout,
         b.max_message_size
     );
+    match &b.kubernetes {
+        Some(k) => {
+            let _ = writeln!(
+                out,
+                "identity: kubernetes (token audience {:?}, cache {:?}, peer_identity {})",
+                k.audience, k.cache_ttl, k.peer_identity
+            );
+        }
+        None => {
+            let _ = writeln!(out, "identity: socket peer credentials only");
+        }
+    }
     for p in &c.pools {
         let _ = writeln!(
             out,
@@ -352,6 +436,12 @@ pub fn describe(c: &Config) -> String {
             p.name, p.command, p.args, p.mode.as_str(), p.min_idle, p.max, p.max_inflight,
             p.queue_limit, p.queue_timeout, p.request_timeout, p.idle_timeout
         );
+        if let Some(rules) = &p.allow {
+            let _ = writeln!(out, "  allow: {rules:?}");
+        }
+        if p.isolate != crate::policy::Isolate::None {
+            let _ = writeln!(out, "  isolate: {:?}", p.isolate);
+        }
     }
     out
 }
@@ -360,6 +450,8 @@ fn pool_from_raw(
     index: usize,
     p: RawPool,
     max_message_size: usize,
+    kube: bool,
+    peer_identity: bool,
 ) -> Result<PoolConfig, ConfigError> {
     let name = p.name.clone().unwrap_or_default();
     let at = if name.is_empty() {
@@ -384,19 +476,38 @@ fn pool_from_raw(
             format!("{name:?} may only contain letters, digits, '-', '_' and '.'"),
         ));
     }
-    if p.allow.is_some() {
-        return Err(bad(
-            "allow",
-            "caller policy needs Kubernetes identity, which this build does not have yet; \
-             restrict access with the socket's mode and group instead"
-                .into(),
-        ));
+    let needs_kube = |field: &'static str| {
+        bad(
+            field,
+            "matching Kubernetes identities needs [broker] identity = \"kubernetes\"".into(),
+        )
+    };
+    if let Some(rules) = &p.allow {
+        if rules.is_empty() {
+            return Err(bad(
+                "allow",
+                "an empty list allows nobody; omit `allow` to allow every caller".into(),
+            ));
+        }
+        for r in rules {
+            r.validate().map_err(|(field, msg)| bad(field, msg))?;
+            if r.needs_kubernetes() && !kube {
+                return Err(needs_kube("allow"));
+            }
+            if r.pod_labels.is_some() && !peer_identity {
+                return Err(bad(
+                    "allow.pod_labels",
+                    "matching pod labels needs [broker] peer_identity = true".into(),
+                ));
+            }
+        }
     }
-    if p.isolate.as_deref().is_some_and(|s| s != "none") {
-        return Err(bad(
-            "isolate",
-            "per-identity isolation is not supported by this build; only \"none\"".into(),
-        ));
+    let isolate: crate::policy::Isolate = match &p.isolate {
+        None => crate::policy::Isolate::None,
+        Some(s) => s.parse().map_err(|e| bad("isolate", e))?,
+    };
+    if isolate.needs_kubernetes() && !kube {
+        return Err(needs_kube("isolate"));
     }
     let dur = |field: &'static str, v: &Option<String>, default: Duration| match v {
         None => Ok(default),
@@ -438,6 +549,8 @@ fn pool_from_raw(
         }
     };
     c.max_message_size = max_message_size;
+    c.allow = p.allow.clone();
+    c.isolate = isolate;
     if let Some(caps) = &p.client_capabilities {
         c.client_capabilities = serde_json::to_value(caps)
             .ok()
@@ -448,6 +561,13 @@ fn pool_from_raw(
                     "must be a table, e.g. { sampling = {} }".into(),
                 )
             })?;
+    }
+    c.max_server_requests = p.max_server_requests.unwrap_or(DEFAULT_MAX_SERVER_REQUESTS);
+    if c.max_server_requests == 0 {
+        return Err(bad("max_server_requests", "must be at least 1".into()));
+    }
+    if let Some(sb) = &p.sandbox {
+        c.sandbox = sandbox::from_raw(sb).map_err(|(field, msg)| bad(field, msg))?;
     }
     c.check()?;
     Ok(c)

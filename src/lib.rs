@@ -11,13 +11,17 @@
 //! * [`proxy`]: MCP Streamable HTTP for clients of either protocol era,
 //!   turning each request into one lease.
 //! * [`up`]: broker and proxy in one process for a laptop.
+//! * [`bench`]: the node-local benchmark (`mcp-broker bench`).
 
+pub mod bench;
 pub mod broker;
 pub mod config;
+pub mod events;
 pub mod framing;
 pub mod http;
 pub mod jsonrpc;
 pub mod metrics;
+pub mod policy;
 pub mod pool;
 pub mod process;
 pub mod protocol;

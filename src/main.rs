@@ -51,6 +51,10 @@ enum Command {
         /// The pool to lease from.
         #[arg(long)]
         pool: String,
+        /// A projected ServiceAccount token (audience mcp-broker) to present
+        /// to the broker, e.g. /var/run/secrets/mcp-broker/token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
         #[command(flatten)]
         http: HttpFlags,
     },
@@ -82,12 +86,23 @@ enum Command {
         /// (default: roots, sampling and elicitation, which the proxy relays).
         #[arg(long, value_parser = parse_object)]
         client_capabilities: Option<serde_json::Value>,
+        /// Largest JSON-RPC message in bytes, either direction (beyond: a
+        /// clear -31005 error).
+        #[arg(long, default_value_t = config::DEFAULT_MAX_MESSAGE_SIZE as u64,
+              value_parser = clap::value_parser!(u64).range(1024..))]
+        max_message_bytes: u64,
+        /// Server→client requests waiting for the client per request.
+        #[arg(long, default_value_t = config::DEFAULT_MAX_SERVER_REQUESTS)]
+        max_server_requests: usize,
         #[command(flatten)]
         http: HttpFlags,
         /// The stdio server command and its arguments.
         #[arg(last = true, required = true, num_args = 1..)]
         command: Vec<String>,
     },
+    /// Benchmark direct stdio, the broker's modes, spawn-per-request and
+    /// peer gateways side by side; writes a Markdown table and an SVG chart.
+    Bench(mcp_broker::bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -101,6 +116,13 @@ struct HttpFlags {
     /// Open MCP sessions at most.
     #[arg(long, default_value_t = proxy::DEFAULT_MAX_SESSIONS)]
     max_sessions: usize,
+    /// Largest request body in bytes (beyond: 413).
+    #[arg(long, default_value_t = proxy::DEFAULT_MAX_BODY as u64, value_parser = clap::value_parser!(u64).range(1024..))]
+    max_body_bytes: u64,
+    /// Largest request line plus headers in bytes (beyond: 431).
+    #[arg(long, default_value_t = proxy::DEFAULT_MAX_HEADER_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(8192..))]
+    max_header_bytes: u64,
 }
 
 impl HttpFlags {
@@ -111,6 +133,8 @@ impl HttpFlags {
             pool,
             allow_origins: self.allow_origins,
             max_sessions: self.max_sessions,
+            max_body: usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
+            max_header_bytes: usize::try_from(self.max_header_bytes).unwrap_or(usize::MAX),
             ..ProxySettings::default()
         }
     }
@@ -160,15 +184,27 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve { config, socket } => {
-            let mut cfg = Config::load(&config)?;
+            let text = std::fs::read(&config)
+                .with_context(|| format!("cannot read {}", config.display()))?;
+            let mut cfg = Config::from_toml(&String::from_utf8_lossy(&text))
+                .with_context(|| format!("in {}", config.display()))?;
             if let Some(s) = socket {
                 cfg.broker.socket = s;
             }
-            serve(cfg, shutdown).await
+            let reload = (config, text);
+            serve(cfg, reload, shutdown).await
         }
-        Command::Proxy { socket, pool, http } => {
+        Command::Bench(args) => mcp_broker::bench::run(args, shutdown).await,
+        Command::Proxy {
+            socket,
+            pool,
+            token_file,
+            http,
+        } => {
             let metrics = Arc::new(Metrics::new());
-            proxy::run(http.settings(socket, pool), metrics, shutdown).await
+            let mut settings = http.settings(socket, pool);
+            settings.token_file = token_file;
+            proxy::run(settings, metrics, shutdown).await
         }
         Command::Up {
             min_idle,
@@ -179,6 +215,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             queue_timeout,
             queue_limit,
             client_capabilities,
+            max_message_bytes,
+            max_server_requests,
             http,
             command,
         } => {
@@ -194,6 +232,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             pool.request_timeout = request_timeout;
             pool.queue_timeout = queue_timeout;
             pool.queue_limit = queue_limit;
+            pool.max_message_size = usize::try_from(max_message_bytes).unwrap_or(usize::MAX);
+            pool.max_server_requests = max_server_requests;
             if let Some(c) = client_capabilities {
                 pool.client_capabilities = c;
             }
@@ -203,17 +243,75 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let socket = cfg.broker.socket.clone();
-    let listener = listen::bind(
-        &socket,
-        cfg.broker.socket_mode,
-        cfg.broker.socket_group.as_deref(),
-    )
-    .with_context(|| format!("binding the lease API socket {}", socket.display()))?;
+/// Runs the daemon; `reload` is the config file and the content `cfg` came
+/// from, watched for changes (and SIGHUP) to reconcile pools live.
+async fn serve(
+    cfg: Config,
+    reload: (PathBuf, Vec<u8>),
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut socket = cfg.broker.socket.clone();
+    // Socket activation: systemd owns the socket (path, mode, group) and
+    // keeps it listening across restarts, so it is never removed here.
+    let (listener, remove_at_exit) = match listen::inherited()? {
+        Some(l) => {
+            if let Some(p) = l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(PathBuf::from))
+            {
+                socket = p;
+            }
+            tracing::info!("using the lease API socket passed by systemd (socket activation)");
+            (l, None)
+        }
+        None => {
+            let l = listen::bind(
+                &socket,
+                cfg.broker.socket_mode,
+                cfg.broker.socket_group.as_deref(),
+            )
+            .with_context(|| format!("binding the lease API socket {}", socket.display()))?;
+            (l, Some(socket.clone()))
+        }
+    };
     let metrics = Arc::new(Metrics::new());
     let metrics_listen = cfg.broker.metrics_listen;
+    let kube = cfg.broker.kubernetes.clone();
     let broker = Broker::start(cfg, metrics);
+    if let Some(k) = kube {
+        let client = kube::Client::try_default()
+            .await
+            .context("identity = \"kubernetes\": cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
+        broker.set_token_reviewer(mcp_broker::policy::tokenreview::TokenReviewer::new(
+            client.clone(),
+            k.audience.clone(),
+            k.cache_ttl,
+        ));
+        tracing::info!("verifying ServiceAccount tokens with the TokenReview API");
+        if k.peer_identity {
+            let node = k.node_name.clone().unwrap_or_default();
+            let idx =
+                mcp_broker::policy::pods::PodIndex::start(client.clone(), &node, shutdown.clone());
+            broker.set_pod_index(idx);
+            tracing::info!(node, "identifying callers' pods by peer credentials");
+        }
+        match mcp_broker::events::PodRef::from_env() {
+            Some(pod) => {
+                let recorder = mcp_broker::events::Recorder::new(
+                    client,
+                    pod,
+                    mcp_broker::events::DEFAULT_MIN_INTERVAL,
+                );
+                tokio::spawn(mcp_broker::events::watch(
+                    broker.clone(),
+                    recorder,
+                    shutdown.clone(),
+                ));
+            }
+            None => tracing::info!("POD_NAME/POD_NAMESPACE not set: no Kubernetes Events"),
+        }
+    }
     if let Some(addr) = metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await
@@ -224,7 +322,14 @@ async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
+    tokio::spawn(mcp_broker::broker::reload::watch(
+        broker.clone(),
+        reload.0,
+        reload.1,
+        mcp_broker::broker::reload::DEFAULT_POLL,
+        shutdown.clone(),
+    ));
     tracing::info!(socket = %socket.display(), "broker listening");
-    broker.serve(listener, Some(socket), shutdown).await;
+    broker.serve(listener, remove_at_exit, shutdown).await;
     Ok(())
 }

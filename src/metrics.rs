@@ -5,7 +5,8 @@
 //! independent brokers in one process.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Latency buckets (seconds), from 100 µs to 2 minutes.
@@ -31,18 +32,30 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     /// Lease requests by pool and outcome (ok, error, queue_full, …).
     pub requests: IntCounterVec,
+    /// Requests refused before reaching a process, by pool and reason
+    /// (`queue_full`, `queue_timeout`, `pool_failing`, `draining`, `too_large`).
+    pub rejections: IntCounterVec,
+    /// Requests refused by access policy, by pool (zero until policy exists).
+    pub policy_denials: IntCounterVec,
     /// Non-JSON or oversized stdout lines skipped, by pool.
     pub skipped_lines: IntCounterVec,
     /// Responses that arrived after their request was settled, by pool.
     pub late_responses: IntCounterVec,
     /// Notifications that could not be routed to one request, by pool.
     pub unroutable: IntCounterVec,
+    /// Config reloads by result (applied, invalid).
+    pub config_reloads: IntCounterVec,
     /// Proxy: HTTP requests by method and status.
     pub http_requests: IntCounterVec,
     /// Proxy: open sessions.
     pub sessions: IntGaugeVec,
     /// Proxy: broker connection failures.
     pub broker_errors: IntCounterVec,
+    /// Proxy: SSE response bodies currently open, by kind
+    /// (`response`, `listen`, `subscription`).
+    pub sse_streams: IntGaugeVec,
+    /// Proxy: connection attempts to the broker retried after a failure.
+    pub broker_reconnects: IntCounterVec,
 }
 
 impl Metrics {
@@ -106,6 +119,16 @@ impl Metrics {
                 "Lease requests by outcome.",
                 &["pool", "outcome"],
             ),
+            rejections: counter(
+                "mcp_broker_rejections_total",
+                "Requests refused before reaching a process, by reason.",
+                &["pool", "reason"],
+            ),
+            policy_denials: counter(
+                "mcp_broker_policy_denials_total",
+                "Requests refused by access policy.",
+                &["pool"],
+            ),
             skipped_lines: counter(
                 "mcp_broker_skipped_lines_total",
                 "Non-JSON or oversized stdout lines skipped.",
@@ -121,6 +144,11 @@ impl Metrics {
                 "Server messages that belonged to no single request.",
                 &["pool", "kind"],
             ),
+            config_reloads: counter(
+                "mcp_broker_config_reloads_total",
+                "Config reloads by result (applied, invalid).",
+                &["result"],
+            ),
             http_requests: counter(
                 "mcp_proxy_http_requests_total",
                 "Proxy HTTP requests by method and status.",
@@ -132,8 +160,38 @@ impl Metrics {
                 "Failures reaching the broker.",
                 &["kind"],
             ),
+            sse_streams: gauge(
+                "mcp_proxy_sse_streams",
+                "SSE response streams currently open.",
+                &["kind"],
+            ),
+            broker_reconnects: counter(
+                "mcp_proxy_broker_reconnects_total",
+                "Connection attempts to the broker retried after a failure.",
+                &["pool"],
+            ),
             registry,
         }
+    }
+
+    /// Reasons of [`Self::rejections`].
+    pub const REJECTION_REASONS: [&'static str; 5] = [
+        "queue_full",
+        "queue_timeout",
+        "pool_failing",
+        "draining",
+        "too_large",
+    ];
+
+    /// Makes a pool's counters visible at zero before anything happens, so
+    /// `rate()` and alerts see them from the start.
+    pub fn init_pool(&self, pool: &str) {
+        for reason in Self::REJECTION_REASONS {
+            self.rejections.with_label_values(&[pool, reason]);
+        }
+        self.policy_denials.with_label_values(&[pool]);
+        self.spawns.with_label_values(&[pool]);
+        self.queue_depth.with_label_values(&[pool]);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -143,6 +201,23 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding cannot fail");
         String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+/// Holds a gauge one higher for as long as it lives (an open stream).
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    /// Increments `gauge` now; the drop decrements it.
+    pub fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -52,6 +52,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// Set when the pool is retired by a reload: in-flight leases finish first.
+    graceful: std::sync::atomic::AtomicBool,
     ids: Arc<AtomicU64>,
 }
 
@@ -123,11 +125,20 @@ impl Pool {
                 metrics,
                 tracker: tracker.clone(),
                 shutdown,
+                graceful: std::sync::atomic::AtomicBool::new(false),
                 ids,
             }),
         };
         tracker.spawn(pool.clone().maintain());
         pool
+    }
+
+    /// Retires the pool (a reload removed or replaced it): no new leases,
+    /// in-flight ones finish (bounded by `request_timeout`), then every
+    /// process stops.
+    pub fn retire_gracefully(&self) {
+        self.inner.graceful.store(true, Ordering::Release);
+        self.inner.shutdown.cancel();
     }
 
     /// The pool's config.
@@ -515,12 +526,22 @@ impl Pool {
         self.inner.wake.notify_one();
     }
 
-    /// Stops accepting, fails the queue, stops every process.
+    /// Stops accepting, fails the queue, stops every process (after in-flight
+    /// leases finish when the pool is retired gracefully).
     async fn close(&self) {
-        let workers: Vec<Arc<Worker>> = {
+        {
             let mut st = self.inner.state.lock().expect("lock");
             st.closed = true;
             st.waiters.clear();
+        }
+        if self.inner.graceful.load(Ordering::Acquire) {
+            let limit = Instant::now() + self.inner.cfg.request_timeout + Duration::from_secs(5);
+            while Instant::now() < limit && self.status().busy > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let workers: Vec<Arc<Worker>> = {
+            let mut st = self.inner.state.lock().expect("lock");
             st.slots.drain().map(|(_, s)| s.worker).collect()
         };
         let grace = self.inner.cfg.stop_grace;

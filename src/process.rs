@@ -8,6 +8,7 @@
 
 pub mod group;
 pub mod router;
+pub mod sandbox;
 
 use crate::config::PoolConfig;
 use crate::framing::{sniff_id, Frame, LineSplitter};
@@ -73,9 +74,16 @@ impl Worker {
         metrics: Arc<Metrics>,
         tracker: &TaskTracker,
     ) -> Result<Arc<Worker>, WorkerError> {
+        let spawn_err = |reason: String| WorkerError::Spawn {
+            command: cfg.command.clone(),
+            reason,
+        };
+        let sandbox = sandbox::prepare(&cfg.sandbox, sandbox::euid())
+            .map_err(|e| spawn_err(e.to_string()))?
+            .map(Arc::new);
         let mut cmd = tokio::process::Command::new(&cfg.command);
+        sandbox::apply_env(&mut cmd, &cfg.sandbox, &cfg.env);
         cmd.args(&cfg.args)
-            .envs(&cfg.env)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -84,10 +92,17 @@ impl Worker {
         if let Some(cwd) = &cfg.cwd {
             cmd.current_dir(cwd);
         }
-        let mut child = cmd.spawn().map_err(|e| WorkerError::Spawn {
-            command: cfg.command.clone(),
-            reason: e.to_string(),
+        if let Some(sb) = &sandbox {
+            let sb = sb.clone();
+            // SAFETY: `apply` makes only async-signal-safe calls on memory
+            // prepared before the fork (see process::sandbox).
+            unsafe { cmd.pre_exec(move || sb.apply()) };
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            let child_err = sandbox.as_ref().and_then(|sb| sb.child_error());
+            spawn_err(child_err.map_or_else(|| e.to_string(), |c| c.to_string()))
         })?;
+        drop(sandbox);
         let pid = child.id().unwrap_or(0);
         let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
         let (events, _) = broadcast::channel(64);
@@ -98,7 +113,11 @@ impl Worker {
             max_message_size: cfg.max_message_size,
             stdin: stdin_tx,
             close_stdin: CancellationToken::new(),
-            router: Mutex::new(Router::new(id)),
+            router: Mutex::new({
+                let mut r = Router::new(id);
+                r.set_max_server_requests(cfg.max_server_requests);
+                r
+            }),
             exited: CancellationToken::new(),
             exit_reason: Mutex::new(None),
             spawned_at: Instant::now(),

@@ -8,6 +8,7 @@
 //! [`flow`]; every HTTP error in [`error`]. Shutdown stops accepting, lets
 //! in-flight exchanges finish (bounded), and ends open streams.
 
+pub mod ask;
 pub mod backend;
 pub mod error;
 pub mod flow;
@@ -42,6 +43,9 @@ pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
 pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Default largest request body.
 pub const DEFAULT_MAX_BODY: usize = crate::config::DEFAULT_MAX_MESSAGE_SIZE;
+/// Default largest request head (request line plus headers); beyond it the
+/// client gets `431 Request Header Fields Too Large`.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Default time a request waits for the pool's first warm process.
 pub const DEFAULT_WARM_WAIT: Duration = Duration::from_secs(30);
 /// Default time in-flight exchanges get to finish at shutdown.
@@ -66,10 +70,14 @@ pub struct ProxySettings {
     pub session_idle_timeout: Duration,
     /// Largest request body.
     pub max_body: usize,
+    /// Largest request head (at least 8192, hyper's minimum).
+    pub max_header_bytes: usize,
     /// How long a request waits for the pool to warm.
     pub warm_wait: Duration,
     /// How long shutdown waits for in-flight exchanges.
     pub drain_timeout: Duration,
+    /// A projected ServiceAccount token presented to the broker.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for ProxySettings {
@@ -82,8 +90,10 @@ impl Default for ProxySettings {
             max_sessions: DEFAULT_MAX_SESSIONS,
             session_idle_timeout: DEFAULT_SESSION_IDLE_TIMEOUT,
             max_body: DEFAULT_MAX_BODY,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             warm_wait: DEFAULT_WARM_WAIT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            token_file: None,
         }
     }
 }
@@ -120,12 +130,15 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let backend = Backend::new(
+    let mut backend = Backend::new(
         settings.socket.clone(),
         settings.pool.clone(),
         settings.max_body,
         metrics.clone(),
     );
+    if let Some(path) = &settings.token_file {
+        backend = backend.with_token_file(path.clone());
+    }
     let proxy = Arc::new(Proxy {
         sessions: Sessions::new(settings.max_sessions, settings.session_idle_timeout),
         held: mrtr::Held::new(mrtr::DEFAULT_MAX_HELD, mrtr::DEFAULT_HOLD_TIMEOUT),
@@ -155,7 +168,12 @@ pub async fn serve(
             let p = p.clone();
             async move { Ok::<_, std::convert::Infallible>(handle(p, req).await) }
         });
-        conns.spawn(crate::broker::api::serve_io(stream, svc, shutdown.clone()));
+        conns.spawn(crate::broker::api::serve_io_limited(
+            stream,
+            svc,
+            shutdown.clone(),
+            proxy.settings.max_header_bytes,
+        ));
     }
     drop(listener);
     conns.close();
@@ -210,6 +228,21 @@ pub async fn forward(
     client: ClientSide,
     accept: Accept,
 ) -> Response<Body> {
+    forward_with(proxy, msg, session, client, accept, false).await
+}
+
+/// [`forward`], keeping the request for a retry when `retryable` (a
+/// handshake-era client of a stateless server, whose InputRequiredResult the
+/// proxy answers by asking the client and retrying).
+pub async fn forward_with(
+    proxy: &Arc<Proxy>,
+    msg: Value,
+    session: Option<&str>,
+    client: ClientSide,
+    accept: Accept,
+    retryable: bool,
+) -> Response<Body> {
+    let retry = retryable.then(|| msg.clone());
     let id = msg.get("id").cloned().unwrap_or(Value::Null);
     let method = msg
         .get("method")
@@ -256,6 +289,7 @@ pub async fn forward(
         client_id: id,
         method,
         client,
+        retry,
     };
     flow::respond(flow, accept).await
 }
@@ -370,7 +404,12 @@ async fn mcp(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
     let bytes = match http::read_body(body, proxy.settings.max_body).await {
         Ok(b) => b,
         Err(http::BodyError::TooLarge { limit }) => {
-            return ProxyError::TooLarge(limit).into_response(Value::Null)
+            proxy
+                .metrics
+                .rejections
+                .with_label_values(&[proxy.backend.pool(), "too_large"])
+                .inc();
+            return ProxyError::TooLarge(limit).into_response(Value::Null);
         }
         Err(e) => return ProxyError::Invalid(e.to_string()).into_response(Value::Null),
     };

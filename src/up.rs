@@ -27,6 +27,7 @@ pub async fn run(
     let settings = BrokerSettings {
         socket: socket.clone(),
         metrics_listen: None,
+        max_message_size: pool.max_message_size,
         ..BrokerSettings::default()
     };
     let broker = Broker::start(

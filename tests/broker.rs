@@ -413,7 +413,12 @@ async fn shutdown_drains_in_flight_and_kills_process_groups() {
     let c = b.client("fx");
     let (_, m) = lease(&c, &tool(1, "spawn_child", json!({})), None).await;
     let grandchild: u32 = text_of(&m[0]).trim().parse().unwrap();
-    assert!(procs_with_tag(&b.tag).contains(&grandchild));
+    let tag = b.tag.clone();
+    // The grandchild may still be between fork and exec: poll briefly.
+    wait_until(Duration::from_secs(5), || {
+        procs_with_tag(&tag).contains(&grandchild)
+    })
+    .await;
     let inflight = tokio::spawn({
         let c = c.clone();
         async move { lease(&c, &tool(2, "sleep", json!({"ms": 500})), None).await }

@@ -153,48 +153,21 @@ async fn progress_rides_sse_in_order_and_json_only_clients_get_json() {
 async fn sampling_round_trip_over_sse() {
     let (b, px) = setup(&[], 2).await;
     let s = initialize(&px.url, "2025-06-18", json!({"sampling": {}})).await;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
-    let req = http::Request::post(&px.url)
-        .header("accept", "application/json, text/event-stream")
-        .header("content-type", "application/json")
-        .header("mcp-session-id", &s)
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            tool(9, "sample", json!({"prompt": "2+2?"})).to_string(),
-        )))
-        .unwrap();
-    let resp = client.request(req).await.unwrap();
-    assert!(resp.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/event-stream"));
-    let mut body = resp.into_body();
-    let mut buf = String::new();
-    use http_body_util::BodyExt;
-    let mut answered = false;
-    let fin = loop {
-        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        buf.push_str(&String::from_utf8_lossy(&frame.into_data().unwrap()));
-        let msgs = sse_messages(&buf);
-        if !answered {
-            if let Some(req) = msgs
-                .iter()
-                .find(|m| m["method"] == "sampling/createMessage")
-            {
-                let answer = json!({"jsonrpc":"2.0","id":req["id"],"result":{"role":"assistant","content":{"type":"text","text":"4"},"model":"m"}});
-                assert_eq!(post(&px.url, &s, &answer).await.status, 202);
-                answered = true;
-            }
-        }
-        if let Some(f) = msgs.iter().find(|m| m["id"] == 9) {
-            break f.clone();
-        }
-    };
-    assert_eq!(text_of(&fin), "4");
+    let msgs = sse_round_trip(
+        &px.url,
+        &s,
+        &tool(9, "sample", json!({"prompt": "2+2?"})),
+        |req| {
+            assert_eq!(req["method"], "sampling/createMessage");
+            assert_eq!(req["params"]["messages"][0]["content"]["text"], "2+2?");
+            json!({"role": "assistant", "content": {"type": "text", "text": "4"}, "model": "m"})
+        },
+    )
+    .await;
+    assert_eq!(text_of(msgs.last().unwrap()), "4");
+    // The answer cannot be delivered twice.
+    let again = json!({"jsonrpc":"2.0","id":msgs[0]["id"],"result":{}});
+    assert_eq!(post(&px.url, &s, &again).await.status, 400);
     // Without the capability the server's request is refused for the client.
     let s2 = initialize(&px.url, "2025-06-18", json!({})).await;
     let r = post(&px.url, &s2, &tool(10, "sample", json!({"prompt": "x"}))).await;

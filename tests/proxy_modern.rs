@@ -320,6 +320,38 @@ async fn stateless_backend_serves_both_eras() {
     )
     .await;
     assert_eq!(text_of(&r.json()), "legacy");
+    // The stateless server's InputRequiredResult becomes a sampling request
+    // on the legacy client's stream, and the proxy retries with the answer.
+    let s = initialize(&px.url, "2025-06-18", json!({"sampling": {}})).await;
+    let msgs = sse_round_trip(
+        &px.url,
+        &s,
+        &tool(4, "sample", json!({"prompt": "2+2?"})),
+        |req| {
+            assert_eq!(req["method"], "sampling/createMessage");
+            json!({"role": "assistant", "content": {"type": "text", "text": "4"}, "model": "m"})
+        },
+    )
+    .await;
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    assert_eq!(text_of(&msgs[1]), "4");
+    // Without the capability: a clear error, no question.
+    let s = initialize(&px.url, "2025-06-18", json!({})).await;
+    let r = send(
+        "POST",
+        &px.url,
+        &[JSON_SSE, CT_JSON, ("mcp-session-id", &s)],
+        &tool(5, "sample", json!({"prompt": "x"})).to_string(),
+    )
+    .await;
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sampling"),
+        "{}",
+        r.body
+    );
     px.stop().await;
     b.stop().await;
 }

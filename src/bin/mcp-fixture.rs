@@ -373,7 +373,9 @@ const TOOLS: &str = r#"[
  {"name":"spawn_child","description":"Spawns `sleep 600` in this process group; returns its pid","inputSchema":{"type":"object","properties":{}}},
  {"name":"list_changed","description":"Sends notifications/tools/list_changed","inputSchema":{"type":"object","properties":{}}},
  {"name":"env","description":"Returns environment variable `name` or <unset>","inputSchema":{"type":"object","properties":{"name":{"type":"string"}},"required":["name"]}},
- {"name":"stderr","description":"Writes `text` to stderr","inputSchema":{"type":"object","properties":{"text":{"type":"string"}},"required":["text"]}}
+ {"name":"stderr","description":"Writes `text` to stderr","inputSchema":{"type":"object","properties":{"text":{"type":"string"}},"required":["text"]}},
+ {"name":"open_files","description":"Opens /dev/null `n` times at once, then closes them","inputSchema":{"type":"object","properties":{"n":{"type":"integer","minimum":0}},"required":["n"]}},
+ {"name":"alloc","description":"Allocates and touches `bytes` bytes, then frees them","inputSchema":{"type":"object","properties":{"bytes":{"type":"integer","minimum":0}},"required":["bytes"]}}
 ]"#;
 
 fn arg_str<'a>(args: &'a Args, tool: &str, name: &str) -> RpcResult<&'a str> {
@@ -395,6 +397,23 @@ fn arg_num(args: &Args, tool: &str, arg: &str, dflt: Option<u64>, max: u64) -> R
         ))
     };
     v.filter(|n| *n <= max).ok_or_else(msg)
+}
+
+/// `sample` in the stateless era: ask via `InputRequiredResult`, answer on
+/// the retry that carries `inputResponses` and the echoed `requestState`.
+fn sample_stateless(params: &Value, req: Value) -> RpcResult {
+    match params.pointer("/inputResponses/q") {
+        None => Ok(json!({"resultType": "input_required",
+            "inputRequests": {"q": {"method": "sampling/createMessage", "params": req}},
+            "requestState": "fixture-state"})),
+        Some(_) if params.get("requestState") != Some(&json!("fixture-state")) => {
+            Err(bad("sample: requestState missing or altered"))
+        }
+        Some(r) => match r.pointer("/content/text").and_then(Value::as_str) {
+            Some(t) => text(t),
+            None => text(r.to_string()),
+        },
+    }
 }
 
 fn text(t: impl Into<String>) -> RpcResult {
@@ -455,6 +474,10 @@ fn call_tool(state: &State, id: &Value, params: &Value, n: u64) -> Option<RpcRes
         "sample" => arg_str(args, name, "prompt").and_then(|prompt| {
             let req = json!({"messages": [{"role": "user",
                 "content": {"type": "text", "text": prompt}}], "maxTokens": 10});
+            if state.opts.era == Era::Stateless {
+                // 2026-07-28 servers ask by returning InputRequiredResult.
+                return sample_stateless(params, req);
+            }
             match state.client_request("sampling/createMessage", req) {
                 Ok(r) => match r.pointer("/content/text").and_then(Value::as_str) {
                     Some(t) => text(t),
@@ -486,9 +509,28 @@ fn call_tool(state: &State, id: &Value, params: &Value, n: u64) -> Option<RpcRes
             eprintln!("{t}");
             text("ok")
         }),
+        "open_files" => arg_num(args, name, "n", None, COUNT_MAX).and_then(open_files),
+        "alloc" => arg_num(args, name, "bytes", None, HUGE_MAX << 4).and_then(alloc),
         _ => Err(bad(format!("Unknown tool: {name}"))),
     };
     Some(result)
+}
+
+/// Holds `n` open files at once (to show an open-files limit biting).
+fn open_files(n: u64) -> RpcResult {
+    let held: Result<Vec<_>, _> = (0..n).map(|_| std::fs::File::open("/dev/null")).collect();
+    let err = |e: std::io::Error| (INTERNAL_ERROR, format!("open_files: holding {n}: {e}"));
+    held.map_err(err).and_then(|_| text(format!("opened {n}")))
+}
+
+/// Allocates and touches `bytes` (to show an address-space limit biting).
+fn alloc(bytes: u64) -> RpcResult {
+    let len = usize::try_from(bytes).map_err(|_| bad("alloc: too big for this platform"))?;
+    let mut v: Vec<u8> = Vec::new();
+    let err = |e: std::collections::TryReserveError| (INTERNAL_ERROR, format!("alloc {len}: {e}"));
+    v.try_reserve_exact(len).map_err(err)?;
+    v.resize(len, 1);
+    text(format!("allocated {}", v.len()))
 }
 
 /// Starts `sleep 600` in our process group; a thread reaps it when it dies.

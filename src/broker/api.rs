@@ -20,7 +20,8 @@
 use super::{lease, Broker};
 use crate::http::{self, Body};
 use crate::jsonrpc::{self, codes, Kind};
-use crate::pool::PoolError;
+use crate::policy::Identity;
+use crate::pool::{Pool, PoolError};
 use ::http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
@@ -57,6 +58,8 @@ pub enum ApiError {
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("not allowed: {0}")]
+    NotAllowed(String),
 }
 
 impl ApiError {
@@ -71,6 +74,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Process(_) => StatusCode::BAD_GATEWAY,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::NotAllowed(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -86,6 +90,7 @@ impl ApiError {
             ApiError::BadRequest(_) => codes::INVALID_REQUEST,
             ApiError::TooLarge(_) => codes::MESSAGE_TOO_LARGE,
             ApiError::Process(_) => codes::PROCESS_EXITED,
+            ApiError::NotAllowed(_) => codes::NOT_ALLOWED,
             ApiError::UnknownLease(_) | ApiError::NotFound | ApiError::MethodNotAllowed => {
                 codes::INVALID_REQUEST
             }
@@ -114,11 +119,84 @@ pub async fn serve_connection(
     stream: UnixStream,
     shutdown: CancellationToken,
 ) {
+    // Who is on the other end: the kernel's word, fixed for the connection.
+    let peer = match stream.peer_cred() {
+        Ok(c) => Identity {
+            uid: Some(c.uid()),
+            gid: Some(c.gid()),
+            pid: c.pid(),
+            ..Identity::default()
+        },
+        Err(_) => Identity::default(),
+    };
     let svc = hyper::service::service_fn(move |req| {
         let broker = broker.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(broker, req).await) }
+        let peer = peer.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(broker, req, peer).await) }
     });
     serve_io(stream, svc, shutdown).await
+}
+
+/// The caller of one request: the connection's peer credentials plus the
+/// verified ServiceAccount behind a `Bearer` token, if any.
+async fn caller<B>(broker: &Broker, req: &Request<B>, mut who: Identity) -> Identity {
+    let token = req
+        .headers()
+        .get(::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match (token, broker.token_reviewer()) {
+        (Some(t), Some(r)) => match r.verify(t).await {
+            Ok(k) => who.kube = Some(k),
+            Err(e) => who.kube_error = Some(e.to_string()),
+        },
+        (Some(_), None) => {
+            who.kube_error = Some("this broker does not verify tokens (identity = \"none\")".into())
+        }
+        (None, _) => {}
+    }
+    // The pod behind the peer pid: its labels, and its identity when no
+    // token named one (a token naming another account wins, without labels).
+    if let Some(pod) = broker
+        .pod_index()
+        .and_then(|i| who.pid.and_then(|p| i.by_pid(p)))
+    {
+        match &who.kube {
+            None => {
+                who.kube = Some(pod.kube);
+                who.pod_labels = Some(pod.labels);
+            }
+            Some(k) if *k == pod.kube => who.pod_labels = Some(pod.labels),
+            Some(_) => {}
+        }
+    }
+    who
+}
+
+/// The pool `who` gets for `name`: policy checked, tenant pool when isolated.
+fn resolve(broker: &Broker, name: &str, who: &Identity) -> Result<Pool, ApiError> {
+    let base = broker
+        .pool(name)
+        .ok_or_else(|| ApiError::UnknownPool(name.to_string()))?;
+    let cfg = base.config();
+    let deny = |why: String| {
+        broker
+            .metrics()
+            .policy_denials
+            .with_label_values(&[name])
+            .inc();
+        tracing::info!(pool = name, caller = %who, "lease denied: {why}");
+        ApiError::NotAllowed(why)
+    };
+    if !crate::policy::allowed(cfg.allow.as_deref(), who) {
+        return Err(deny(format!("{who} may not use pool {name:?}")));
+    }
+    match cfg.isolate.tenant(who) {
+        Ok(None) => Ok(base),
+        Ok(Some(t)) => broker.tenant_pool(&base, &t).map_err(ApiError::Process),
+        Err(why) => Err(deny(format!("pool {name:?}: {why} ({who})"))),
+    }
 }
 
 /// Serves `/livez`, `/readyz` and `/metrics` (only those: the lease API is
@@ -145,7 +223,9 @@ pub async fn serve_health(
             let broker = broker.clone();
             async move {
                 let r = match (req.method(), req.uri().path()) {
-                    (&Method::GET, "/livez" | "/readyz" | "/metrics") => handle(broker, req).await,
+                    (&Method::GET, "/livez" | "/readyz" | "/metrics") => {
+                        handle(broker, req, Identity::default()).await
+                    }
                     _ => ApiError::NotFound.into_response(Value::Null),
                 };
                 Ok::<_, std::convert::Infallible>(r)
@@ -166,8 +246,28 @@ where
     >,
     S::Future: Send + 'static,
 {
+    serve_io_limited(io, svc, shutdown, MAX_HEADER_BYTES).await
+}
+
+/// Largest request head (request line and headers) the lease API reads.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The smallest head limit hyper accepts.
+pub const MIN_HEADER_BYTES: usize = 8192;
+
+/// [`serve_io`] with a limit on the request head: a longer one is answered
+/// `431 Request Header Fields Too Large` and the connection closed.
+pub async fn serve_io_limited<I, S>(io: I, svc: S, shutdown: CancellationToken, max_head: usize)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Body>,
+        Error = std::convert::Infallible,
+    >,
+    S::Future: Send + 'static,
+{
     let conn = hyper::server::conn::http1::Builder::new()
-        .max_buf_size(64 * 1024)
+        .max_buf_size(max_head.max(MIN_HEADER_BYTES))
         .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
     tokio::pin!(conn);
     tokio::select! {
@@ -179,7 +279,7 @@ where
     }
 }
 
-async fn handle(broker: Arc<Broker>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(broker: Arc<Broker>, req: Request<Incoming>, peer: Identity) -> Response<Body> {
     let path: Vec<String> = req
         .uri()
         .path()
@@ -198,32 +298,30 @@ async fn handle(broker: Arc<Broker>, req: Request<Incoming>) -> Response<Body> {
             http::full(broker.metrics().render()),
         )),
         (&Method::GET, ["v1", "pools"]) => {
-            let all: Vec<Value> = broker.pools().map(lease::describe).collect();
+            let all: Vec<Value> = broker.pools().iter().map(lease::describe).collect();
             Ok(http::json(StatusCode::OK, &Value::Array(all)))
         }
         (&Method::GET, ["v1", "pools", name]) => broker
             .pool(name)
-            .map(|p| http::json(StatusCode::OK, &lease::describe(p)))
+            .map(|p| http::json(StatusCode::OK, &lease::describe(&p)))
             .ok_or_else(|| ApiError::UnknownPool(name.to_string())),
         (&Method::POST, ["v1", "pools", name, "messages"]) => {
-            return submit(broker.clone(), name.to_string(), req).await;
+            let who = caller(&broker, &req, peer).await;
+            return submit(broker.clone(), name.to_string(), req, who).await;
         }
         (&Method::POST, ["v1", "leases", id]) => deliver(&broker, id.to_string(), req).await,
-        (&Method::DELETE, ["v1", "pools", name, "sessions", session]) => match broker.pool(name) {
-            Some(p) => {
+        (&Method::DELETE, ["v1", "pools", name, "sessions", session]) => {
+            let who = caller(&broker, &req, peer).await;
+            resolve(&broker, name, &who).map(|p| {
                 p.end_session(session);
-                Ok(http::response(
-                    StatusCode::NO_CONTENT,
-                    "text/plain",
-                    http::empty(),
-                ))
-            }
-            None => Err(ApiError::UnknownPool(name.to_string())),
-        },
-        (&Method::GET, ["v1", "pools", name, "events"]) => match broker.pool(name) {
-            Some(p) => session_of(&req).map(|s| lease::events(&broker, p, s)),
-            None => Err(ApiError::UnknownPool(name.to_string())),
-        },
+                http::response(StatusCode::NO_CONTENT, "text/plain", http::empty())
+            })
+        }
+        (&Method::GET, ["v1", "pools", name, "events"]) => {
+            let who = caller(&broker, &req, peer).await;
+            resolve(&broker, name, &who)
+                .and_then(|p| session_of(&req).map(|s| lease::events(&broker, &p, s)))
+        }
         (_, ["v1", ..]) | (_, ["livez" | "readyz" | "metrics"]) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     };
@@ -234,10 +332,11 @@ fn readyz(broker: &Broker) -> Response<Body> {
     if broker.ready() {
         http::text(StatusCode::OK, "ready\n")
     } else {
-        let cold: Vec<&str> = broker
+        let cold: Vec<String> = broker
             .pools()
+            .iter()
             .filter(|p| p.handshake().is_none())
-            .map(|p| p.config().name.as_str())
+            .map(|p| p.config().name.clone())
             .collect();
         http::text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -276,7 +375,12 @@ async fn read_message(broker: &Broker, req: Request<Incoming>) -> Result<Value, 
 }
 
 /// `POST /v1/pools/{pool}/messages`.
-async fn submit(broker: Arc<Broker>, name: String, req: Request<Incoming>) -> Response<Body> {
+async fn submit(
+    broker: Arc<Broker>,
+    name: String,
+    req: Request<Incoming>,
+    who: Identity,
+) -> Response<Body> {
     let session = match session_of(&req) {
         Ok(s) => s,
         Err(e) => return e.into_response(Value::Null),
@@ -289,11 +393,17 @@ async fn submit(broker: Arc<Broker>, name: String, req: Request<Incoming>) -> Re
                 &jsonrpc::error(Value::Null, codes::PARSE_ERROR, m),
             )
         }
-        Err(e) => return e.into_response(Value::Null),
+        Err(e) => {
+            if matches!(e, ApiError::TooLarge(_)) && broker.pool(&name).is_some() {
+                reject(&broker, &name, "too_large");
+            }
+            return e.into_response(Value::Null);
+        }
     };
     let id = msg.get("id").cloned().unwrap_or(Value::Null);
-    let Some(pool) = broker.pool(&name).cloned() else {
-        return ApiError::UnknownPool(name).into_response(id);
+    let pool = match resolve(&broker, &name, &who) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(id),
     };
     match jsonrpc::classify(&msg) {
         Ok(Kind::Request { method, .. }) if method == "initialize" => ApiError::BadRequest(
@@ -302,6 +412,7 @@ async fn submit(broker: Arc<Broker>, name: String, req: Request<Incoming>) -> Re
         .into_response(id),
         Ok(Kind::Request { method, .. }) => {
             if broker.is_draining() {
+                reject(&broker, &name, "draining");
                 return ApiError::Draining.into_response(id);
             }
             match lease::run(broker, pool, session, msg, method).await {
@@ -319,6 +430,15 @@ async fn submit(broker: Arc<Broker>, name: String, req: Request<Incoming>) -> Re
         .into_response(id),
         Err(e) => ApiError::BadRequest(e.to_string()).into_response(id),
     }
+}
+
+/// Counts a request refused before it reached a process.
+fn reject(broker: &Broker, pool: &str, reason: &str) {
+    broker
+        .metrics()
+        .rejections
+        .with_label_values(&[pool, reason])
+        .inc();
 }
 
 /// `POST /v1/leases/{lease}`.

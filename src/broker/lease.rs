@@ -112,6 +112,12 @@ pub async fn run(
                 crate::pool::PoolError::Closed { .. } => "closed",
             };
             outcome(kind);
+            let reason = if kind == "closed" { "draining" } else { kind };
+            broker
+                .metrics()
+                .rejections
+                .with_label_values(&[&name, reason])
+                .inc();
             return Err(e.into());
         }
     };

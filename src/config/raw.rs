@@ -29,6 +29,16 @@ pub struct RawBroker {
     pub metrics_listen: Option<String>,
     pub drain_timeout: Option<String>,
     pub max_message_size: Option<usize>,
+    /// `none` or `kubernetes` (verify ServiceAccount tokens with TokenReview).
+    pub identity: Option<String>,
+    /// Audience the proxies' projected tokens are minted for.
+    pub token_audience: Option<String>,
+    /// Longest reuse of a token verdict.
+    pub token_cache_ttl: Option<String>,
+    /// Identify callers' pods by socket peer credentials.
+    pub peer_identity: Option<bool>,
+    /// Node whose pods are indexed (default: `NODE_NAME`).
+    pub node_name: Option<String>,
 }
 
 /// One `[[pool]]`.
@@ -56,8 +66,36 @@ pub struct RawPool {
     pub protocol: Option<String>,
     /// Capabilities declared to servers at warm-up (a TOML table).
     pub client_capabilities: Option<toml::Table>,
-    /// Accepted in the schema so the error can say it is not supported yet.
-    pub allow: Option<toml::Value>,
-    /// Accepted in the schema so the error can say it is not supported yet.
+    /// Who may lease from the pool.
+    pub allow: Option<Vec<crate::policy::Rule>>,
+    /// `none`, `namespace` or `service_account`.
     pub isolate: Option<String>,
+    /// Server→client requests waiting per lease at most.
+    pub max_server_requests: Option<usize>,
+    /// `[pool.sandbox]`: what the pool's processes may do.
+    pub sandbox: Option<RawSandbox>,
+}
+
+/// `[pool.sandbox]`: restrictions applied to each process before `exec`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSandbox {
+    /// User name or numeric uid to run as.
+    pub user: Option<String>,
+    /// Group name or numeric gid to run as.
+    pub group: Option<String>,
+    /// Start from an empty environment.
+    pub env_clear: Option<bool>,
+    /// Broker variables passed through when `env_clear` is set.
+    pub env_allow: Option<Vec<String>>,
+    /// RLIMIT_NOFILE.
+    pub max_open_files: Option<u64>,
+    /// RLIMIT_AS: bytes, as a number or a string such as "512MiB".
+    pub max_address_space: Option<toml::Value>,
+    /// RLIMIT_NPROC (counted per user by the kernel).
+    pub max_processes: Option<u64>,
+    /// PR_SET_NO_NEW_PRIVS.
+    pub no_new_privileges: Option<bool>,
+    /// "host" (default) or "none".
+    pub network: Option<String>,
 }

@@ -88,11 +88,29 @@ fn bad_mode_and_names() {
 }
 
 #[test]
-fn unsupported_policy_fields_fail_closed() {
+fn policy_fields_are_validated() {
     let e = err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nallow = [{ namespace = \"t\" }]\n");
-    assert!(e.contains("allow"), "{e}");
+    assert!(e.contains("allow") && e.contains("identity"), "{e}");
     let e = err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nisolate = \"namespace\"\n");
     assert!(e.contains("isolate"), "{e}");
+    let e = err("[broker]\nidentity = \"kubernetes\"\n[[pool]]\nname = \"a\"\ncommand = \"x\"\nallow = [{ service_account = \"agent\" }]\n");
+    assert!(e.contains("allow.service_account"), "{e}");
+    let e = err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nallow = [{ nmespace = \"t\" }]\n");
+    assert!(e.contains("nmespace"), "{e}");
+    assert!(err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nallow = []\n").contains("allow"));
+    assert!(err("[broker]\nidentity = \"ldap\"\n").contains("identity"));
+    let c = Config::from_toml(
+        "[broker]\nidentity = \"kubernetes\"\n[[pool]]\nname = \"a\"\ncommand = \"x\"\nisolate = \"service_account\"\nallow = [{ namespace = \"team-a\" }, { uid = 0 }]\n",
+    )
+    .unwrap();
+    assert_eq!(c.broker.kubernetes.as_ref().unwrap().audience, "mcp-broker");
+    assert_eq!(c.pools[0].allow.as_ref().unwrap().len(), 2);
+    assert_eq!(c.pools[0].isolate, crate::policy::Isolate::ServiceAccount);
+    let local = Config::from_toml(
+        "[[pool]]\nname = \"a\"\ncommand = \"x\"\nallow = [{ uid = 1000, gid = 100 }]\n",
+    )
+    .unwrap();
+    assert!(local.broker.kubernetes.is_none());
 }
 
 #[test]
@@ -132,4 +150,19 @@ fn client_capabilities_are_configurable() {
         err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nclient_capabilities = 3\n")
             .contains("client_capabilities")
     );
+}
+
+#[test]
+fn peer_identity_needs_kubernetes_and_a_node() {
+    let e = err("[broker]\npeer_identity = true\n");
+    assert!(e.contains("peer_identity"), "{e}");
+    let e = err("[broker]\nidentity = \"kubernetes\"\n[[pool]]\nname = \"a\"\ncommand = \"x\"\nallow = [{ pod_labels = { app = \"x\" } }]\n");
+    assert!(e.contains("allow.pod_labels"), "{e}");
+    let c = Config::from_toml(
+        "[broker]\nidentity = \"kubernetes\"\npeer_identity = true\nnode_name = \"n1\"\n[[pool]]\nname = \"a\"\ncommand = \"x\"\nallow = [{ pod_labels = { app = \"x\" } }]\n",
+    )
+    .unwrap();
+    let k = c.broker.kubernetes.unwrap();
+    assert!(k.peer_identity);
+    assert_eq!(k.node_name.as_deref(), Some("n1"));
 }

@@ -9,6 +9,9 @@
 //!   same token on one process never see each other's progress.
 //! * Server→client requests get broker ids that name the process, so a
 //!   client's answer reaches the process that asked.
+//! * A lease has at most `max_server_requests` server→client requests
+//!   waiting for the client; one more is answered to the process with an
+//!   error at once, so a runaway server cannot grow the table.
 //! * A message that cannot be tied to exactly one request (a log line while
 //!   several requests are in flight) is dropped and counted, never guessed.
 //!
@@ -61,9 +64,13 @@ struct LeaseRoute {
     answered: bool,
 }
 
+/// Default cap on server→client requests waiting per lease.
+pub const DEFAULT_MAX_SERVER_REQUESTS: usize = 64;
+
 /// Routing state for one process.
 pub struct Router {
     worker_id: u64,
+    max_server_requests: usize,
     next: u64,
     pending: HashMap<u64, Waiter>,
     leases: HashMap<u64, LeaseRoute>,
@@ -87,12 +94,18 @@ impl Router {
     pub fn new(worker_id: u64) -> Self {
         Self {
             worker_id,
+            max_server_requests: DEFAULT_MAX_SERVER_REQUESTS,
             next: 0,
             pending: HashMap::new(),
             leases: HashMap::new(),
             progress: HashMap::new(),
             server_reqs: HashMap::new(),
         }
+    }
+
+    /// Sets the cap on server→client requests waiting per lease (min 1).
+    pub fn set_max_server_requests(&mut self, n: usize) {
+        self.max_server_requests = n.max(1);
     }
 
     fn fresh(&mut self) -> u64 {
@@ -248,6 +261,18 @@ impl Router {
                         format!("mcp-broker cannot route {method}: {why}"),
                     ));
                 };
+                let waiting = self.server_reqs.values().filter(|(l, _)| *l == lid).count();
+                if waiting >= self.max_server_requests {
+                    return Action::Reply(jsonrpc::error(
+                        id,
+                        codes::INTERNAL_ERROR,
+                        format!(
+                            "mcp-broker refused {method}: this request already has {waiting} \
+                             server requests waiting for the client (max_server_requests = {})",
+                            self.max_server_requests
+                        ),
+                    ));
+                }
                 let n = self.fresh();
                 let broker_id = format!("mcp-broker-{}-{n}", self.worker_id);
                 self.server_reqs.insert(broker_id.clone(), (lid, id));

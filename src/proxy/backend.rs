@@ -129,6 +129,49 @@ pub struct Backend {
     max_message: usize,
     info: Arc<Mutex<Option<(Instant, PoolInfo)>>>,
     metrics: Arc<Metrics>,
+    token: Option<Arc<TokenFile>>,
+}
+
+/// A ServiceAccount token file (kubelet rotates it), re-read at most every
+/// [`TOKEN_REREAD`].
+pub struct TokenFile {
+    path: PathBuf,
+    cached: Mutex<Option<(Instant, String)>>,
+}
+
+/// How long a read token is reused before the file is read again.
+const TOKEN_REREAD: Duration = Duration::from_secs(30);
+
+impl TokenFile {
+    /// A token read from `path`.
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// The current token; `None` when the file cannot be read (the broker
+    /// then sees an unauthenticated caller and its policy decides).
+    pub fn get(&self) -> Option<String> {
+        let mut c = self.cached.lock().expect("lock");
+        if let Some((at, t)) = c.as_ref() {
+            if at.elapsed() < TOKEN_REREAD {
+                return Some(t.clone());
+            }
+        }
+        match std::fs::read_to_string(&self.path) {
+            Ok(t) if !t.trim().is_empty() => {
+                let t = t.trim().to_string();
+                *c = Some((Instant::now(), t.clone()));
+                Some(t)
+            }
+            _ => {
+                tracing::warn!(path = %self.path.display(), "cannot read the ServiceAccount token");
+                None
+            }
+        }
+    }
 }
 
 impl Backend {
@@ -144,7 +187,14 @@ impl Backend {
             max_message,
             info: Arc::new(Mutex::new(None)),
             metrics,
+            token: None,
         }
+    }
+
+    /// Presents the token in `path` (`Authorization: Bearer`) on every call.
+    pub fn with_token_file(mut self, path: PathBuf) -> Self {
+        self.token = Some(Arc::new(TokenFile::new(path)));
+        self
     }
 
     /// The pool name.
@@ -172,6 +222,9 @@ impl Backend {
             if let Some(s) = session {
                 req = req.header(SESSION_HEADER, s);
             }
+            if let Some(t) = self.token.as_ref().and_then(|t| t.get()) {
+                req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+            }
             if !body.is_empty() {
                 req = req.header(http::header::CONTENT_TYPE, "application/json");
             }
@@ -184,6 +237,10 @@ impl Backend {
                     self.metrics
                         .broker_errors
                         .with_label_values(&["connect_retry"])
+                        .inc();
+                    self.metrics
+                        .broker_reconnects
+                        .with_label_values(&[&self.pool])
                         .inc();
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(CONNECT_RETRY_MAX);

@@ -14,7 +14,7 @@
 
 use super::backend::Lines;
 use super::session::Session;
-use super::{modern, mrtr, Proxy};
+use super::{ask, modern, mrtr, Proxy};
 use crate::http::{self, Body};
 use crate::jsonrpc::{self, codes, Kind};
 use ::http::{HeaderValue, Response, StatusCode};
@@ -54,6 +54,9 @@ pub enum Step {
     Hold(Value),
     /// The response; the flow is over.
     Final(Value),
+    /// A stateless server's `InputRequiredResult` for a handshake-era client:
+    /// ask the client over SSE, then retry ([`super::ask`]).
+    NeedInput(Value),
 }
 
 /// A client request in flight on a lease.
@@ -64,6 +67,9 @@ pub struct Flow {
     pub client_id: Value,
     pub method: String,
     pub client: ClientSide,
+    /// The request as sent, kept when the proxy may have to retry it with
+    /// the client's input (see [`super::ask`]).
+    pub retry: Option<Value>,
 }
 
 /// Which client capability a server→client request needs.
@@ -98,7 +104,17 @@ impl Flow {
                 }
             };
             match jsonrpc::classify(&msg) {
-                Ok(Kind::Response { .. }) => return Step::Final(self.finish(msg)),
+                Ok(Kind::Response { .. }) => {
+                    let input_required = msg.pointer("/result/resultType").and_then(Value::as_str)
+                        == Some("input_required");
+                    if input_required
+                        && self.retry.is_some()
+                        && matches!(self.client, ClientSide::Legacy(_))
+                    {
+                        return Step::NeedInput(msg);
+                    }
+                    return Step::Final(self.finish(msg));
+                }
                 Ok(Kind::Notification { .. }) => return Step::Notify(msg),
                 Ok(Kind::Request { id, method }) => {
                     let cap = capability_for(&method);
@@ -162,7 +178,7 @@ impl Flow {
         msg
     }
 
-    fn done(&self) {
+    pub(super) fn done(&self) {
         if let ClientSide::Legacy(s) = &self.client {
             s.untrack_request(&self.client_id);
             if let Some(t) = &self.token {
@@ -182,7 +198,8 @@ fn final_status(flow: &Flow, msg: &Value) -> StatusCode {
     }
 }
 
-fn sse_event(msg: &Value) -> Bytes {
+/// One SSE `message` event carrying `msg`.
+pub fn sse_event(msg: &Value) -> Bytes {
     let data = serde_json::to_string(msg).expect("Value serializes");
     Bytes::from(format!("event: message\ndata: {data}\n\n"))
 }
@@ -212,6 +229,10 @@ pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
                     return http::json(final_status(&flow, &m), &m);
                 }
                 Step::Hold(req) => return http::json(StatusCode::OK, &mrtr::hold(flow, req).await),
+                Step::NeedInput(_) => {
+                    flow.done();
+                    return http::json(StatusCode::OK, &ask::needs_sse(&flow));
+                }
                 Step::ServerRequest(req) => {
                     if let (Some(id), Some(m)) = (
                         req.get("id").cloned(),
@@ -230,7 +251,14 @@ pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
     }
     let (tx, body) = http::channel_body(SSE_BUFFER);
     let tracker = flow.proxy.tracker.clone();
+    let open = crate::metrics::GaugeGuard::new(
+        flow.proxy
+            .metrics
+            .sse_streams
+            .with_label_values(&["response"]),
+    );
     tracker.spawn(async move {
+        let _open = open;
         let mut step = first;
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
         loop {
@@ -242,8 +270,12 @@ pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
                     return;
                 }
                 Step::Notify(m) | Step::ServerRequest(m) => (sse_event(&m), false),
+                Step::NeedInput(m) => match ask::gather(&mut flow, &tx, m).await {
+                    Ok(()) => (Bytes::new(), false),
+                    Err(fin) => (sse_event(&fin), true),
+                },
             };
-            if tx.send(event).await.is_err() || last {
+            if (!event.is_empty() && tx.send(event).await.is_err()) || last {
                 break;
             }
             let next = loop {

@@ -117,17 +117,22 @@ pub async fn post(
             http::json(StatusCode::OK, &flow::empty_result(id))
         }
         Kind::Request { .. } => {
-            if let Ok(info) = proxy.backend.pool_info().await {
-                if info.era == Era::Stateless {
-                    add_stateless_meta(&mut msg, &session);
-                }
+            let stateless = proxy
+                .backend
+                .pool_info()
+                .await
+                .is_ok_and(|i| i.era == Era::Stateless);
+            if stateless {
+                add_stateless_meta(&mut msg, &session);
             }
-            super::forward(
+            let sid = session.id.clone();
+            super::forward_with(
                 proxy,
                 msg,
-                Some(&session.id.clone()),
+                Some(&sid),
                 ClientSide::Legacy(session),
                 accept,
+                stateless,
             )
             .await
         }
@@ -152,6 +157,7 @@ pub async fn post(
             }
             accepted()
         }
+        Kind::Response { id: rid } if session.answer_input(&rid, msg.clone()) => accepted(),
         Kind::Response { id: rid } => match session.take_server_request(&rid) {
             Some(token) => match proxy.backend.deliver(&token, &msg).await {
                 Ok(()) => accepted(),

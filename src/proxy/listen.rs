@@ -39,13 +39,17 @@ fn sse_response(body: Body) -> Response<Body> {
 /// Pumps broker events through `map` into an SSE body until either side ends.
 fn pump(
     proxy: &Arc<Proxy>,
+    kind: &str,
     mut events: super::backend::Lines,
     first: Option<Value>,
     map: impl Fn(Value) -> Option<Value> + Send + 'static,
 ) -> Body {
     let (tx, body) = http::channel_body(BUFFER);
     let shutdown = proxy.shutdown.clone();
+    let open =
+        crate::metrics::GaugeGuard::new(proxy.metrics.sse_streams.with_label_values(&[kind]));
     proxy.tracker.spawn(async move {
+        let _open = open;
         if let Some(f) = first {
             if tx.send(sse(&f)).await.is_err() {
                 return;
@@ -83,7 +87,7 @@ pub async fn get(proxy: &Arc<Proxy>, headers: &HeaderMap, accept_sse: bool) -> R
         Err(e) => return e.into_response(Value::Null),
     };
     match proxy.backend.events(Some(&s.id)).await {
-        Ok(events) => sse_response(pump(proxy, events, None, Some)),
+        Ok(events) => sse_response(pump(proxy, "listen", events, None, Some)),
         Err(e) => ProxyError::Backend(e).into_response(Value::Null),
     }
 }
@@ -138,5 +142,5 @@ pub async fn modern(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body
         }
         Some(m)
     };
-    sse_response(pump(proxy, events, Some(ack), map))
+    sse_response(pump(proxy, "subscription", events, Some(ack), map))
 }

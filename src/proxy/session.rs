@@ -11,6 +11,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 
 /// In-flight requests or pending server requests tracked per session.
 const MAX_TRACKED_PER_SESSION: usize = 1024;
@@ -35,6 +36,9 @@ struct SessionState {
     inflight: HashMap<String, String>,
     /// Server request id sent to the client → lease token.
     server_requests: HashMap<String, String>,
+    /// Questions the proxy itself asked the client (bridging a stateless
+    /// server's InputRequiredResult) → who waits for the answer.
+    inputs: HashMap<String, oneshot::Sender<Value>>,
 }
 
 impl Session {
@@ -95,6 +99,30 @@ impl Session {
             .expect("lock")
             .server_requests
             .remove(&crate::jsonrpc::key_of(id))
+    }
+
+    /// Registers a question the proxy asks the client; false when too many
+    /// are pending.
+    pub fn expect_input(&self, id: &str, tx: oneshot::Sender<Value>) -> bool {
+        let mut st = self.state.lock().expect("lock");
+        st.inputs.retain(|_, t| !t.is_closed());
+        if st.inputs.len() >= MAX_TRACKED_PER_SESSION {
+            return false;
+        }
+        st.inputs
+            .insert(crate::jsonrpc::key_of(&Value::from(id)), tx);
+        true
+    }
+
+    /// Hands the client's answer to whoever asked; false if nobody did.
+    pub fn answer_input(&self, id: &Value, msg: Value) -> bool {
+        let tx = self
+            .state
+            .lock()
+            .expect("lock")
+            .inputs
+            .remove(&crate::jsonrpc::key_of(id));
+        tx.is_some_and(|tx| tx.send(msg).is_ok())
     }
 
     /// Forgets every server request of lease `token` (the lease ended).

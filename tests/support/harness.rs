@@ -39,6 +39,9 @@ pub struct TestBroker {
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
+    /// What it was started with, for [`Self::restart_after`].
+    pools: Vec<PoolConfig>,
+    settings: BrokerSettings,
 }
 
 impl TestBroker {
@@ -65,11 +68,21 @@ impl TestBroker {
             ..BrokerSettings::default()
         };
         adjust(&mut settings);
+        Self::launch(pools, settings, tag, dir)
+    }
+
+    fn launch(
+        pools: Vec<PoolConfig>,
+        settings: BrokerSettings,
+        tag: String,
+        dir: tempfile::TempDir,
+    ) -> TestBroker {
+        let socket = settings.socket.clone();
         let metrics = Arc::new(Metrics::new());
         let broker = Broker::start(
             Config {
-                broker: settings,
-                pools,
+                broker: settings.clone(),
+                pools: pools.clone(),
             },
             metrics.clone(),
         );
@@ -88,7 +101,23 @@ impl TestBroker {
             shutdown,
             task,
             _dir: dir,
+            pools,
+            settings,
         }
+    }
+
+    /// Restarts the broker as an operator would: shut down (drain, stop
+    /// every process, remove the socket), wait `gap`, then start a new
+    /// broker with the same pools on the same socket path (same leak tag).
+    pub async fn restart_after(self, gap: Duration) -> TestBroker {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("broker shut down in time")
+            .unwrap();
+        assert_no_procs(&self.tag).await;
+        tokio::time::sleep(gap).await;
+        Self::launch(self.pools, self.settings, self.tag, self._dir)
     }
 
     /// A lease API client for `pool`.
@@ -228,6 +257,15 @@ impl TestProxy {
             drain_timeout: Duration::from_secs(2),
             ..Default::default()
         };
+        Self::spawn(listener, settings).await
+    }
+
+    /// Starts a proxy with `settings` on an already bound listener.
+    pub async fn spawn(
+        listener: tokio::net::TcpListener,
+        settings: mcp_broker::proxy::ProxySettings,
+    ) -> TestProxy {
+        let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(mcp_broker::proxy::serve(
             listener,
@@ -339,5 +377,63 @@ pub fn short(v: &Value) -> String {
         format!("{}…({} bytes)", &s[..300], s.len())
     } else {
         s
+    }
+}
+
+/// POSTs `msg` on a handshake-era session, answers every server→client
+/// request that arrives on the SSE stream with `answer(request)` (POSTed
+/// back with the session), and returns every message of the stream, the
+/// response to `msg` last.
+pub async fn sse_round_trip(
+    url: &str,
+    session: &str,
+    msg: &Value,
+    answer: impl Fn(&Value) -> Value,
+) -> Vec<Value> {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let req = http::Request::post(url)
+        .header("accept", "application/json, text/event-stream")
+        .header("content-type", "application/json")
+        .header("mcp-session-id", session)
+        .body(Full::new(Bytes::from(msg.to_string())))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let mut body = resp.into_body();
+    let mut buf = String::new();
+    let mut answered = std::collections::HashSet::new();
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(20), body.frame())
+            .await
+            .expect("stream progresses")
+            .expect("stream ends only after the response")
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            buf.push_str(&String::from_utf8_lossy(&data));
+        }
+        let msgs = sse_messages(&buf);
+        for m in &msgs {
+            if m.get("method").is_some()
+                && m.get("id").is_some()
+                && answered.insert(m["id"].to_string())
+            {
+                let a = json!({"jsonrpc": "2.0", "id": m["id"], "result": answer(m)});
+                let r = send(
+                    "POST",
+                    url,
+                    &[JSON_SSE, CT_JSON, ("mcp-session-id", session)],
+                    &a.to_string(),
+                )
+                .await;
+                assert_eq!(r.status, 202, "answer accepted: {}", r.body);
+            }
+        }
+        if msgs
+            .iter()
+            .any(|m| m.get("id") == msg.get("id") && m.get("method").is_none())
+        {
+            return msgs;
+        }
     }
 }

@@ -1,0 +1,341 @@
+//! `mcp-broker bench`: the node-local benchmark. One run drives several
+//! scenarios side by side, with the same Rust load generator and the same
+//! backend server command:
+//!
+//! * `ceiling` — a trivial in-process MCP endpoint: the load generator's own limit;
+//! * `direct` — one server process over stdio, requests pipelined with a
+//!   window of `concurrency` (the physical limit);
+//! * `pool-1`, `pool-K` — broker + proxy in this process with a shared pool
+//!   of 1 and of K processes;
+//! * `exclusive` — an exclusive pool: one warm process per session;
+//! * `spawn` — start the server, initialize, call, kill, per request;
+//! * `peer:NAME` — another gateway started from a command template.
+//!
+//! Invariants: every request's outcome is counted (an answer for another
+//! request is an error, never a success); everything the bench starts runs
+//! on loopback or a private socket and is stopped before the next scenario;
+//! every wait is bounded. Results go to `--out`: `results.md`, `chart.svg`,
+//! `results.json`.
+
+pub mod client;
+pub mod load;
+pub mod probe;
+pub mod report;
+mod scenarios;
+pub mod stdio;
+pub mod sys;
+pub mod targets;
+
+use crate::config::{self, Mode, PoolConfig};
+use load::{Connect, Plan, Spec};
+use probe::{Layout, Probe};
+use report::Row;
+use scenarios::{ceiling, direct, exclusive, peer, pooled, spawn};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use targets::Stack;
+use tokio_util::sync::CancellationToken;
+
+/// Flags of `mcp-broker bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Directory for results.md, chart.svg and results.json.
+    #[arg(long, default_value = "bench-out")]
+    pub out: PathBuf,
+    /// Scenarios to run: ceiling, direct, pool, exclusive, spawn, peer.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ceiling,direct,pool,exclusive,spawn,peer"
+    )]
+    pub scenarios: Vec<String>,
+    /// Concurrency levels (sessions, each with one request in flight).
+    #[arg(long, short = 'c', value_delimiter = ',', default_value = "1,4,16,64")]
+    pub concurrency: Vec<usize>,
+    /// Pool sizes K besides the pool of 1.
+    #[arg(long, value_delimiter = ',', default_value = "4")]
+    pub pools: Vec<usize>,
+    /// Requests per step.
+    #[arg(long, short = 'n', default_value_t = 5000)]
+    pub requests: u64,
+    /// Run each step this long instead of a request count (e.g. 5s).
+    #[arg(long, value_parser = config::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Open loop at this many requests per second (default: closed loop).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Requests per step of the spawn-per-request scenario.
+    #[arg(long, default_value_t = 200)]
+    pub spawn_requests: u64,
+    /// Highest concurrency for exclusive and spawn-per-request (one process per session).
+    #[arg(long, default_value_t = 32)]
+    pub max_processes: usize,
+    /// Tool to call (default: echo).
+    #[arg(long, default_value = "echo")]
+    pub tool: String,
+    /// Tool arguments as JSON; `{seq}` becomes a per-request token that the
+    /// answer must echo (default: {"text":"{seq}"} for the fixture,
+    /// {"message":"{seq}"} for other servers).
+    #[arg(long)]
+    pub args: Option<String>,
+    /// Fixture service time: call the fixture's `sleep` tool with this many ms.
+    #[arg(long)]
+    pub sleep_ms: Option<u64>,
+    /// A peer gateway as a shell command template with `{port}` and `{cmd}`,
+    /// optionally named `NAME=TEMPLATE`; repeatable.
+    #[arg(long = "peer")]
+    pub peers: Vec<String>,
+    /// MCP path of peers.
+    #[arg(long, default_value = "/mcp")]
+    pub peer_path: String,
+    /// Longest wait for one answer.
+    #[arg(long, value_parser = config::parse_duration, default_value = "30s")]
+    pub timeout: Duration,
+    /// Longest wait for pools, servers and peers to start.
+    #[arg(long, value_parser = config::parse_duration, default_value = "60s")]
+    pub start_timeout: Duration,
+    /// A few seconds in all: concurrency 1,8, 300 requests per step, pool of 2.
+    #[arg(long)]
+    pub quick: bool,
+    /// The stdio server command (default: the mcp-fixture next to this binary).
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+/// Keeps the server runtime and shuts it down without blocking on drop.
+struct ServerRt(Option<tokio::runtime::Runtime>);
+
+impl Drop for ServerRt {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+struct Ctx {
+    args: BenchArgs,
+    cmd: Vec<String>,
+    template: Arc<client::Template>,
+    rt: ServerRt,
+    rows: Vec<Row>,
+    shutdown: CancellationToken,
+}
+
+fn fixture_path() -> anyhow::Result<String> {
+    let exe = std::env::current_exe()?;
+    let p = exe.with_file_name("mcp-fixture");
+    anyhow::ensure!(
+        p.exists(),
+        "no mcp-fixture next to {} (build it with `cargo build --bins`) and no `-- CMD` given",
+        exe.display()
+    );
+    Ok(p.display().to_string())
+}
+
+/// Runs the bench and writes its report.
+pub async fn run(mut args: BenchArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if args.quick {
+        args.concurrency = vec![1, 8];
+        args.requests = args.requests.min(300);
+        args.spawn_requests = args.spawn_requests.min(20);
+        args.pools = vec![2];
+        args.duration = None;
+    }
+    anyhow::ensure!(
+        !args.concurrency.is_empty() && args.concurrency.iter().all(|c| *c > 0),
+        "--concurrency needs positive levels"
+    );
+    let fixture = args.command.is_empty();
+    let cmd = if fixture {
+        vec![fixture_path()?]
+    } else {
+        args.command.clone()
+    };
+    let (tool, targs) = match (args.sleep_ms, fixture) {
+        (Some(ms), true) => ("sleep".to_string(), format!(r#"{{"ms":{ms}}}"#)),
+        (Some(_), false) => anyhow::bail!("--sleep-ms needs the fixture backend"),
+        (None, true) => (
+            args.tool.clone(),
+            args.args
+                .clone()
+                .unwrap_or_else(|| r#"{"text":"{seq}"}"#.into()),
+        ),
+        (None, false) => (
+            args.tool.clone(),
+            args.args
+                .clone()
+                .unwrap_or_else(|| r#"{"message":"{seq}"}"#.into()),
+        ),
+    };
+    let template = Arc::new(client::Template::new(&tool, &targs)?);
+    std::fs::create_dir_all(&args.out)?;
+    let header = format!(
+        "Backend `{}`, tool `{tool}` with `{targs}`; {} per step{}; {} CPUs; `{}`",
+        cmd.join(" "),
+        match args.duration {
+            Some(d) => format!("{d:?}"),
+            None => format!("{} requests", args.requests),
+        },
+        args.rate
+            .map(|r| format!(", open loop at {r} req/s"))
+            .unwrap_or_default(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        std::env::args().collect::<Vec<_>>().join(" "),
+    );
+    let mut ctx = Ctx {
+        cmd,
+        template,
+        rt: ServerRt(Some(targets::server_runtime()?)),
+        rows: Vec::new(),
+        shutdown,
+        args,
+    };
+    let wants = |s: &str| ctx.args.scenarios.iter().any(|x| x == s);
+    let (w_ceiling, w_direct, w_pool, w_excl, w_spawn, w_peer) = (
+        wants("ceiling"),
+        wants("direct"),
+        wants("pool"),
+        wants("exclusive"),
+        wants("spawn"),
+        wants("peer"),
+    );
+    if w_ceiling {
+        report_err("ceiling", ceiling(&mut ctx).await);
+    }
+    if w_direct {
+        report_err("direct", direct(&mut ctx).await);
+    }
+    if w_pool {
+        let mut sizes = vec![1];
+        sizes.extend(ctx.args.pools.iter().copied().filter(|k| *k > 1));
+        sizes.dedup();
+        for k in sizes {
+            report_err(&format!("pool-{k}"), pooled(&mut ctx, k).await);
+        }
+    }
+    if w_excl {
+        report_err("exclusive", exclusive(&mut ctx).await);
+    }
+    if w_spawn {
+        report_err("spawn", spawn(&mut ctx).await);
+    }
+    if w_peer {
+        for p in ctx.args.peers.clone() {
+            report_err(&format!("peer {p}"), peer(&mut ctx, &p).await);
+        }
+    }
+    let md = report::markdown(&ctx.rows, &header);
+    std::fs::write(ctx.args.out.join("results.md"), &md)?;
+    std::fs::write(ctx.args.out.join("chart.svg"), report::svg(&ctx.rows))?;
+    std::fs::write(
+        ctx.args.out.join("results.json"),
+        serde_json::to_string_pretty(&ctx.rows)?,
+    )?;
+    println!("{md}");
+    println!("(written to {})", ctx.args.out.display());
+    Ok(())
+}
+
+fn report_err(what: &str, r: anyhow::Result<()>) {
+    if let Err(e) = r {
+        eprintln!("bench: {what}: {e:#}");
+    }
+}
+
+impl Ctx {
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt
+            .0
+            .as_ref()
+            .expect("server runtime lives until the end")
+    }
+
+    fn spec(&self, concurrency: usize, requests: u64) -> Spec {
+        Spec {
+            concurrency,
+            plan: match self.args.duration {
+                Some(d) => Plan::For(d),
+                None => Plan::Count(requests),
+            },
+            rate: self.args.rate,
+            timeout: self.args.timeout,
+        }
+    }
+
+    fn pool_config(&self, mode: Mode, size: usize) -> PoolConfig {
+        let mut p = PoolConfig::new(targets::POOL, &self.cmd[0], self.cmd[1..].to_vec());
+        p.mode = mode;
+        p.min_idle = size;
+        p.max = size;
+        p.request_timeout = self.args.timeout;
+        p.queue_timeout = self.args.timeout;
+        let most = self.args.concurrency.iter().copied().max().unwrap_or(1);
+        p.queue_limit = p.queue_limit.max(most * 2);
+        p.stop_grace = Duration::from_millis(500);
+        p
+    }
+
+    /// Runs one step and records its row.
+    async fn step(
+        &mut self,
+        name: &str,
+        connect: &Connect,
+        layout: Layout,
+        c: usize,
+        requests: u64,
+        stack: Option<&Stack>,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.shutdown.is_cancelled(), "interrupted");
+        let wait0 = stack.map(Stack::lease_wait);
+        let probe = Probe::start(layout);
+        let spec = self.spec(c, requests);
+        let t = tokio::select! {
+            t = load::drive(connect, &self.template, spec) => t?,
+            _ = self.shutdown.cancelled() => anyhow::bail!("interrupted"),
+        };
+        let usage = probe.finish();
+        let lease_wait_ms = match (stack.map(Stack::lease_wait), wait0) {
+            (Some((s1, n1)), Some((s0, n0))) if n1 > n0 => {
+                Some((s1 - s0) * 1000.0 / (n1 - n0) as f64)
+            }
+            _ => None,
+        };
+        let row = Row {
+            scenario: name.to_string(),
+            concurrency: c,
+            requests: t.requests(),
+            errors: t.errors(),
+            crossed: t.crossed,
+            throughput: t.throughput(),
+            p50_ms: t.quantile_ms(0.5),
+            p90_ms: t.quantile_ms(0.9),
+            p99_ms: t.quantile_ms(0.99),
+            max_ms: t.quantile_ms(1.0),
+            lease_wait_ms,
+            gateway_cpu: usage.gateway_cpu,
+            gateway_rss_mib: usage.gateway_rss_mib,
+            servers_cpu: usage.servers_cpu,
+            servers_rss_mib: usage.servers_rss_mib,
+        };
+        eprintln!(
+            "bench: {name:>14} c={c:<3} {:>7} req  {:>4} err  {:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms",
+            row.requests, row.errors, row.throughput, row.p50_ms, row.p99_ms
+        );
+        if t.errors() > 0 {
+            eprintln!(
+                "bench: {name} c={c}: {} rpc errors, {} crossed, {} transport, {} timeouts",
+                t.rpc_error, t.crossed, t.transport, t.timeout
+            );
+        }
+        self.rows.push(row);
+        Ok(())
+    }
+
+    fn levels(&self) -> Vec<usize> {
+        self.args.concurrency.clone()
+    }
+}

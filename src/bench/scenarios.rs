@@ -1,0 +1,188 @@
+//! One function per scenario: start what it needs, run one step per
+//! concurrency level, stop it (always, also after a failed step).
+
+use super::load::Connect;
+use super::probe::Layout;
+use super::stdio::StdioServer;
+use super::targets::{Peer, Stack, Trivial};
+use super::Ctx;
+use crate::config::Mode;
+use std::sync::Arc;
+
+pub(super) async fn ceiling(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let t = Trivial::start(ctx.rt())?;
+    let connect = Connect::Http {
+        addr: t.addr,
+        path: "/mcp".into(),
+    };
+    let mut r = Ok(());
+    for c in ctx.levels() {
+        r = r.and(
+            ctx.step(
+                "ceiling",
+                &connect,
+                Layout::Trivial,
+                c,
+                ctx.args.requests,
+                None,
+            )
+            .await,
+        );
+    }
+    t.stop().await;
+    r
+}
+
+pub(super) async fn direct(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let server = tokio::time::timeout(
+        ctx.args.start_timeout,
+        StdioServer::start(&ctx.cmd, ctx.args.timeout),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the server did not initialize in time"))??;
+    let server = Arc::new(server);
+    let connect = Connect::Stdio(server.clone());
+    let mut r = Ok(());
+    for c in ctx.levels() {
+        r = r.and(
+            ctx.step(
+                "direct",
+                &connect,
+                Layout::Children,
+                c,
+                ctx.args.requests,
+                None,
+            )
+            .await,
+        );
+    }
+    server.stop().await;
+    r
+}
+
+pub(super) async fn pooled(ctx: &mut Ctx, k: usize) -> anyhow::Result<()> {
+    let stack = Stack::start(ctx.rt(), ctx.pool_config(Mode::Shared, k))?;
+    let connect = Connect::Http {
+        addr: stack.addr,
+        path: "/mcp".into(),
+    };
+    let mut r = stack.wait_idle(k, ctx.args.start_timeout).await;
+    if r.is_ok() {
+        for c in ctx.levels() {
+            let name = format!("pool-{k}");
+            r = r.and(
+                ctx.step(
+                    &name,
+                    &connect,
+                    Layout::InProcess,
+                    c,
+                    ctx.args.requests,
+                    Some(&stack),
+                )
+                .await,
+            );
+        }
+    }
+    stack.stop().await;
+    r
+}
+
+pub(super) async fn exclusive(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let most = ctx.args.max_processes;
+    for c in ctx.levels().into_iter().filter(|c| *c <= most) {
+        let stack = Stack::start(ctx.rt(), ctx.pool_config(Mode::Exclusive, c))?;
+        let connect = Connect::Http {
+            addr: stack.addr,
+            path: "/mcp".into(),
+        };
+        let mut r = stack.wait_idle(c, ctx.args.start_timeout).await;
+        if r.is_ok() {
+            r = ctx
+                .step(
+                    "exclusive",
+                    &connect,
+                    Layout::InProcess,
+                    c,
+                    ctx.args.requests,
+                    Some(&stack),
+                )
+                .await;
+        }
+        stack.stop().await;
+        r?;
+    }
+    Ok(())
+}
+
+pub(super) async fn spawn(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let connect = Connect::Spawn(Arc::new(ctx.cmd.clone()));
+    let n = ctx.args.spawn_requests;
+    let most = ctx.args.max_processes;
+    for c in ctx.levels().into_iter().filter(|c| *c <= most) {
+        ctx.step("spawn", &connect, Layout::Children, c, n, None)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Splits `NAME=TEMPLATE`; without a name, the template's first word.
+fn peer_name(spec: &str) -> (String, String) {
+    if let Some((n, t)) = spec.split_once('=') {
+        if !n.is_empty() && !n.contains(char::is_whitespace) && !n.contains('{') {
+            return (n.to_string(), t.to_string());
+        }
+    }
+    let first = spec.split_whitespace().next().unwrap_or("peer");
+    let base = first.rsplit('/').next().unwrap_or(first);
+    (base.to_string(), spec.to_string())
+}
+
+pub(super) async fn peer(ctx: &mut Ctx, spec: &str) -> anyhow::Result<()> {
+    let (name, template) = peer_name(spec);
+    let log = ctx.args.out.join(format!("peer-{name}.log"));
+    let mut p = Peer::start(
+        &template,
+        &ctx.cmd,
+        &ctx.args.peer_path,
+        &log,
+        ctx.args.start_timeout,
+    )
+    .await?;
+    let connect = Connect::Http {
+        addr: p.addr,
+        path: ctx.args.peer_path.clone(),
+    };
+    let mut r = Ok(());
+    for c in ctx.levels() {
+        let n = format!("peer:{name}");
+        r = r.and(
+            ctx.step(
+                &n,
+                &connect,
+                Layout::Peer(p.pid),
+                c,
+                ctx.args.requests,
+                None,
+            )
+            .await,
+        );
+        if r.is_err() {
+            break;
+        }
+    }
+    p.stop().await;
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_names() {
+        assert_eq!(peer_name("sg=supergateway --port {port}").0, "sg");
+        let (n, t) = peer_name("/x/mcp-proxy --port={port} -- {cmd}");
+        assert_eq!(n, "mcp-proxy");
+        assert_eq!(t, "/x/mcp-proxy --port={port} -- {cmd}");
+    }
+}
