@@ -29,6 +29,8 @@ use tokio_util::task::TaskTracker;
 const STDIN_QUEUE: usize = 256;
 /// Longest stderr line kept for the log.
 const STDERR_LINE_MAX: usize = 8 * 1024;
+/// Longest wait to write a `notifications/cancelled`.
+const CANCEL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the reaper waits for stdout to drain after the exit.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
 
@@ -209,10 +211,21 @@ impl Worker {
             .lock()
             .expect("lock")
             .internal(method, params, tx);
-        self.send(&msg).await?;
+        // A process that stopped reading stdin must not stall the caller:
+        // the write counts against the same timeout as the answer.
+        let deadline = tokio::time::Instant::now() + timeout;
+        match tokio::time::timeout_at(deadline, self.send(&msg)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(WorkerError::Timeout {
+                    method: method.into(),
+                    after: timeout,
+                })
+            }
+        }
         tokio::select! {
             r = rx => r.map_err(|_| WorkerError::Exited(self.exit_reason())),
-            _ = tokio::time::sleep(timeout) => Err(WorkerError::Timeout { method: method.into(), after: timeout }),
+            _ = tokio::time::sleep_until(deadline) => Err(WorkerError::Timeout { method: method.into(), after: timeout }),
             _ = self.exited.cancelled() => Err(WorkerError::Exited(self.exit_reason())),
         }
     }
@@ -258,7 +271,9 @@ impl Worker {
                 "notifications/cancelled",
                 serde_json::json!({"requestId": proc_id, "reason": reason}),
             );
-            let _ = self.send(&note).await;
+            // Best effort, bounded: a process that does not read its stdin
+            // is about to be judged by the ping that follows.
+            let _ = tokio::time::timeout(CANCEL_WRITE_TIMEOUT, self.send(&note)).await;
         }
     }
 

@@ -129,17 +129,29 @@ pub async fn run(
         protocol::ensure_stateless_meta(&mut msg, &json!({}), &protocol::client_info());
     }
     let (sink, events) = mpsc::channel(LEASE_EVENTS);
-    let lid = match guard
-        .worker()
-        .begin(msg, sink, CancellationToken::new())
-        .await
-    {
-        Ok(lid) => lid,
-        Err(e) => {
+    let begun = tokio::time::timeout(
+        pool.config().request_timeout,
+        guard.worker().begin(msg, sink, CancellationToken::new()),
+    )
+    .await;
+    let lid = match begun {
+        Ok(Ok(lid)) => lid,
+        Ok(Err(e)) => {
             outcome("process_exited");
             return Err(ApiError::Process(format!(
                 "the server process could not take the request: {e}"
             )));
+        }
+        Err(_) => {
+            // Its stdin stayed full for a whole request_timeout: the process
+            // no longer reads; replace it.
+            outcome("timeout");
+            let mut guard = guard;
+            guard.discard();
+            guard.worker().kill();
+            return Err(ApiError::Process(
+                "the server process stopped reading its input; it is being replaced".into(),
+            ));
         }
     };
     let token = uuid::Uuid::new_v4().simple().to_string();

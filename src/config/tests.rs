@@ -1,3 +1,5 @@
+//! Config parsing and validation: every error names the pool and the field.
+
 use super::*;
 
 fn err(text: &str) -> String {

@@ -120,6 +120,27 @@ impl Lines {
     }
 }
 
+impl Lines {
+    /// Reads the stream to its end in the background (bounded), so the
+    /// pooled connection to the broker can be reused: hyper closes a
+    /// connection whose response body was dropped unread, and reconnecting
+    /// costs every next lease a connect and accept.
+    pub fn drain_in_background(mut self) {
+        if self.done {
+            return;
+        }
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+                while let Some(Ok(_)) = self.body.frame().await {}
+            })
+            .await;
+        });
+    }
+}
+
+/// Longest wait for a finished lease's stream to end.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A cheap-to-clone handle on the broker.
 #[derive(Clone)]
 pub struct Backend {

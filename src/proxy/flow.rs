@@ -178,7 +178,12 @@ impl Flow {
         msg
     }
 
-    pub(super) fn done(&self) {
+    pub(super) fn done(self) {
+        self.forget();
+        self.lines.drain_in_background();
+    }
+
+    fn forget(&self) {
         if let ClientSide::Legacy(s) = &self.client {
             s.untrack_request(&self.client_id);
             if let Some(t) = &self.token {
@@ -209,8 +214,8 @@ pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
     let first = flow.step().await;
     let first = match first {
         Step::Final(m) => {
-            flow.done();
             let status = final_status(&flow, &m);
+            flow.done();
             return http::json(status, &m);
         }
         Step::Hold(req) => {
@@ -225,13 +230,15 @@ pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
         loop {
             match step {
                 Step::Final(m) => {
+                    let status = final_status(&flow, &m);
                     flow.done();
-                    return http::json(final_status(&flow, &m), &m);
+                    return http::json(status, &m);
                 }
                 Step::Hold(req) => return http::json(StatusCode::OK, &mrtr::hold(flow, req).await),
                 Step::NeedInput(_) => {
+                    let err = ask::needs_sse(&flow);
                     flow.done();
-                    return http::json(StatusCode::OK, &ask::needs_sse(&flow));
+                    return http::json(StatusCode::OK, &err);
                 }
                 Step::ServerRequest(req) => {
                     if let (Some(id), Some(m)) = (

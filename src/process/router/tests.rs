@@ -1,3 +1,6 @@
+//! Router unit tests: id and progress-token rewriting, late responses,
+//! server requests, cancellation, and failure of every open lease on exit.
+
 use super::*;
 use tokio_util::sync::CancellationToken;
 
