@@ -9,16 +9,21 @@
 //!   of 1 and of K processes;
 //! * `exclusive` — an exclusive pool: one warm process per session;
 //! * `spawn` — start the server, initialize, call, kill, per request;
-//! * `peer:NAME` — another gateway started from a command template.
+//! * `peer:NAME` — another gateway started from a command template;
+//! * `memory` — broker and proxy as separate processes: idle RSS of each,
+//!   and the broker's RSS with `--queued` calls waiting on a pool of 1
+//!   ([`memory`]).
 //!
 //! Invariants: every request's outcome is counted (an answer for another
 //! request is an error, never a success); everything the bench starts runs
 //! on loopback or a private socket and is stopped before the next scenario;
 //! every wait is bounded. Results go to `--out`: `results.md`, `chart.svg`,
-//! `results.json`.
+//! `results.json` (and `memory.json` with the memory scenario).
 
+pub mod children;
 pub mod client;
 pub mod load;
+pub mod memory;
 pub mod probe;
 pub mod report;
 mod scenarios;
@@ -43,11 +48,11 @@ pub struct BenchArgs {
     /// Directory for results.md, chart.svg and results.json.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
-    /// Scenarios to run: ceiling, direct, pool, exclusive, spawn, peer.
+    /// Scenarios to run: ceiling, direct, pool, exclusive, spawn, peer, memory.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ceiling,direct,pool,exclusive,spawn,peer"
+        default_value = "ceiling,direct,pool,exclusive,spawn,peer,memory"
     )]
     pub scenarios: Vec<String>,
     /// Concurrency levels (sessions, each with one request in flight).
@@ -95,7 +100,11 @@ pub struct BenchArgs {
     /// Longest wait for pools, servers and peers to start.
     #[arg(long, value_parser = config::parse_duration, default_value = "60s")]
     pub start_timeout: Duration,
-    /// A few seconds in all: concurrency 1,8, 300 requests per step, pool of 2.
+    /// Calls put in the broker's queue at once by the memory scenario.
+    #[arg(long, default_value_t = 10_000)]
+    pub queued: usize,
+    /// A few seconds in all: concurrency 1,8, 300 requests per step, pool of
+    /// 2, 1000 queued calls.
     #[arg(long)]
     pub quick: bool,
     /// The stdio server command (default: the mcp-fixture next to this binary).
@@ -120,6 +129,7 @@ struct Ctx {
     template: Arc<client::Template>,
     rt: ServerRt,
     rows: Vec<Row>,
+    memory: Vec<memory::MemRow>,
     shutdown: CancellationToken,
 }
 
@@ -142,7 +152,9 @@ pub async fn run(mut args: BenchArgs, shutdown: CancellationToken) -> anyhow::Re
         args.spawn_requests = args.spawn_requests.min(20);
         args.pools = vec![2];
         args.duration = None;
+        args.queued = args.queued.min(1000);
     }
+    anyhow::ensure!(args.queued > 0, "--queued needs at least 1");
     anyhow::ensure!(
         !args.concurrency.is_empty() && args.concurrency.iter().all(|c| *c > 0),
         "--concurrency needs positive levels"
@@ -191,17 +203,19 @@ pub async fn run(mut args: BenchArgs, shutdown: CancellationToken) -> anyhow::Re
         template,
         rt: ServerRt(Some(targets::server_runtime()?)),
         rows: Vec::new(),
+        memory: Vec::new(),
         shutdown,
         args,
     };
     let wants = |s: &str| ctx.args.scenarios.iter().any(|x| x == s);
-    let (w_ceiling, w_direct, w_pool, w_excl, w_spawn, w_peer) = (
+    let (w_ceiling, w_direct, w_pool, w_excl, w_spawn, w_peer, w_mem) = (
         wants("ceiling"),
         wants("direct"),
         wants("pool"),
         wants("exclusive"),
         wants("spawn"),
         wants("peer"),
+        wants("memory"),
     );
     if w_ceiling {
         report_err("ceiling", ceiling(&mut ctx).await);
@@ -228,7 +242,21 @@ pub async fn run(mut args: BenchArgs, shutdown: CancellationToken) -> anyhow::Re
             report_err(&format!("peer {p}"), peer(&mut ctx, &p).await);
         }
     }
-    let md = report::markdown(&ctx.rows, &header);
+    if w_mem {
+        report_err("memory", memory_set(&mut ctx).await);
+    }
+    let mut md = if ctx.rows.is_empty() {
+        format!("{header}\n")
+    } else {
+        report::markdown(&ctx.rows, &header)
+    };
+    if !ctx.memory.is_empty() {
+        md.push_str(&memory::markdown(&ctx.memory));
+        std::fs::write(
+            ctx.args.out.join("memory.json"),
+            serde_json::to_string_pretty(&ctx.memory)?,
+        )?;
+    }
     std::fs::write(ctx.args.out.join("results.md"), &md)?;
     std::fs::write(ctx.args.out.join("chart.svg"), report::svg(&ctx.rows))?;
     std::fs::write(
@@ -237,6 +265,31 @@ pub async fn run(mut args: BenchArgs, shutdown: CancellationToken) -> anyhow::Re
     )?;
     println!("{md}");
     println!("(written to {})", ctx.args.out.display());
+    Ok(())
+}
+
+/// The memory scenario set: always on the fixture (it needs `sleep`).
+async fn memory_set(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let fixture = fixture_path()?;
+    let rows = memory::run(
+        &ctx.args.out,
+        &fixture,
+        ctx.args.queued,
+        ctx.args.start_timeout,
+        &ctx.shutdown,
+    )
+    .await?;
+    for r in &rows {
+        eprintln!(
+            "bench: memory {:>6} {:>7.1} MiB (peak {:.1})  {}  {}",
+            r.process,
+            r.rss_mib,
+            r.hwm_mib,
+            if r.met { "met" } else { "NOT met" },
+            r.measurement
+        );
+    }
+    ctx.memory = rows;
     Ok(())
 }
 

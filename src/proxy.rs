@@ -243,6 +243,11 @@ pub async fn forward_with(
     retryable: bool,
 ) -> Response<Body> {
     let retry = retryable.then(|| msg.clone());
+    let method_name = msg
+        .get("method")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let replay = flow::is_safe_to_replay(method_name).then(|| msg.clone());
     let id = msg.get("id").cloned().unwrap_or(Value::Null);
     let method = msg
         .get("method")
@@ -290,6 +295,8 @@ pub async fn forward_with(
         method,
         client,
         retry,
+        replay,
+        emitted: false,
     };
     flow::respond(flow, accept).await
 }

@@ -472,3 +472,34 @@ async fn broker_restart_answers_in_flight_call_and_never_retries_it() {
     px.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn broker_restart_replays_read_only_requests() {
+    let mut p = fixture_pool("fx", &["--list-delay-ms", "1500"]);
+    p.min_idle = 1;
+    p.max = 1;
+    p.stop_grace = Duration::from_millis(200);
+    let b = TestBroker::start_with(vec![p], |s| s.drain_timeout = Duration::from_millis(300)).await;
+    b.wait_idle("fx", 1).await;
+    let px = TestProxy::start(&b, "fx").await;
+    let s = initialize(&px.url, "2025-11-25", json!({})).await;
+    let (url, session) = (px.url.clone(), s.clone());
+    let list = tokio::spawn(async move {
+        let h = [JSON_SSE, CT_JSON, ("mcp-session-id", session.as_str())];
+        let body = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/list"});
+        send("POST", &url, &h, &body.to_string()).await.json()
+    });
+    let pool = b.broker.pool("fx").unwrap().clone();
+    wait_until(Duration::from_secs(10), || pool.status().busy == 1).await;
+    // The restart kills the process serving the list; the proxy sends the
+    // read-only request again to the new broker instead of failing it.
+    let b = b.restart_after(Duration::from_millis(100)).await;
+    let answer = list.await.unwrap();
+    assert_eq!(answer["id"], 7);
+    let tools = answer["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("replayed: {answer}"));
+    assert!(tools.iter().any(|t| t["name"] == "echo"));
+    px.stop().await;
+    b.stop().await;
+}

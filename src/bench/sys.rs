@@ -70,16 +70,25 @@ pub fn proc_cpu(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Resident memory of `pid` in bytes (`VmRSS`), 0 if gone.
-pub fn rss(pid: &str) -> u64 {
+/// A numeric field of `/proc/PID/status` (`key` with its colon, e.g.
+/// `"VmHWM:"`), in bytes for `kB` fields, as is otherwise; 0 if gone.
+pub fn status_bytes(pid: &str, key: &str) -> u64 {
     let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
         return 0;
     };
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
+    let Some(v) = s.lines().find_map(|l| l.strip_prefix(key)) else {
+        return 0;
+    };
+    let v = v.trim();
+    match v.strip_suffix("kB") {
+        Some(kb) => kb.trim().parse::<u64>().map(|k| k * 1024).unwrap_or(0),
+        None => v.parse().unwrap_or(0),
+    }
+}
+
+/// Resident memory of `pid` in bytes (`VmRSS`), 0 if gone.
+pub fn rss(pid: &str) -> u64 {
+    status_bytes(pid, "VmRSS:")
 }
 
 /// Every live process that descends from `root` (excluding `root`).
@@ -150,6 +159,8 @@ mod tests {
     #[test]
     fn reads_self() {
         assert!(rss("self") > 0);
+        assert!(status_bytes("self", "VmHWM:") > 0);
+        assert!(status_bytes("self", "Threads:") >= 1);
         assert!(descendants(u32::MAX).is_empty());
     }
 }

@@ -5,9 +5,9 @@
 //! pooling: its tools misbehave on demand (`crash`, `hang`, `garbage`, `huge`,
 //! `spawn_child`, ...), call back into the client (`sample`, `elicit`,
 //! `roots`), and report which process served them (`whoami`). Flags inject
-//! start-up faults (`--fail-start`, `--init-delay-ms`, `--garbage-at-start`,
-//! `--ignore-sigterm`, `--exit-after`) and pick the handshake era
-//! (`--era legacy|stateless|both`).
+//! faults (`--fail-start`, `--init-delay-ms`, `--list-delay-ms`,
+//! `--garbage-at-start`, `--ignore-sigterm`, `--exit-after`) and pick the
+//! handshake era (`--era legacy|stateless|both`).
 //!
 //! Every request runs on its own thread, so slow tools never block others;
 //! stdout is shared under one mutex and each message is written as one line
@@ -59,6 +59,7 @@ struct Opts {
     era: Era,
     fail_start: bool,
     init_delay_ms: u64,
+    list_delay_ms: u64,
     garbage_at_start: bool,
     ignore_sigterm: bool,
     exit_after: Option<u64>,
@@ -175,6 +176,7 @@ fn parse_args() -> Result<Opts, String> {
             "--garbage-at-start" => opts.garbage_at_start = true,
             "--ignore-sigterm" => opts.ignore_sigterm = true,
             "--init-delay-ms" => opts.init_delay_ms = num()?,
+            "--list-delay-ms" => opts.list_delay_ms = num()?,
             "--exit-after" => opts.exit_after = Some(num()?),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -332,9 +334,12 @@ fn handle_method(state: &State, method: &str, params: &Value) -> RpcResult {
             "supportedVersions": [STATELESS_VERSION], "capabilities": caps,
             "serverInfo": info, "instructions": "fixture"})),
         "ping" | "logging/setLevel" => Ok(json!({})),
-        "tools/list" => serde_json::from_str(TOOLS)
-            .map(|tools: Value| json!({"tools": tools}))
-            .map_err(|e| (INTERNAL_ERROR, format!("bad tool table: {e}"))),
+        "tools/list" => {
+            thread::sleep(Duration::from_millis(state.opts.list_delay_ms));
+            serde_json::from_str(TOOLS)
+                .map(|tools: Value| json!({"tools": tools}))
+                .map_err(|e| (INTERNAL_ERROR, format!("bad tool table: {e}")))
+        }
         "resources/list" => Ok(json!({"resources": [{"uri": "fixture://pid", "name": "pid"}]})),
         "resources/read" => {
             let uri = params.get("uri").and_then(Value::as_str);

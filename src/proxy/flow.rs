@@ -70,6 +70,30 @@ pub struct Flow {
     /// The request as sent, kept when the proxy may have to retry it with
     /// the client's input (see [`super::ask`]).
     pub retry: Option<Value>,
+    /// The request, kept for one replay when it is safe to repeat (see
+    /// [`is_safe_to_replay`]) and the broker connection breaks before the
+    /// client saw anything.
+    pub replay: Option<Value>,
+    /// Whether the client has seen a message of this flow.
+    pub emitted: bool,
+}
+
+/// Methods that only read, so running them twice is harmless: after a
+/// broker restart they are sent again instead of failing. Everything else
+/// (a `tools/call` above all) may have had effects and is never repeated.
+pub fn is_safe_to_replay(method: &str) -> bool {
+    matches!(
+        method,
+        "ping"
+            | "tools/list"
+            | "resources/list"
+            | "resources/templates/list"
+            | "resources/read"
+            | "prompts/list"
+            | "prompts/get"
+            | "completion/complete"
+            | "server/discover"
+    )
 }
 
 /// Which client capability a server→client request needs.
@@ -89,22 +113,35 @@ impl Flow {
             let msg = match self.lines.next().await {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {
+                    if self.replay().await {
+                        continue;
+                    }
                     return Step::Final(jsonrpc::error(
                         self.client_id.clone(),
                         codes::INTERNAL_ERROR,
                         e,
-                    ))
+                    ));
                 }
                 None => {
+                    if self.replay().await {
+                        continue;
+                    }
                     return Step::Final(jsonrpc::error(
                         self.client_id.clone(),
                         codes::BROKER_UNAVAILABLE,
-                        "the broker connection ended before the server answered",
-                    ))
+                        "the broker connection ended before the server answered (the broker \
+                         restarted?); the request was not retried because it may have had effects",
+                    ));
                 }
             };
             match jsonrpc::classify(&msg) {
                 Ok(Kind::Response { .. }) => {
+                    let code = msg.pointer("/error/code").and_then(Value::as_i64);
+                    let lost = code == Some(codes::PROCESS_EXITED)
+                        || code == Some(codes::BROKER_UNAVAILABLE);
+                    if lost && self.replay().await {
+                        continue;
+                    }
                     let input_required = msg.pointer("/result/resultType").and_then(Value::as_str)
                         == Some("input_required");
                     if input_required
@@ -115,7 +152,10 @@ impl Flow {
                     }
                     return Step::Final(self.finish(msg));
                 }
-                Ok(Kind::Notification { .. }) => return Step::Notify(msg),
+                Ok(Kind::Notification { .. }) => {
+                    self.emitted = true;
+                    return Step::Notify(msg);
+                }
                 Ok(Kind::Request { id, method }) => {
                     let cap = capability_for(&method);
                     let declared = match (&self.client, cap) {
@@ -136,6 +176,7 @@ impl Flow {
                                 self.refuse(id, &method).await;
                                 continue;
                             }
+                            self.emitted = true;
                             return Step::ServerRequest(msg);
                         }
                         ClientSide::Modern { .. } => return Step::Hold(msg),
@@ -143,6 +184,30 @@ impl Flow {
                 }
                 Err(_) => continue,
             }
+        }
+    }
+
+    /// Sends the request again on a fresh lease after the broker connection
+    /// broke, once, for read-only methods the client has seen nothing of.
+    async fn replay(&mut self) -> bool {
+        if self.emitted {
+            return false;
+        }
+        let Some(msg) = self.replay.take() else {
+            return false;
+        };
+        let session = match &self.client {
+            ClientSide::Legacy(s) => Some(s.id.clone()),
+            ClientSide::Modern { .. } => None,
+        };
+        match self.proxy.backend.lease(&msg, session.as_deref()).await {
+            Ok(l) if l.status == StatusCode::OK => {
+                tracing::info!(method = %self.method, "broker connection broke; replayed the read-only request");
+                self.lines = l.lines;
+                self.token = l.token;
+                true
+            }
+            _ => false,
         }
     }
 
