@@ -198,8 +198,12 @@ impl TokenFile {
 impl Backend {
     /// A client for pool `pool` of the broker on `socket`.
     pub fn new(socket: PathBuf, pool: String, max_message: usize, metrics: Arc<Metrics>) -> Self {
+        // HTTP/2 with prior knowledge: every lease is a stream on one
+        // connection, so thousands of queued leases do not cost thousands of
+        // connections (and their buffers) at the broker.
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
+            .http2_only(true)
             .build(hyperlocal::UnixConnector);
         Self {
             client,
