@@ -1,5 +1,6 @@
-//! The proxy's client for the broker's lease API (HTTP/1.1 over the Unix
-//! socket, pooled connections via hyperlocal).
+//! The proxy's client for the broker's lease API (HTTP/2 with prior
+//! knowledge over the Unix socket via hyperlocal: every lease is a stream on
+//! one pooled connection).
 //!
 //! Connection failures are retried with backoff for a bounded time: a failed
 //! connect means no byte reached the broker, so even a `tools/call` is safe
