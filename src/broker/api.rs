@@ -1,5 +1,4 @@
-//! The lease API: HTTP (1.1, or 2 with prior knowledge) on the broker's
-//! Unix socket.
+//! The lease API: HTTP/1.1 on the broker's Unix socket.
 //!
 //! This is the contract the thin proxy and third parties code against
 //! (documented in README, "Lease API"):
@@ -133,9 +132,7 @@ pub async fn serve_connection(
     let svc = hyper::service::service_fn(move |req| {
         let broker = broker.clone();
         let peer = peer.clone();
-        // Boxed: the future lives for as long as a lease is queued, and a
-        // small slot keeps thousands of queued leases cheap.
-        async move { Ok::<_, std::convert::Infallible>(Box::pin(handle(broker, req, peer)).await) }
+        async move { Ok::<_, std::convert::Infallible>(handle(broker, req, peer).await) }
     });
     serve_io(stream, svc, shutdown).await
 }
@@ -238,8 +235,7 @@ pub async fn serve_health(
     }
 }
 
-/// Drives one HTTP/1.1 or HTTP/2 connection; on shutdown lets the current
-/// exchanges finish.
+/// Drives one HTTP/1.1 connection; on shutdown lets the current exchange finish.
 pub async fn serve_io<I, S>(io: I, svc: S, shutdown: CancellationToken)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -255,9 +251,6 @@ where
 
 /// Largest request head (request line and headers) the lease API reads.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// HTTP/2 streams (in-flight requests) one connection may carry; more wait
-/// at the client until one ends.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 16_384;
 /// The smallest head limit hyper accepts.
 pub const MIN_HEADER_BYTES: usize = 8192;
 
@@ -273,17 +266,9 @@ where
     >,
     S::Future: Send + 'static,
 {
-    // HTTP/1.1 for any client (curl, third parties), and HTTP/2 with prior
-    // knowledge for the proxy: its leases are then streams multiplexed on a
-    // few connections instead of one connection (and its buffers) each.
-    let mut builder =
-        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-    builder.http1().max_buf_size(max_head.max(MIN_HEADER_BYTES));
-    builder
-        .http2()
-        .max_header_list_size(max_head.max(MIN_HEADER_BYTES) as u32)
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
-    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .max_buf_size(max_head.max(MIN_HEADER_BYTES))
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => { if let Err(e) = r { tracing::debug!("lease API connection: {e}"); } }
@@ -321,21 +306,19 @@ async fn handle(broker: Arc<Broker>, req: Request<Incoming>, peer: Identity) -> 
             .map(|p| http::json(StatusCode::OK, &lease::describe(&p)))
             .ok_or_else(|| ApiError::UnknownPool(name.to_string())),
         (&Method::POST, ["v1", "pools", name, "messages"]) => {
-            let who = Box::pin(caller(&broker, &req, peer)).await;
-            return Box::pin(submit(broker.clone(), name.to_string(), req, who)).await;
+            let who = caller(&broker, &req, peer).await;
+            return submit(broker.clone(), name.to_string(), req, who).await;
         }
-        (&Method::POST, ["v1", "leases", id]) => {
-            Box::pin(deliver(&broker, id.to_string(), req)).await
-        }
+        (&Method::POST, ["v1", "leases", id]) => deliver(&broker, id.to_string(), req).await,
         (&Method::DELETE, ["v1", "pools", name, "sessions", session]) => {
-            let who = Box::pin(caller(&broker, &req, peer)).await;
+            let who = caller(&broker, &req, peer).await;
             resolve(&broker, name, &who).map(|p| {
                 p.end_session(session);
                 http::response(StatusCode::NO_CONTENT, "text/plain", http::empty())
             })
         }
         (&Method::GET, ["v1", "pools", name, "events"]) => {
-            let who = Box::pin(caller(&broker, &req, peer)).await;
+            let who = caller(&broker, &req, peer).await;
             resolve(&broker, name, &who)
                 .and_then(|p| session_of(&req).map(|s| lease::events(&broker, &p, s)))
         }
@@ -402,7 +385,7 @@ async fn submit(
         Ok(s) => s,
         Err(e) => return e.into_response(Value::Null),
     };
-    let msg = match Box::pin(read_message(&broker, req)).await {
+    let msg = match read_message(&broker, req).await {
         Ok(m) => m,
         Err(ApiError::BadRequest(m)) => {
             return http::json(
@@ -438,7 +421,7 @@ async fn submit(
             }
         }
         Ok(Kind::Notification { .. }) => {
-            Box::pin(lease::notify(&pool, session.as_deref(), msg)).await;
+            lease::notify(&pool, session.as_deref(), msg).await;
             http::response(StatusCode::ACCEPTED, "text/plain", http::empty())
         }
         Ok(Kind::Response { .. }) => ApiError::BadRequest(

@@ -1,6 +1,5 @@
-//! The proxy's client for the broker's lease API (HTTP/2 with prior
-//! knowledge over the Unix socket via hyperlocal: every lease is a stream on
-//! one pooled connection).
+//! The proxy's client for the broker's lease API (HTTP/1.1 over the Unix
+//! socket, pooled connections via hyperlocal).
 //!
 //! Connection failures are retried with backoff for a bounded time: a failed
 //! connect means no byte reached the broker, so even a `tools/call` is safe
@@ -199,12 +198,8 @@ impl TokenFile {
 impl Backend {
     /// A client for pool `pool` of the broker on `socket`.
     pub fn new(socket: PathBuf, pool: String, max_message: usize, metrics: Arc<Metrics>) -> Self {
-        // HTTP/2 with prior knowledge: every lease is a stream on one
-        // connection, so thousands of queued leases do not cost thousands of
-        // connections (and their buffers) at the broker.
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .http2_only(true)
             .build(hyperlocal::UnixConnector);
         Self {
             client,
