@@ -1,6 +1,6 @@
 //! One stdio MCP server process: spawn, I/O tasks, routing, stop and reap.
 //!
-//! A [`Worker`] owns three tasks: a writer (stdin), a reader (stdout, routed
+//! A [`Worker`] owns three tasks: a writer (stdin replies), a reader (stdout, routed
 //! through [`router::Router`]) and a stderr logger, plus a reaper that
 //! notices the exit, kills the rest of the process group, reaps the leader and
 //! fails whatever was still in flight. Nothing here decides *when* a process is
@@ -25,7 +25,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Lines queued for a process's stdin at most.
+/// Courtesy replies queued for a process's stdin at most.
 const STDIN_QUEUE: usize = 256;
 /// Longest stderr line kept for the log.
 const STDERR_LINE_MAX: usize = 8 * 1024;
@@ -57,7 +57,12 @@ pub struct Worker {
     pub pid: u32,
     pool: String,
     max_message_size: usize,
-    stdin: mpsc::Sender<Bytes>,
+    /// Written directly by [`Worker::send`] (no task hop on the request
+    /// path); `None` once closed.
+    stdin: Arc<tokio::sync::Mutex<Option<tokio::process::ChildStdin>>>,
+    /// Courtesy replies from the reader (which cannot await) go through the
+    /// writer task.
+    replies: mpsc::Sender<Bytes>,
     close_stdin: CancellationToken,
     router: Mutex<Router>,
     exited: CancellationToken,
@@ -107,13 +112,17 @@ impl Worker {
         drop(sandbox);
         let pid = child.id().unwrap_or(0);
         let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
+        let stdin = Arc::new(tokio::sync::Mutex::new(Some(
+            child.stdin.take().expect("piped"),
+        )));
         let (events, _) = broadcast::channel(64);
         let worker = Arc::new(Worker {
             id,
             pid,
             pool: cfg.name.clone(),
             max_message_size: cfg.max_message_size,
-            stdin: stdin_tx,
+            stdin: stdin.clone(),
+            replies: stdin_tx,
             close_stdin: CancellationToken::new(),
             router: Mutex::new({
                 let mut r = Router::new(id);
@@ -127,7 +136,6 @@ impl Worker {
             events,
             metrics,
         });
-        let stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         tracker.spawn(write_stdin(stdin, stdin_rx, worker.close_stdin.clone()));
@@ -192,10 +200,15 @@ impl Worker {
         if self.is_exited() {
             return Err(WorkerError::Exited(self.exit_reason()));
         }
-        self.stdin
-            .send(Bytes::from(line))
-            .await
-            .map_err(|_| WorkerError::Exited("stdin closed".into()))
+        let mut stdin = self.stdin.lock().await;
+        let Some(w) = stdin.as_mut() else {
+            return Err(WorkerError::Exited("stdin closed".into()));
+        };
+        if w.write_all(&line).await.is_err() {
+            *stdin = None;
+            return Err(WorkerError::Exited("stdin closed".into()));
+        }
+        Ok(())
     }
 
     /// Sends a broker-internal request and waits for its response.
@@ -306,7 +319,7 @@ impl Worker {
                 line.push(b'\n');
                 // A full stdin queue means the process is not reading; the
                 // reply is a courtesy, so dropping it cannot lose a client's data.
-                let _ = self.stdin.try_send(Bytes::from(line));
+                let _ = self.replies.try_send(Bytes::from(line));
             }
             Action::Internal(tx, msg) => {
                 let _ = tx.send(msg);
@@ -352,7 +365,7 @@ fn deliver_event(sink: LeaseSink, event: LeaseEvent, metrics: &Metrics, pool: &s
 }
 
 async fn write_stdin(
-    mut stdin: tokio::process::ChildStdin,
+    stdin: Arc<tokio::sync::Mutex<Option<tokio::process::ChildStdin>>>,
     mut rx: mpsc::Receiver<Bytes>,
     close: CancellationToken,
 ) {
@@ -361,13 +374,17 @@ async fn write_stdin(
             _ = close.cancelled() => break,
             l = rx.recv() => match l { Some(l) => l, None => break },
         };
-        if stdin.write_all(&line).await.is_err() {
-            break;
+        let mut g = stdin.lock().await;
+        if let Some(w) = g.as_mut() {
+            if w.write_all(&line).await.is_err() {
+                *g = None;
+            }
         }
-        // Flush only when nothing else is queued: batches pipelined writes.
-        if rx.is_empty() && stdin.flush().await.is_err() {
-            break;
-        }
+    }
+    // Closing stdin tells the server to exit (EOF). A send stuck on a full
+    // pipe holds the lock; the group is signalled anyway, so do not wait.
+    if let Ok(mut g) = stdin.try_lock() {
+        *g = None;
     }
 }
 
