@@ -8,38 +8,9 @@ mod harness;
 
 use harness::*;
 use mcp_broker::jsonrpc::codes;
-use mcp_broker::metrics::Metrics;
 use mcp_broker::process::router::{Action, LeaseEvent, Router};
-use mcp_broker::proxy::ProxySettings;
 use serde_json::{json, Value};
-use std::sync::Arc;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-
-/// A proxy with adjusted settings; returns its /mcp URL and stop token.
-async fn proxy_with(
-    b: &TestBroker,
-    adjust: impl FnOnce(&mut ProxySettings),
-) -> (String, CancellationToken) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut settings = ProxySettings {
-        listen: addr,
-        socket: b.socket.clone(),
-        pool: "fx".into(),
-        drain_timeout: Duration::from_secs(2),
-        ..Default::default()
-    };
-    adjust(&mut settings);
-    let done = CancellationToken::new();
-    tokio::spawn(mcp_broker::proxy::serve(
-        listener,
-        settings,
-        Arc::new(Metrics::new()),
-        done.clone(),
-    ));
-    (format!("http://{addr}/mcp"), done)
-}
 
 fn hdrs(session: &str) -> Vec<(&'static str, String)> {
     vec![
@@ -58,11 +29,12 @@ async fn post(url: &str, h: &[(&'static str, String)], body: &str) -> Reply {
 async fn header_and_body_limits_at_the_proxy() {
     let b = TestBroker::start(vec![fixture_pool("fx", &[])]).await;
     b.wait_idle("fx", 1).await;
-    let (url, done) = proxy_with(&b, |s| {
+    let px = TestProxy::start_with(&b.socket, "fx", |s| {
         s.max_header_bytes = 16 * 1024;
         s.max_body = 4096;
     })
     .await;
+    let url = px.url.clone();
     let session = initialize(&url, "2025-11-25", json!({})).await;
     let echo = tool(1, "echo", json!({"text": "ok"})).to_string();
     // Within both limits.
@@ -90,7 +62,7 @@ async fn header_and_body_limits_at_the_proxy() {
     );
     let r = post(&url, &hdrs(&session), &echo).await;
     assert_eq!(text_of(&r.json()), "ok", "still serving");
-    done.cancel();
+    px.stop().await;
     b.stop().await;
 }
 
@@ -101,7 +73,8 @@ async fn message_size_limit_answers_with_a_clear_error() {
     })
     .await;
     b.wait_idle("fx", 1).await;
-    let (url, done) = proxy_with(&b, |_| {}).await;
+    let px = TestProxy::start_with(&b.socket, "fx", |_| {}).await;
+    let url = px.url.clone();
     let session = initialize(&url, "2025-11-25", json!({})).await;
     let huge = tool(7, "huge", json!({"bytes": 256 * 1024})).to_string();
     let r = post(&url, &hdrs(&session), &huge).await;
@@ -123,7 +96,7 @@ async fn message_size_limit_answers_with_a_clear_error() {
     )
     .await;
     assert_eq!(text_of(&ok.json()), "after");
-    done.cancel();
+    px.stop().await;
     b.stop().await;
 }
 
@@ -131,7 +104,8 @@ async fn message_size_limit_answers_with_a_clear_error() {
 async fn sessions_per_proxy_are_capped() {
     let b = TestBroker::start(vec![fixture_pool("fx", &[])]).await;
     b.wait_idle("fx", 1).await;
-    let (url, done) = proxy_with(&b, |s| s.max_sessions = 2).await;
+    let px = TestProxy::start_with(&b.socket, "fx", |s| s.max_sessions = 2).await;
+    let url = px.url.clone();
     let s1 = initialize(&url, "2025-11-25", json!({})).await;
     let _s2 = initialize(&url, "2025-11-25", json!({})).await;
     let body = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
@@ -145,7 +119,7 @@ async fn sessions_per_proxy_are_capped() {
     let r = send("DELETE", &url, &[("mcp-session-id", s1.as_str())], "").await;
     assert!(r.status < 300, "{}", r.status);
     let _s3 = initialize(&url, "2025-11-25", json!({})).await;
-    done.cancel();
+    px.stop().await;
     b.stop().await;
 }
 

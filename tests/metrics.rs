@@ -9,12 +9,8 @@ mod harness;
 use bytes::Bytes;
 use harness::*;
 use http_body_util::{BodyExt, Full};
-use mcp_broker::metrics::Metrics;
-use mcp_broker::proxy::ProxySettings;
 use serde_json::json;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// The value of the sample `name{labels…}` in Prometheus text (0 if absent).
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -55,49 +51,6 @@ async fn scrape_proxy(base: &str) -> String {
     r.body
 }
 
-struct Proxy {
-    url: String,
-    base: String,
-    metrics: Arc<Metrics>,
-    done: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn start_proxy(socket: std::path::PathBuf, pool: &str, max_body: usize) -> Proxy {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let metrics = Arc::new(Metrics::new());
-    let done = CancellationToken::new();
-    let settings = ProxySettings {
-        listen: addr,
-        socket,
-        pool: pool.into(),
-        max_body,
-        drain_timeout: Duration::from_secs(2),
-        ..Default::default()
-    };
-    let task = tokio::spawn(mcp_broker::proxy::serve(
-        listener,
-        settings,
-        metrics.clone(),
-        done.clone(),
-    ));
-    Proxy {
-        url: format!("http://{addr}/mcp"),
-        base: format!("http://{addr}"),
-        metrics,
-        done,
-        task,
-    }
-}
-
-impl Proxy {
-    async fn stop(self) {
-        self.done.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-    }
-}
-
 fn hdrs(session: &str) -> Vec<(&str, &str)> {
     vec![
         JSON_SSE,
@@ -114,7 +67,7 @@ async fn counters_and_histograms_follow_traffic() {
     p.queue_limit = 1;
     let b = TestBroker::start(vec![p]).await;
     b.wait_idle("fx", 1).await;
-    let px = start_proxy(b.socket.clone(), "fx", 4096).await;
+    let px = TestProxy::start_with(&b.socket, "fx", |s| s.max_body = 4096).await;
     let fx = [("pool", "fx")];
 
     // Before traffic: per-pool counters exist at zero.
@@ -336,7 +289,7 @@ async fn counters_and_histograms_follow_traffic() {
 
     // A proxy whose broker is not there retries, and counts each retry.
     let missing = b.socket.with_file_name("absent.sock");
-    let lost = start_proxy(missing, "fx", 4096).await;
+    let lost = TestProxy::start_with(&missing, "fx", |s| s.max_body = 4096).await;
     let body = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
         "protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}});
     let r = send("POST", &lost.url, &[JSON_SSE, CT_JSON], &body.to_string()).await;

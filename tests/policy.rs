@@ -105,17 +105,7 @@ async fn proxy_with_token(
 ) -> TestProxy {
     let path = dir.join(format!("{pool}-{token}"));
     std::fs::write(&path, token).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let settings = mcp_broker::proxy::ProxySettings {
-        listen: addr,
-        socket: b.socket.clone(),
-        pool: pool.into(),
-        token_file: Some(path),
-        drain_timeout: Duration::from_secs(2),
-        ..Default::default()
-    };
-    TestProxy::spawn(listener, settings).await
+    TestProxy::start_with(&b.socket, pool, |s| s.token_file = Some(path)).await
 }
 
 #[tokio::test]

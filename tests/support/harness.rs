@@ -241,6 +241,8 @@ pub fn code_of(msg: &Value) -> i64 {
 pub struct TestProxy {
     pub url: String,
     pub base: String,
+    /// The proxy's own metrics registry.
+    pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -248,34 +250,38 @@ pub struct TestProxy {
 impl TestProxy {
     /// Starts a proxy for `pool` of `broker` on a free loopback port.
     pub async fn start(broker: &TestBroker, pool: &str) -> TestProxy {
+        Self::start_with(&broker.socket, pool, |_| {}).await
+    }
+
+    /// Starts a proxy for `pool` of the broker on `socket`, with settings
+    /// adjusted by `adjust`.
+    pub async fn start_with(
+        socket: &std::path::Path,
+        pool: &str,
+        adjust: impl FnOnce(&mut mcp_broker::proxy::ProxySettings),
+    ) -> TestProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let settings = mcp_broker::proxy::ProxySettings {
+        let mut settings = mcp_broker::proxy::ProxySettings {
             listen: addr,
-            socket: broker.socket.clone(),
+            socket: socket.to_path_buf(),
             pool: pool.into(),
             drain_timeout: Duration::from_secs(2),
             ..Default::default()
         };
-        Self::spawn(listener, settings).await
-    }
-
-    /// Starts a proxy with `settings` on an already bound listener.
-    pub async fn spawn(
-        listener: tokio::net::TcpListener,
-        settings: mcp_broker::proxy::ProxySettings,
-    ) -> TestProxy {
-        let addr = listener.local_addr().unwrap();
+        adjust(&mut settings);
+        let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(mcp_broker::proxy::serve(
             listener,
             settings,
-            Arc::new(Metrics::new()),
+            metrics.clone(),
             shutdown.clone(),
         ));
         TestProxy {
             url: format!("http://{addr}/mcp"),
             base: format!("http://{addr}"),
+            metrics,
             shutdown,
             task,
         }
