@@ -17,6 +17,7 @@ pub mod listen;
 pub mod modern;
 pub mod mrtr;
 pub mod session;
+pub mod sse;
 
 use crate::http::{self, Body};
 use crate::jsonrpc;

@@ -8,8 +8,9 @@
 //! request with `inputResponses` and the server's `requestState`. The retry
 //! is a fresh lease; the client sees one request with its questions inline.
 
-use super::flow::{sse_event, ClientSide, Flow};
+use super::flow::{ClientSide, Flow};
 use super::mrtr::DEFAULT_HOLD_TIMEOUT;
+use super::sse;
 use crate::jsonrpc::{self, codes};
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
@@ -58,7 +59,7 @@ pub async fn gather(flow: &mut Flow, tx: &mpsc::Sender<Bytes>, ask: Value) -> Re
         }
         let q = json!({"jsonrpc": "2.0", "id": id, "method": method,
             "params": req.get("params").cloned().unwrap_or(json!({}))});
-        if tx.send(sse_event(&q)).await.is_err() {
+        if tx.send(sse::event(&q)).await.is_err() {
             return Err(fail("the client left".into()));
         }
         waiting.push((key, orx));

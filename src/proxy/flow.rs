@@ -14,19 +14,16 @@
 
 use super::backend::Lines;
 use super::session::Session;
-use super::{ask, modern, mrtr, Proxy};
+use super::{ask, modern, mrtr, sse, Proxy};
 use crate::http::{self, Body};
 use crate::jsonrpc::{self, codes, Kind};
-use ::http::{HeaderValue, Response, StatusCode};
+use ::http::{Response, StatusCode};
 use bytes::Bytes;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// SSE events buffered towards a client.
 const SSE_BUFFER: usize = 16;
-/// Interval of SSE keep-alive comments while a request runs.
-const KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// Who the client is, for deciding how server messages reach it.
 #[derive(Clone)]
@@ -268,12 +265,6 @@ fn final_status(flow: &Flow, msg: &Value) -> StatusCode {
     }
 }
 
-/// One SSE `message` event carrying `msg`.
-pub fn sse_event(msg: &Value) -> Bytes {
-    let data = serde_json::to_string(msg).expect("Value serializes");
-    Bytes::from(format!("event: message\ndata: {data}\n\n"))
-}
-
 /// Runs `flow` and answers the client.
 pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
     let first = flow.step().await;
@@ -332,19 +323,19 @@ pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
     tracker.spawn(async move {
         let _open = open;
         let mut step = first;
-        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+        let mut keepalive = sse::keepalive();
         loop {
             let (event, last) = match step {
-                Step::Final(m) => (sse_event(&m), true),
+                Step::Final(m) => (sse::event(&m), true),
                 Step::Hold(req) => {
                     let m = mrtr::hold(flow, req).await;
-                    let _ = tx.send(sse_event(&m)).await;
+                    let _ = tx.send(sse::event(&m)).await;
                     return;
                 }
-                Step::Notify(m) | Step::ServerRequest(m) => (sse_event(&m), false),
+                Step::Notify(m) | Step::ServerRequest(m) => (sse::event(&m), false),
                 Step::NeedInput(m) => match ask::gather(&mut flow, &tx, m).await {
                     Ok(()) => (Bytes::new(), false),
-                    Err(fin) => (sse_event(&fin), true),
+                    Err(fin) => (sse::event(&fin), true),
                 },
             };
             if (!event.is_empty() && tx.send(event).await.is_err()) || last {
@@ -354,7 +345,7 @@ pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
                 tokio::select! {
                     s = flow.step() => break Some(s),
                     _ = keepalive.tick() => {
-                        if tx.send(Bytes::from_static(b": keep-alive\n\n")).await.is_err() { break None; }
+                        if tx.send(sse::KEEPALIVE_COMMENT).await.is_err() { break None; }
                     }
                     _ = tx.closed() => break None,
                 }
@@ -367,14 +358,7 @@ pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
         }
         flow.done();
     });
-    let mut r = http::response(StatusCode::OK, "text/event-stream", body);
-    r.headers_mut().insert(
-        ::http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache"),
-    );
-    r.headers_mut()
-        .insert("x-accel-buffering", HeaderValue::from_static("no"));
-    r
+    sse::response(body)
 }
 
 /// A JSON-RPC success with an empty result (for locally answered pings).

@@ -7,35 +7,15 @@
 //! proxy shuts down.
 
 use super::error::ProxyError;
-use super::legacy;
 use super::Proxy;
+use super::{legacy, sse};
 use crate::http::{self, Body};
 use crate::jsonrpc;
-use ::http::{HeaderMap, HeaderValue, Response, StatusCode};
-use bytes::Bytes;
+use ::http::{HeaderMap, Response};
 use serde_json::{json, Value};
 use std::sync::Arc;
-use std::time::Duration;
 
 const BUFFER: usize = 16;
-const KEEPALIVE: Duration = Duration::from_secs(15);
-
-fn sse(msg: &Value) -> Bytes {
-    Bytes::from(format!(
-        "event: message\ndata: {}\n\n",
-        serde_json::to_string(msg).expect("Value serializes")
-    ))
-}
-
-fn sse_response(body: Body) -> Response<Body> {
-    let mut r = http::response(StatusCode::OK, "text/event-stream", body);
-    r.headers_mut().insert(
-        ::http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache"),
-    );
-    r
-}
-
 /// Pumps broker events through `map` into an SSE body until either side ends.
 fn pump(
     proxy: &Arc<Proxy>,
@@ -51,20 +31,19 @@ fn pump(
     proxy.tracker.spawn(async move {
         let _open = open;
         if let Some(f) = first {
-            if tx.send(sse(&f)).await.is_err() {
+            if tx.send(sse::event(&f)).await.is_err() {
                 return;
             }
         }
-        let mut keepalive =
-            tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+        let mut keepalive = sse::keepalive();
         loop {
             let out = tokio::select! {
                 ev = events.next() => match ev {
-                    Some(Ok(m)) => match map(m) { Some(m) => sse(&m), None => continue },
+                    Some(Ok(m)) => match map(m) { Some(m) => sse::event(&m), None => continue },
                     Some(Err(_)) => continue,
                     None => break,
                 },
-                _ = keepalive.tick() => Bytes::from_static(b": keep-alive\n\n"),
+                _ = keepalive.tick() => sse::KEEPALIVE_COMMENT,
                 _ = tx.closed() => break,
                 _ = shutdown.cancelled() => break,
             };
@@ -87,7 +66,7 @@ pub async fn get(proxy: &Arc<Proxy>, headers: &HeaderMap, accept_sse: bool) -> R
         Err(e) => return e.into_response(Value::Null),
     };
     match proxy.backend.events(Some(&s.id)).await {
-        Ok(events) => sse_response(pump(proxy, "listen", events, None, Some)),
+        Ok(events) => sse::response(pump(proxy, "listen", events, None, Some)),
         Err(e) => ProxyError::Backend(e).into_response(Value::Null),
     }
 }
@@ -142,5 +121,5 @@ pub async fn modern(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body
         }
         Some(m)
     };
-    sse_response(pump(proxy, "subscription", events, Some(ack), map))
+    sse::response(pump(proxy, "subscription", events, Some(ack), map))
 }
