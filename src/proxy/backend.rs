@@ -148,7 +148,7 @@ pub struct Backend {
     socket: PathBuf,
     pool: String,
     max_message: usize,
-    info: Arc<Mutex<Option<(Instant, PoolInfo)>>>,
+    info: Arc<Mutex<Option<(Instant, Arc<PoolInfo>)>>>,
     metrics: Arc<Metrics>,
     token: Option<Arc<TokenFile>>,
 }
@@ -308,8 +308,9 @@ impl Backend {
 
     /// The pool's description and cached handshake (fetched at most every
     /// few seconds). Fails with [`BackendError::NotWarm`] before the first
-    /// process finished warming.
-    pub async fn pool_info(&self) -> Result<PoolInfo, BackendError> {
+    /// process finished warming. Shared, not copied: every client request
+    /// reads it.
+    pub async fn pool_info(&self) -> Result<Arc<PoolInfo>, BackendError> {
         if let Some((at, info)) = self.info.lock().expect("lock").as_ref() {
             if at.elapsed() < POOL_INFO_TTL {
                 return Ok(info.clone());
@@ -320,7 +321,7 @@ impl Backend {
         let Some(hs) = hs else {
             return Err(BackendError::NotWarm(self.pool.clone()));
         };
-        let info = PoolInfo {
+        let info = Arc::new(PoolInfo {
             mode: v
                 .get("mode")
                 .and_then(Value::as_str)
@@ -334,13 +335,13 @@ impl Backend {
                 .unwrap_or_default()
                 .to_string(),
             result: hs.get("result").cloned().unwrap_or(Value::Null),
-        };
+        });
         *self.info.lock().expect("lock") = Some((Instant::now(), info.clone()));
         Ok(info)
     }
 
     /// [`Self::pool_info`], waiting up to `wait` for the pool to warm.
-    pub async fn pool_info_wait(&self, wait: Duration) -> Result<PoolInfo, BackendError> {
+    pub async fn pool_info_wait(&self, wait: Duration) -> Result<Arc<PoolInfo>, BackendError> {
         let deadline = Instant::now() + wait;
         loop {
             match self.pool_info().await {
