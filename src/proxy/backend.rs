@@ -141,6 +141,9 @@ impl Lines {
 /// Longest wait for a finished lease's stream to end.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The pool description and when it was fetched.
+type CachedInfo = Option<(Instant, Arc<PoolInfo>)>;
+
 /// A cheap-to-clone handle on the broker.
 #[derive(Clone)]
 pub struct Backend {
@@ -148,7 +151,7 @@ pub struct Backend {
     socket: PathBuf,
     pool: String,
     max_message: usize,
-    info: Arc<Mutex<Option<(Instant, Arc<PoolInfo>)>>>,
+    info: Arc<Mutex<CachedInfo>>,
     metrics: Arc<Metrics>,
     token: Option<Arc<TokenFile>>,
 }
