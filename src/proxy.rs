@@ -222,20 +222,10 @@ impl Proxy {
 }
 
 /// Turns one client request into a lease and answers with its messages.
+/// `retryable` keeps the request for a retry (a handshake-era client of a
+/// stateless server, whose InputRequiredResult the proxy answers by asking
+/// the client and retrying).
 pub async fn forward(
-    proxy: &Arc<Proxy>,
-    msg: Value,
-    session: Option<&str>,
-    client: ClientSide,
-    accept: Accept,
-) -> Response<Body> {
-    forward_with(proxy, msg, session, client, accept, false).await
-}
-
-/// [`forward`], keeping the request for a retry when `retryable` (a
-/// handshake-era client of a stateless server, whose InputRequiredResult the
-/// proxy answers by asking the client and retrying).
-pub async fn forward_with(
     proxy: &Arc<Proxy>,
     msg: Value,
     session: Option<&str>,

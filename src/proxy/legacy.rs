@@ -123,10 +123,15 @@ pub async fn post(
                 .await
                 .is_ok_and(|i| i.era == Era::Stateless);
             if stateless {
-                add_stateless_meta(&mut msg, &session);
+                // A stateless server learns what the client said at initialize.
+                protocol::ensure_stateless_meta(
+                    &mut msg,
+                    &session.capabilities,
+                    &session.client_info,
+                );
             }
             let sid = session.id.clone();
-            super::forward_with(
+            super::forward(
                 proxy,
                 msg,
                 Some(&sid),
@@ -172,11 +177,6 @@ pub async fn post(
             .into_response(Value::Null),
         },
     }
-}
-
-/// Gives a stateless server what a handshake-era client said at initialize.
-fn add_stateless_meta(msg: &mut Value, session: &Session) {
-    protocol::ensure_stateless_meta(msg, &session.capabilities, &session.client_info);
 }
 
 /// `DELETE /mcp`: ends the session.

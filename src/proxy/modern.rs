@@ -225,6 +225,7 @@ pub async fn post(
         None,
         ClientSide::Modern { capabilities },
         accept,
+        false,
     )
     .await
 }
