@@ -114,7 +114,7 @@ pub enum Protocol {
 }
 
 /// Daemon-wide settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BrokerSettings {
     /// Lease API socket path.
     pub socket: PathBuf,

@@ -70,7 +70,7 @@ pub fn apply(broker: &Broker, text: &str) -> Option<Summary> {
             return None;
         }
     };
-    if format!("{:?}", cfg.broker) != format!("{:?}", broker.settings()) {
+    if cfg.broker != *broker.settings() {
         tracing::warn!("[broker] settings changed; they take effect at the next restart");
     }
     let summary = broker.reload(cfg.pools);
