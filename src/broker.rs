@@ -68,26 +68,9 @@ impl Broker {
         let tracker = TaskTracker::new();
         let pools_shutdown = CancellationToken::new();
         let ids = Arc::new(AtomicU64::new(0));
-        let pools = config
-            .pools
-            .into_iter()
-            .map(|mut cfg| {
-                cfg.max_message_size = config.broker.max_message_size;
-                let name = cfg.name.clone();
-                metrics.init_pool(&name);
-                let pool = Pool::start(
-                    cfg,
-                    metrics.clone(),
-                    tracker.clone(),
-                    pools_shutdown.child_token(),
-                    ids.clone(),
-                );
-                (name, pool)
-            })
-            .collect();
-        Arc::new(Broker {
+        let broker = Arc::new(Broker {
             settings: config.broker,
-            pools: RwLock::new(pools),
+            pools: RwLock::new(BTreeMap::new()),
             tenants: Mutex::new(HashMap::new()),
             reviewer: std::sync::OnceLock::new(),
             pods: std::sync::OnceLock::new(),
@@ -99,7 +82,28 @@ impl Broker {
             draining: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             idle: Notify::new(),
-        })
+        });
+        let pools = config
+            .pools
+            .into_iter()
+            .map(|cfg| (cfg.name.clone(), broker.start_pool(cfg)))
+            .collect();
+        *broker.pools.write().expect("lock") = pools;
+        broker
+    }
+
+    /// Starts one pool (configured, reloaded, or an isolated tenant's) under
+    /// the broker's message limit, metrics and shutdown.
+    fn start_pool(&self, mut cfg: crate::config::PoolConfig) -> Pool {
+        cfg.max_message_size = self.settings.max_message_size;
+        self.metrics.init_pool(&cfg.name);
+        Pool::start(
+            cfg,
+            self.metrics.clone(),
+            self.tracker.clone(),
+            self.pools_shutdown.child_token(),
+            self.ids.clone(),
+        )
     }
 
     /// Daemon settings.
@@ -158,13 +162,7 @@ impl Broker {
         }
         let mut cfg = base.config().clone();
         cfg.name = format!("{name}@{tenant}");
-        let pool = Pool::start(
-            cfg,
-            self.metrics.clone(),
-            self.tracker.clone(),
-            self.pools_shutdown.child_token(),
-            self.ids.clone(),
-        );
+        let pool = self.start_pool(cfg);
         mine.insert(tenant.to_string(), pool.clone());
         Ok(pool)
     }
@@ -193,14 +191,8 @@ impl Broker {
                     }
                     None => summary.added.push(cfg.name.clone()),
                 }
-                let pool = Pool::start(
-                    cfg.clone(),
-                    self.metrics.clone(),
-                    self.tracker.clone(),
-                    self.pools_shutdown.child_token(),
-                    self.ids.clone(),
-                );
-                next.insert(cfg.name, pool);
+                let name = cfg.name.clone();
+                next.insert(name, self.start_pool(cfg));
             }
             for (name, old) in std::mem::take(&mut *pools) {
                 summary.removed.push(name);
