@@ -362,26 +362,8 @@ fn handle_method(state: &State, method: &str, params: &Value) -> RpcResult {
     }
 }
 
-/// The advertised tools, one per line: name, description, input schema.
-const TOOLS: &str = r#"[
- {"name":"echo","description":"Returns `text`","inputSchema":{"type":"object","properties":{"text":{"type":"string"}},"required":["text"]}},
- {"name":"whoami","description":"Returns `pid=<pid> calls=<tools/call count>`","inputSchema":{"type":"object","properties":{}}},
- {"name":"sleep","description":"Sleeps `ms`, sending `steps` progress notifications if asked","inputSchema":{"type":"object","properties":{"ms":{"type":"integer","minimum":0},"steps":{"type":"integer","minimum":0}},"required":["ms"]}},
- {"name":"log","description":"Sends `text` as a log notification","inputSchema":{"type":"object","properties":{"text":{"type":"string"}},"required":["text"]}},
- {"name":"crash","description":"Exits at once with `code` (default 3)","inputSchema":{"type":"object","properties":{"code":{"type":"integer"}}}},
- {"name":"hang","description":"Never answers","inputSchema":{"type":"object","properties":{}}},
- {"name":"garbage","description":"Writes `lines` (default 3) non-JSON lines, then answers","inputSchema":{"type":"object","properties":{"lines":{"type":"integer","minimum":0}}}},
- {"name":"huge","description":"Answers with `bytes` x characters","inputSchema":{"type":"object","properties":{"bytes":{"type":"integer","minimum":0}},"required":["bytes"]}},
- {"name":"sample","description":"Asks the client to sample `prompt`","inputSchema":{"type":"object","properties":{"prompt":{"type":"string"}},"required":["prompt"]}},
- {"name":"elicit","description":"Asks the client to elicit with `message`","inputSchema":{"type":"object","properties":{"message":{"type":"string"}},"required":["message"]}},
- {"name":"roots","description":"Asks the client for its roots","inputSchema":{"type":"object","properties":{}}},
- {"name":"spawn_child","description":"Spawns `sleep 600` in this process group; returns its pid","inputSchema":{"type":"object","properties":{}}},
- {"name":"list_changed","description":"Sends notifications/tools/list_changed","inputSchema":{"type":"object","properties":{}}},
- {"name":"env","description":"Returns environment variable `name` or <unset>","inputSchema":{"type":"object","properties":{"name":{"type":"string"}},"required":["name"]}},
- {"name":"stderr","description":"Writes `text` to stderr","inputSchema":{"type":"object","properties":{"text":{"type":"string"}},"required":["text"]}},
- {"name":"open_files","description":"Opens /dev/null `n` times at once, then closes them","inputSchema":{"type":"object","properties":{"n":{"type":"integer","minimum":0}},"required":["n"]}},
- {"name":"alloc","description":"Allocates and touches `bytes` bytes, then frees them","inputSchema":{"type":"object","properties":{"bytes":{"type":"integer","minimum":0}},"required":["bytes"]}}
-]"#;
+/// The advertised tools (a data file: name, description, input schema).
+const TOOLS: &str = include_str!("mcp-fixture/tools.json");
 
 fn arg_str<'a>(args: &'a Args, tool: &str, name: &str) -> RpcResult<&'a str> {
     args.get(name)
