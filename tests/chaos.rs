@@ -403,9 +403,10 @@ async fn chaos_soak() {
     );
 }
 
-#[tokio::test]
-async fn broker_restart_answers_in_flight_call_and_never_retries_it() {
-    let mut p = fixture_pool("fx", &[]);
+/// One fixture process (`args`) behind a broker that drains for only
+/// 300 ms, a proxy, and an open session on it.
+async fn one_process_behind_a_proxy(args: &[&str]) -> (TestBroker, TestProxy, String) {
+    let mut p = fixture_pool("fx", args);
     p.min_idle = 1;
     p.max = 1;
     p.stop_grace = Duration::from_millis(200);
@@ -413,6 +414,12 @@ async fn broker_restart_answers_in_flight_call_and_never_retries_it() {
     b.wait_idle("fx", 1).await;
     let px = TestProxy::start(&b, "fx").await;
     let s = initialize(&px.url, "2025-11-25", json!({})).await;
+    (b, px, s)
+}
+
+#[tokio::test]
+async fn broker_restart_answers_in_flight_call_and_never_retries_it() {
+    let (b, px, s) = one_process_behind_a_proxy(&[]).await;
     let url = px.url.clone();
     let session = s.clone();
     let inflight = tokio::spawn(async move {
@@ -475,14 +482,7 @@ async fn broker_restart_answers_in_flight_call_and_never_retries_it() {
 
 #[tokio::test]
 async fn broker_restart_replays_read_only_requests() {
-    let mut p = fixture_pool("fx", &["--list-delay-ms", "1500"]);
-    p.min_idle = 1;
-    p.max = 1;
-    p.stop_grace = Duration::from_millis(200);
-    let b = TestBroker::start_with(vec![p], |s| s.drain_timeout = Duration::from_millis(300)).await;
-    b.wait_idle("fx", 1).await;
-    let px = TestProxy::start(&b, "fx").await;
-    let s = initialize(&px.url, "2025-11-25", json!({})).await;
+    let (b, px, s) = one_process_behind_a_proxy(&["--list-delay-ms", "1500"]).await;
     let (url, session) = (px.url.clone(), s.clone());
     let list = tokio::spawn(async move {
         let h = [JSON_SSE, CT_JSON, ("mcp-session-id", session.as_str())];
