@@ -5,7 +5,6 @@
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use mcp_broker::process::router::{Action, LeaseEvent, Router};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 fn request(token: bool) -> Value {
     let mut m = json!({"jsonrpc":"2.0","id":"client-7","method":"tools/call",
@@ -30,7 +29,7 @@ fn begin_and_route(c: &mut Criterion) {
             b.iter_batched(
                 || request(token),
                 |mut msg| {
-                    let lid = r.begin(&mut msg, tx.clone(), CancellationToken::new());
+                    let lid = r.begin(&mut msg, tx.clone());
                     let resp = json!({"jsonrpc":"2.0","id":msg["id"],"result":{"content":[]}});
                     match r.route(resp) {
                         Action::ToLease(_, LeaseEvent::Final(m)) => assert_eq!(m["id"], "client-7"),

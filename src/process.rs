@@ -245,19 +245,10 @@ impl Worker {
 
     /// Starts a client request on this process; events go to `sink`.
     /// Returns the lease id for [`Self::deliver`] and [`Self::end`].
-    pub async fn begin(
-        &self,
-        mut msg: Value,
-        sink: LeaseSink,
-        done: CancellationToken,
-    ) -> Result<u64, WorkerError> {
+    pub async fn begin(&self, mut msg: Value, sink: LeaseSink) -> Result<u64, WorkerError> {
         self.leased
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        let lid = self
-            .router
-            .lock()
-            .expect("lock")
-            .begin(&mut msg, sink, done);
+        let lid = self.router.lock().expect("lock").begin(&mut msg, sink);
         if let Err(e) = self.send(&msg).await {
             self.end(lid);
             return Err(e);

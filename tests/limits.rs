@@ -10,7 +10,6 @@ use harness::*;
 use mcp_broker::jsonrpc::codes;
 use mcp_broker::process::router::{Action, LeaseEvent, Router};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 fn hdrs(session: &str) -> Vec<(&'static str, String)> {
     vec![
@@ -129,7 +128,7 @@ fn server_requests_per_lease_are_capped() {
     r.set_max_server_requests(3);
     let (tx, _rx) = tokio::sync::mpsc::channel(16);
     let mut req = tool(1, "sample", json!({"prompt": "p"}));
-    let lid = r.begin(&mut req, tx, CancellationToken::new());
+    let lid = r.begin(&mut req, tx);
     let ask = |n: u32| json!({"jsonrpc":"2.0","id":format!("s-{n}"),"method":"sampling/createMessage","params":{}});
     let mut broker_ids = Vec::new();
     for n in 0..3 {

@@ -20,8 +20,6 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use tokio_util::sync::CancellationToken;
-
 /// Bytes framing keeps of an oversized line's head and tail.
 const KEEP: usize = 256;
 
@@ -228,7 +226,7 @@ proptest! {
         let mut r = Router::new(1);
         let (tx, _rx) = tokio::sync::mpsc::channel(4);
         let mut req = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"_meta":{"progressToken":1}}});
-        let lid = r.begin(&mut req, tx, CancellationToken::new());
+        let lid = r.begin(&mut req, tx);
         let _ = r.route(v.clone());
         let _ = r.deliver(lid, v);
     }
@@ -300,7 +298,7 @@ proptest! {
                     if let Some(t) = token {
                         msg["params"]["_meta"] = json!({"progressToken": t});
                     }
-                    let lid = r.begin(&mut msg, tx.clone(), CancellationToken::new());
+                    let lid = r.begin(&mut msg, tx.clone());
                     let proc_id = msg["id"].as_u64().expect("numeric process id");
                     prop_assert!(leases.iter().all(|l| l.proc_id != proc_id), "process ids never repeat");
                     let rewritten = msg.pointer("/params/_meta/progressToken").cloned();

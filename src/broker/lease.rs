@@ -131,7 +131,7 @@ pub async fn run(
     let (sink, events) = mpsc::channel(LEASE_EVENTS);
     let begun = tokio::time::timeout(
         pool.config().request_timeout,
-        guard.worker().begin(msg, sink, CancellationToken::new()),
+        guard.worker().begin(msg, sink),
     )
     .await;
     let lid = match begun {

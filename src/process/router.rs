@@ -57,7 +57,6 @@ enum Waiter {
 
 struct LeaseRoute {
     sink: LeaseSink,
-    done: tokio_util::sync::CancellationToken,
     proc_id: u64,
     client_id: Value,
     progress_key: Option<String>,
@@ -120,13 +119,7 @@ impl Router {
 
     /// Registers a client request and rewrites `msg` in place for the process.
     /// Returns the lease id.
-    /// `done` is cancelled when the lease's final event has been routed.
-    pub fn begin(
-        &mut self,
-        msg: &mut Value,
-        sink: LeaseSink,
-        done: tokio_util::sync::CancellationToken,
-    ) -> u64 {
+    pub fn begin(&mut self, msg: &mut Value, sink: LeaseSink) -> u64 {
         let lid = self.fresh();
         let proc_id = self.fresh();
         let client_id = msg.get("id").cloned().unwrap_or(Value::Null);
@@ -143,7 +136,6 @@ impl Router {
             lid,
             LeaseRoute {
                 sink,
-                done,
                 proc_id,
                 client_id,
                 progress_key,
@@ -232,7 +224,6 @@ impl Router {
                     Some(Waiter::Lease(lid)) => match self.leases.get_mut(&lid) {
                         Some(route) => {
                             route.answered = true;
-                            route.done.cancel();
                             msg["id"] = route.client_id.clone();
                             Action::ToLease(route.sink.clone(), LeaseEvent::Final(msg))
                         }
@@ -338,7 +329,6 @@ impl Router {
             Some(Waiter::Lease(lid)) => match self.leases.get_mut(&lid) {
                 Some(route) => {
                     route.answered = true;
-                    route.done.cancel();
                     let err = jsonrpc::error(route.client_id.clone(), code, message);
                     Action::ToLease(route.sink.clone(), LeaseEvent::Final(err))
                 }
@@ -357,7 +347,6 @@ impl Router {
         for route in self.leases.values_mut() {
             if !route.answered {
                 route.answered = true;
-                route.done.cancel();
                 let err = jsonrpc::error(route.client_id.clone(), codes::PROCESS_EXITED, message);
                 out.push(Action::ToLease(route.sink.clone(), LeaseEvent::Final(err)));
             }

@@ -2,7 +2,6 @@
 //! server requests, cancellation, and failure of every open lease on exit.
 
 use super::*;
-use tokio_util::sync::CancellationToken;
 
 fn sink() -> (LeaseSink, mpsc::Receiver<LeaseEvent>) {
     mpsc::channel(8)
@@ -30,8 +29,8 @@ fn ids_are_rewritten_and_mapped_back() {
     let (s2, mut rx2) = sink();
     let mut a = req(json!(7), None);
     let mut b = req(json!(7), None);
-    let la = r.begin(&mut a, s1, CancellationToken::new());
-    let lb = r.begin(&mut b, s2, CancellationToken::new());
+    let la = r.begin(&mut a, s1);
+    let lb = r.begin(&mut b, s2);
     assert_ne!(a["id"], b["id"], "same client id, distinct process ids");
     // Answer b first: it must reach b's sink with b's original id.
     let (sink, ev) =
@@ -54,7 +53,7 @@ fn late_responses_after_end_are_dropped() {
     let mut r = Router::new(1);
     let (s, _rx) = sink();
     let mut a = req(json!("x"), None);
-    let la = r.begin(&mut a, s, CancellationToken::new());
+    let la = r.begin(&mut a, s);
     assert!(r.end(la));
     let act = r.route(json!({"jsonrpc":"2.0","id":a["id"],"result":{}}));
     assert!(matches!(act, Action::Drop("late_response")));
@@ -76,8 +75,8 @@ fn progress_tokens_are_isolated_per_lease() {
     let (s2, mut rx2) = sink();
     let mut a = req(json!(1), Some(json!("t")));
     let mut b = req(json!(1), Some(json!("t")));
-    r.begin(&mut a, s1, CancellationToken::new());
-    r.begin(&mut b, s2, CancellationToken::new());
+    r.begin(&mut a, s1);
+    r.begin(&mut b, s2);
     let ta = a["params"]["_meta"]["progressToken"].clone();
     let tb = b["params"]["_meta"]["progressToken"].clone();
     assert_ne!(ta, tb);
@@ -97,7 +96,7 @@ fn server_requests_get_broker_ids_and_answers_route_back() {
     let mut r = Router::new(3);
     let (s, mut rx) = sink();
     let mut a = req(json!(1), None);
-    let lid = r.begin(&mut a, s, CancellationToken::new());
+    let lid = r.begin(&mut a, s);
     let (sink, ev) = deliver_to(
         r.route(json!({"jsonrpc":"2.0","id":0,"method":"sampling/createMessage","params":{}})),
     );
@@ -129,7 +128,7 @@ fn cancellation_targets_the_process_id() {
     let mut r = Router::new(1);
     let (s, _rx) = sink();
     let mut a = req(json!("client-9"), None);
-    let lid = r.begin(&mut a, s, CancellationToken::new());
+    let lid = r.begin(&mut a, s);
     let out = r
         .deliver(lid, json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"client-9"}}))
         .unwrap();
@@ -141,8 +140,8 @@ fn ambiguous_messages_are_not_guessed() {
     let mut r = Router::new(1);
     let (s1, _a) = sink();
     let (s2, _b) = sink();
-    r.begin(&mut req(json!(1), None), s1, CancellationToken::new());
-    r.begin(&mut req(json!(2), None), s2, CancellationToken::new());
+    r.begin(&mut req(json!(1), None), s1);
+    r.begin(&mut req(json!(2), None), s2);
     let log = json!({"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":"x"}});
     assert!(matches!(r.route(log), Action::Drop("notification")));
     let ask = json!({"jsonrpc":"2.0","id":5,"method":"sampling/createMessage","params":{}});
@@ -158,8 +157,8 @@ fn process_exit_fails_every_open_lease_once() {
     let (s1, _a) = sink();
     let (s2, _b) = sink();
     let mut a = req(json!(1), None);
-    r.begin(&mut a, s1, CancellationToken::new());
-    r.begin(&mut req(json!(2), None), s2, CancellationToken::new());
+    r.begin(&mut a, s1);
+    r.begin(&mut req(json!(2), None), s2);
     let _ = r.route(json!({"jsonrpc":"2.0","id":a["id"],"result":{}}));
     let failed = r.fail_all("gone");
     assert_eq!(failed.len(), 1, "the answered lease is not failed again");
