@@ -107,6 +107,11 @@ pub struct BenchArgs {
     /// 2, 1000 queued calls.
     #[arg(long)]
     pub quick: bool,
+    /// Worker threads of the runtime the broker and proxy run on (as
+    /// `mcp-broker up --threads`).
+    #[arg(long, default_value_t = crate::runtime::DEFAULT_LEAN_THREADS as u16,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub server_threads: u16,
     /// The stdio server command (default: the mcp-fixture next to this binary).
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -201,7 +206,7 @@ pub async fn run(mut args: BenchArgs, shutdown: CancellationToken) -> anyhow::Re
     let mut ctx = Ctx {
         cmd,
         template,
-        rt: ServerRt(Some(targets::server_runtime()?)),
+        rt: ServerRt(Some(targets::server_runtime(args.server_threads.into())?)),
         rows: Vec::new(),
         memory: Vec::new(),
         shutdown,

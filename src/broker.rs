@@ -33,10 +33,9 @@ const STOP_TASKS_TIMEOUT: Duration = Duration::from_secs(10);
 /// A lease that clients may still send answers into.
 #[derive(Clone)]
 pub struct LeaseRef {
-    /// The process serving the lease.
-    pub worker: Arc<Worker>,
-    /// The lease's id inside that process's router.
-    pub lid: u64,
+    /// The process serving the lease and the lease's id inside its router;
+    /// `None` while the request still waits for a process.
+    pub process: Option<(Arc<Worker>, u64)>,
     /// The pool it came from.
     pub pool: String,
     /// Fired when the client cancels the request.

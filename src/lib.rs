@@ -26,5 +26,6 @@ pub mod pool;
 pub mod process;
 pub mod protocol;
 pub mod proxy;
+pub mod runtime;
 pub mod shutdown;
 pub mod up;

@@ -10,6 +10,7 @@ use mcp_broker::broker::{listen, Broker};
 use mcp_broker::config::{self, Config, Mode, PoolConfig};
 use mcp_broker::metrics::Metrics;
 use mcp_broker::proxy::{self, ProxySettings};
+use mcp_broker::runtime::{self, Threads};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,6 +24,10 @@ use tokio_util::sync::CancellationToken;
     about = "Warm pools of stdio MCP servers, leased per request"
 )]
 struct Cli {
+    /// Runtime worker threads (default: 1 for `proxy`, `up` and the bench's
+    /// broker and proxy; one per core for `serve`).
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -158,7 +163,18 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Runtime::new() {
+    let threads = match (cli.threads, &cli.command) {
+        (Some(n), _) => Threads::Fixed(n.into()),
+        (None, Command::Proxy { .. } | Command::Up { .. }) => {
+            Threads::Fixed(runtime::DEFAULT_LEAN_THREADS)
+        }
+        // The bench's own load generator; its broker and proxy get a
+        // runtime of their own (`bench --server-threads`).
+        (None, Command::Serve { .. } | Command::Check { .. } | Command::Bench(_)) => {
+            Threads::PerCore
+        }
+    };
+    let rt = match runtime::build(threads, "mcp-broker") {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("mcp-broker: cannot start the runtime: {e}");

@@ -245,11 +245,26 @@ pub async fn forward(
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    let lease = match proxy.backend.lease(&msg, session).await {
+    // Named before it is sent, so a `notifications/cancelled` finds the
+    // lease while it still waits for a process or its first answer.
+    let lease_id = backend::new_lease_id();
+    let untrack = |client: &ClientSide| {
+        if let ClientSide::Legacy(s) = client {
+            s.untrack_request(&id);
+        }
+    };
+    if let ClientSide::Legacy(s) = &client {
+        s.track_request(&id, &lease_id);
+    }
+    let lease = match proxy.backend.lease(&msg, session, &lease_id).await {
         Ok(l) => l,
-        Err(e) => return ProxyError::Backend(e).into_response(id),
+        Err(e) => {
+            untrack(&client);
+            return ProxyError::Backend(e).into_response(id);
+        }
     };
     if lease.status != StatusCode::OK {
+        untrack(&client);
         // The broker refused before a process saw the request: one error line.
         let mut lines = lease.lines;
         let mut err = match lines.next().await {
@@ -275,13 +290,10 @@ pub async fn forward(
         }
         return r;
     }
-    if let (ClientSide::Legacy(s), Some(t)) = (&client, &lease.token) {
-        s.track_request(&id, t);
-    }
     let flow = Flow {
         proxy: proxy.clone(),
         lines: lease.lines,
-        token: lease.token,
+        token: Some(lease_id),
         client_id: id,
         method,
         client,

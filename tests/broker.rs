@@ -7,6 +7,7 @@ mod harness;
 use harness::*;
 use mcp_broker::config::Mode;
 use mcp_broker::jsonrpc::codes;
+use mcp_broker::proxy::backend::new_lease_id;
 use serde_json::json;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -283,7 +284,11 @@ async fn server_requests_and_answers_flow_through_the_lease() {
     b.wait_idle("fx", 1).await;
     let c = b.client("fx");
     let mut l = c
-        .lease(&tool(1, "sample", json!({"prompt": "2+2?"})), None)
+        .lease(
+            &tool(1, "sample", json!({"prompt": "2+2?"})),
+            None,
+            &new_lease_id(),
+        )
         .await
         .unwrap();
     let token = l.token.clone().expect("lease token");
@@ -308,7 +313,7 @@ async fn caller_disconnect_cancels_and_frees_the_process() {
     let c = b.client("fx");
     let mut msg = tool(1, "sleep", json!({"ms": 30_000, "steps": 30}));
     msg["params"]["_meta"] = json!({"progressToken": 1});
-    let mut l = c.lease(&msg, None).await.unwrap();
+    let mut l = c.lease(&msg, None, &new_lease_id()).await.unwrap();
     let first = l.lines.next().await.unwrap().unwrap();
     assert_eq!(
         first["method"],
@@ -466,5 +471,67 @@ async fn bad_lease_api_input_gets_clear_errors() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(code_of(&msgs[0]), -32602, "server errors pass through");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_queued_request_is_cancelled_by_its_lease_id() {
+    let mut p = fixture_pool("fx", &[]);
+    p.max = 1;
+    let b = TestBroker::start(vec![p]).await;
+    b.wait_idle("fx", 1).await;
+    let c = b.client("fx");
+    let hold = tokio::spawn({
+        let c = c.clone();
+        async move { lease(&c, &tool(1, "sleep", json!({"ms": 3000})), None).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The caller names the lease, so it can cancel before any answer.
+    let id = new_lease_id();
+    let queued = tokio::spawn({
+        let (c, id) = (c.clone(), id.clone());
+        async move {
+            let mut l = c
+                .lease(&tool(2, "echo", json!({"text": "q"})), None, &id)
+                .await
+                .unwrap();
+            (l.status.as_u16(), l.lines.next().await.unwrap().unwrap())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A live lease id cannot be taken twice; malformed ids are refused.
+    let mut dup = c
+        .lease(&tool(3, "echo", json!({"text": "d"})), None, &id)
+        .await
+        .unwrap();
+    assert_eq!(dup.status.as_u16(), 409);
+    assert_eq!(
+        code_of(&dup.lines.next().await.unwrap().unwrap()),
+        codes::INVALID_REQUEST
+    );
+    let bad = c
+        .lease(&tool(4, "echo", json!({"text": "b"})), None, "not an id")
+        .await
+        .unwrap();
+    assert_eq!(bad.status.as_u16(), 400);
+    let started = Instant::now();
+    let cancel =
+        json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":2}});
+    c.deliver(&id, &cancel).await.unwrap();
+    let (status, answer) = queued.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(answer["id"], 2);
+    assert_eq!(code_of(&answer), codes::CANCELLED);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "cancelled only when the process came free"
+    );
+    assert!(!hold.is_finished(), "the hold ended early");
+    let (_, msgs) = hold.await.unwrap();
+    assert_eq!(msgs.last().unwrap()["id"], 1);
+    // A lease id nobody holds is refused.
+    let id = new_lease_id();
+    let gone = c.deliver(&id, &cancel).await;
+    assert!(gone.is_err(), "unknown lease accepted");
     b.stop().await;
 }

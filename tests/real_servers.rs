@@ -90,6 +90,7 @@ async fn server_everything_is_warmed_and_leased() {
                 json!({"prompt": "hi", "maxTokens": 5}),
             ),
             None,
+            &mcp_broker::proxy::backend::new_lease_id(),
         )
         .await
         .unwrap();

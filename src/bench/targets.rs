@@ -28,13 +28,13 @@ pub const POOL: &str = "bench";
 pub const SERVER_THREADS: &str = "mcpb-srv";
 
 /// The bench's second runtime: broker, proxy and the trivial endpoint run
-/// here, so their CPU time is told apart from the load generator's.
-pub fn server_runtime() -> anyhow::Result<Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name(SERVER_THREADS)
-        .enable_all()
-        .build()?)
+/// here, so their CPU time is told apart from the load generator's. It has
+/// `threads` workers, like `mcp-broker up --threads`.
+pub fn server_runtime(threads: usize) -> anyhow::Result<Runtime> {
+    Ok(crate::runtime::build(
+        crate::runtime::Threads::Fixed(threads),
+        SERVER_THREADS,
+    )?)
 }
 
 fn loopback_listener() -> anyhow::Result<std::net::TcpListener> {

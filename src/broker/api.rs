@@ -54,6 +54,8 @@ pub enum ApiError {
     Draining,
     #[error("no lease {0:?} is in flight (it ended or never existed)")]
     UnknownLease(String),
+    #[error("lease id {0:?} is already in use")]
+    LeaseConflict(String),
     #[error("not found")]
     NotFound,
     #[error("method not allowed")]
@@ -74,6 +76,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Process(_) => StatusCode::BAD_GATEWAY,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::LeaseConflict(_) => StatusCode::CONFLICT,
             ApiError::NotAllowed(_) => StatusCode::FORBIDDEN,
         }
     }
@@ -91,9 +94,10 @@ impl ApiError {
             ApiError::TooLarge(_) => codes::MESSAGE_TOO_LARGE,
             ApiError::Process(_) => codes::PROCESS_EXITED,
             ApiError::NotAllowed(_) => codes::NOT_ALLOWED,
-            ApiError::UnknownLease(_) | ApiError::NotFound | ApiError::MethodNotAllowed => {
-                codes::INVALID_REQUEST
-            }
+            ApiError::UnknownLease(_)
+            | ApiError::LeaseConflict(_)
+            | ApiError::NotFound
+            | ApiError::MethodNotAllowed => codes::INVALID_REQUEST,
         }
     }
 
@@ -362,6 +366,20 @@ fn session_of<B>(req: &Request<B>) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// The caller's own id for the lease (header `mcp-broker-lease`), so it can
+/// cancel the request before the first answer arrives.
+fn lease_id_of<B>(req: &Request<B>) -> Result<Option<String>, ApiError> {
+    match req.headers().get(LEASE_HEADER) {
+        None => Ok(None),
+        Some(v) => match v.to_str() {
+            Ok(s) if lease::valid_lease_id(s) => Ok(Some(s.to_string())),
+            _ => Err(ApiError::BadRequest(format!(
+                "{LEASE_HEADER} must be 16 to 64 of [A-Za-z0-9_-]"
+            ))),
+        },
+    }
+}
+
 async fn read_message(broker: &Broker, req: Request<Incoming>) -> Result<Value, ApiError> {
     let limit = broker.settings().max_message_size;
     let body = http::read_body(req.into_body(), limit)
@@ -383,6 +401,10 @@ async fn submit(
 ) -> Response<Body> {
     let session = match session_of(&req) {
         Ok(s) => s,
+        Err(e) => return e.into_response(Value::Null),
+    };
+    let lease_id = match lease_id_of(&req) {
+        Ok(l) => l,
         Err(e) => return e.into_response(Value::Null),
     };
     let msg = match read_message(&broker, req).await {
@@ -415,7 +437,7 @@ async fn submit(
                 reject(&broker, &name, "draining");
                 return ApiError::Draining.into_response(id);
             }
-            match lease::run(broker, pool, session, msg, method).await {
+            match lease::run(broker, pool, session, msg, method, lease_id).await {
                 Ok(r) => r,
                 Err(e) => e.into_response(id),
             }
@@ -453,10 +475,19 @@ async fn deliver(
         return Err(ApiError::UnknownLease(lease));
     };
     let cancelled = msg.get("method").and_then(Value::as_str) == Some("notifications/cancelled");
-    l.worker
-        .deliver(l.lid, msg)
-        .await
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    match &l.process {
+        Some((worker, lid)) => worker
+            .deliver(*lid, msg)
+            .await
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?,
+        // Still queued: cancelling takes it out of the queue (below).
+        None if cancelled => {}
+        None => {
+            return Err(ApiError::BadRequest(format!(
+                "lease {lease:?} has not reached a process yet; only notifications/cancelled can be sent to it"
+            )))
+        }
+    }
     if cancelled {
         // The client no longer wants the answer: end the lease now rather
         // than holding the process until request_timeout.

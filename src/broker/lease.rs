@@ -79,19 +79,86 @@ pub fn describe(pool: &Pool) -> Value {
 
 /// How a lease ended.
 enum End {
-    Answered { error: bool },
+    Answered {
+        error: bool,
+    },
+    /// The process's event stream ended without a response (it died).
+    Lost,
     TimedOut,
     CallerGone,
     Cancelled,
 }
 
-/// Runs one request on one process and returns the streaming response.
+/// A caller-chosen lease id: 16 to 64 of `[A-Za-z0-9_-]`.
+pub fn valid_lease_id(s: &str) -> bool {
+    (16..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A lease's entry in the broker's table, removed when dropped: while it is
+/// there, `POST /v1/leases/{id}` reaches the lease (a cancellation even
+/// while the request still waits for a process).
+struct Registration {
+    broker: Arc<Broker>,
+    id: String,
+}
+
+impl Registration {
+    fn new(
+        broker: &Arc<Broker>,
+        id: String,
+        pool: &str,
+    ) -> Result<(Self, CancellationToken), ApiError> {
+        let cancel = CancellationToken::new();
+        let mut table = broker.leases.lock().expect("lock");
+        if table.contains_key(&id) {
+            return Err(ApiError::LeaseConflict(id));
+        }
+        table.insert(
+            id.clone(),
+            LeaseRef {
+                process: None,
+                pool: pool.to_string(),
+                cancel: cancel.clone(),
+            },
+        );
+        drop(table);
+        let reg = Registration {
+            broker: broker.clone(),
+            id,
+        };
+        Ok((reg, cancel))
+    }
+
+    fn attach(&self, worker: &Arc<crate::process::Worker>, lid: u64) {
+        if let Some(r) = self.broker.leases.lock().expect("lock").get_mut(&self.id) {
+            r.process = Some((worker.clone(), lid));
+        }
+    }
+
+    fn remove(&self) {
+        self.broker.leases.lock().expect("lock").remove(&self.id);
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Runs one request on one process and returns its response: the answer
+/// alone when it is the first thing the process sends, else a stream.
+/// `id` is the caller's lease id (header `mcp-broker-lease`), or `None` for
+/// a fresh one.
 pub async fn run(
     broker: Arc<Broker>,
     pool: Pool,
     session: Option<String>,
     msg: Value,
     method: String,
+    id: Option<String>,
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let name = pool.config().name.clone();
@@ -102,7 +169,18 @@ pub async fn run(
             .with_label_values(&[&name, o])
             .inc()
     };
-    let guard = match pool.acquire(session.as_deref()).await {
+    let token = id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let (reg, cancel) = Registration::new(&broker, token.clone(), &name)?;
+    let client_id = msg.get("id").cloned().unwrap_or(Value::Null);
+    let acquired = tokio::select! {
+        biased;
+        g = pool.acquire(session.as_deref()) => g,
+        _ = cancel.cancelled() => {
+            outcome("cancelled");
+            return Ok(answer(&token, http::full(line(&cancelled(client_id)))));
+        }
+    };
+    let guard = match acquired {
         Ok(g) => g,
         Err(e) => {
             let kind = match &e {
@@ -121,14 +199,13 @@ pub async fn run(
             return Err(e.into());
         }
     };
-    let client_id = msg.get("id").cloned().unwrap_or(Value::Null);
     let mut msg = msg;
     if pool.handshake().is_some_and(|h| h.era == Era::Stateless) {
         // Callers need not know the era: a stateless server gets the envelope
         // it requires (with no client capabilities unless the caller gave some).
         protocol::ensure_stateless_meta(&mut msg, &json!({}), &protocol::client_info());
     }
-    let (sink, events) = mpsc::channel(LEASE_EVENTS);
+    let (sink, mut events) = mpsc::channel(LEASE_EVENTS);
     let begun = tokio::time::timeout(
         pool.config().request_timeout,
         guard.worker().begin(msg, sink),
@@ -154,40 +231,64 @@ pub async fn run(
             ));
         }
     };
-    let token = uuid::Uuid::new_v4().simple().to_string();
-    let cancel = CancellationToken::new();
-    broker.leases.lock().expect("lock").insert(
-        token.clone(),
-        LeaseRef {
-            worker: guard.worker().clone(),
-            lid,
-            pool: name.clone(),
-            cancel: cancel.clone(),
-        },
-    );
+    reg.attach(guard.worker(), lid);
     broker.lease_started();
-    let (tx, body) = http::channel_body(BODY_LINES);
     let timeout = pool.config().request_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
-    let lease = Lease {
+    let mut lease = Armed(Some(Lease {
         cancel,
         timeout,
         broker: broker.clone(),
         guard,
         lid,
-        token: token.clone(),
+        reg,
         client_id,
         method,
         pool: name,
         started,
+    }));
+    // Wait for the first message here, in the connection's own task: most
+    // leases yield just the response, which then goes out with the head in
+    // one write, with a length instead of chunks (one wake-up at the proxy,
+    // no stream to end). If hyper drops this future (the caller hung up),
+    // `Armed` ends the lease as abandoned.
+    let first = lease.next(&mut events, deadline).await;
+    let body = match first {
+        Next::Message(m) => {
+            // A streaming lease: the rest is pumped by its own task, which
+            // keeps enforcing the deadline even while the caller reads slowly.
+            let (tx, body) = http::channel_body(BODY_LINES);
+            let _ = tx.try_send(line(&m));
+            let lease = lease.0.take().expect("armed until here");
+            broker.tracker.spawn(lease.pump(events, tx, deadline));
+            body
+        }
+        Next::End(end, answer) => {
+            let lease = lease.0.take().expect("armed until here");
+            let owed = lease.end(end);
+            http::full(answer.or(owed).unwrap_or_default())
+        }
     };
-    broker.tracker.spawn(lease.pump(events, tx, deadline));
+    Ok(answer(&token, body))
+}
+
+/// The lease API's `200` answer for lease `token`.
+fn answer(token: &str, body: Body) -> Response<Body> {
     let mut r = http::response(StatusCode::OK, "application/x-ndjson", body);
     r.headers_mut().insert(
         LEASE_HEADER,
-        HeaderValue::from_str(&token).expect("hex token is a valid header"),
+        HeaderValue::from_str(token).expect("lease ids are valid header values"),
     );
-    Ok(r)
+    r
+}
+
+/// The answer to a request its caller cancelled.
+fn cancelled(id: Value) -> Value {
+    jsonrpc::error(
+        id,
+        codes::CANCELLED,
+        "the request was cancelled by the client",
+    )
 }
 
 struct Lease {
@@ -196,11 +297,62 @@ struct Lease {
     broker: Arc<Broker>,
     guard: LeaseGuard,
     lid: u64,
-    token: String,
+    reg: Registration,
     client_id: Value,
     method: String,
     pool: String,
     started: Instant,
+}
+
+/// A lease whose caller may still hang up: dropped while armed, it ends as
+/// abandoned (the request is cancelled and the process settled).
+struct Armed(Option<Lease>);
+
+impl Armed {
+    async fn next(
+        &mut self,
+        events: &mut mpsc::Receiver<LeaseEvent>,
+        deadline: tokio::time::Instant,
+    ) -> Next {
+        let cancel = &self.0.as_ref().expect("armed").cancel;
+        next_event(events, deadline, cancel).await
+    }
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        if let Some(lease) = self.0.take() {
+            lease.end(End::CallerGone);
+        }
+    }
+}
+
+/// What a lease yields next.
+enum Next {
+    /// A notification or server→client request for the caller.
+    Message(Value),
+    /// The lease is over; the response line when the process answered.
+    End(End, Option<Bytes>),
+}
+
+async fn next_event(
+    events: &mut mpsc::Receiver<LeaseEvent>,
+    deadline: tokio::time::Instant,
+    cancel: &CancellationToken,
+) -> Next {
+    tokio::select! {
+        biased;
+        ev = events.recv() => match ev {
+            Some(LeaseEvent::Message(m)) => Next::Message(m),
+            Some(LeaseEvent::Final(m)) => Next::End(
+                End::Answered { error: jsonrpc::is_error(&m) },
+                Some(line(&m)),
+            ),
+            None => Next::End(End::Lost, None),
+        },
+        _ = tokio::time::sleep_until(deadline) => Next::End(End::TimedOut, None),
+        _ = cancel.cancelled() => Next::End(End::Cancelled, None),
+    }
 }
 
 fn line(v: &Value) -> Bytes {
@@ -210,41 +362,49 @@ fn line(v: &Value) -> Bytes {
 }
 
 impl Lease {
+    /// Streams everything after the first message until the lease ends.
     async fn pump(
         self,
         mut events: mpsc::Receiver<LeaseEvent>,
         tx: mpsc::Sender<Bytes>,
         deadline: tokio::time::Instant,
     ) {
-        let send = |v: &Value| tokio::time::timeout_at(deadline, tx.send(line(v)));
+        let send = |b: Bytes| tokio::time::timeout_at(deadline, tx.send(b));
         let end = loop {
             tokio::select! {
                 biased;
-                ev = events.recv() => match ev {
-                    Some(LeaseEvent::Message(m)) => match send(&m).await {
+                next = next_event(&mut events, deadline, &self.cancel) => match next {
+                    Next::Message(m) => match send(line(&m)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => break End::CallerGone,
                         Err(_) => break End::TimedOut,
                     },
-                    Some(LeaseEvent::Final(m)) => {
-                        let error = jsonrpc::is_error(&m);
-                        // The caller may be gone already; the answer is settled either way.
-                        let _ = send(&m).await;
-                        break End::Answered { error };
+                    Next::End(end, answer) => {
+                        if let Some(a) = answer {
+                            // The caller may be gone already; the answer is settled either way.
+                            let _ = send(a).await;
+                        }
+                        break end;
                     }
-                    None => break End::Answered { error: true },
                 },
-                _ = tokio::time::sleep_until(deadline) => break End::TimedOut,
-                _ = self.cancel.cancelled() => break End::Cancelled,
                 _ = tx.closed() => break End::CallerGone,
             }
         };
+        if let Some(owed) = self.end(end) {
+            let _ = tx.try_send(owed);
+        }
+    }
+
+    /// Ends the lease: unregisters and counts it, and gives the process back
+    /// (after settling it in the background when the request was abandoned).
+    /// Returns the error line the caller is owed, if any.
+    fn end(self, end: End) -> Option<Bytes> {
         let broker = self.broker.clone();
-        broker.leases.lock().expect("lock").remove(&self.token);
-        let metrics = self.broker.metrics().clone();
+        self.reg.remove();
+        let metrics = broker.metrics();
         let label = match &end {
             End::Answered { error: false } => "ok",
-            End::Answered { error: true } => "error",
+            End::Answered { error: true } | End::Lost => "error",
             End::TimedOut => "timeout",
             End::CallerGone | End::Cancelled => "cancelled",
         };
@@ -256,37 +416,54 @@ impl Lease {
             .request_duration
             .with_label_values(&[&self.pool, method_label(&self.method)])
             .observe(self.started.elapsed().as_secs_f64());
-        match end {
+        let (owed, settle) = match end {
             End::Answered { .. } => {
                 self.guard.worker().end(self.lid);
+                drop(self);
+                broker.lease_ended();
+                return None;
             }
-            End::TimedOut => {
-                let after = self.timeout;
-                let err = jsonrpc::error(
+            End::Lost => (
+                Some(jsonrpc::error(
+                    self.client_id.clone(),
+                    codes::PROCESS_EXITED,
+                    "the server process ended before it answered",
+                )),
+                None,
+            ),
+            End::TimedOut => (
+                Some(jsonrpc::error(
                     self.client_id.clone(),
                     codes::REQUEST_TIMEOUT,
                     format!(
-                        "the server did not answer {} within {after:?} (request_timeout); the request was cancelled",
-                        self.method
+                        "the server did not answer {} within {:?} (request_timeout); the request was cancelled",
+                        self.method, self.timeout
                     ),
-                );
-                let _ = tx.try_send(line(&err));
-                drop(tx);
-                self.settle("request_timeout", true).await;
+                )),
+                Some(("request_timeout", true)),
+            ),
+            End::CallerGone => (None, Some(("client disconnected", true))),
+            End::Cancelled => (
+                Some(cancelled(self.client_id.clone())),
+                Some(("client cancellation", false)),
+            ),
+        };
+        match settle {
+            // Not on the caller's time: the answer goes out now.
+            Some((reason, send_cancel)) if tokio::runtime::Handle::try_current().is_ok() => {
+                let b = broker.clone();
+                broker.tracker.spawn(async move {
+                    self.settle(reason, send_cancel).await;
+                    b.lease_ended();
+                });
             }
-            End::CallerGone => self.settle("client disconnected", true).await,
-            End::Cancelled => {
-                let err = jsonrpc::error(
-                    self.client_id.clone(),
-                    codes::CANCELLED,
-                    "the request was cancelled by the client",
-                );
-                let _ = tx.try_send(line(&err));
-                drop(tx);
-                self.settle("client cancellation", false).await;
+            _ => {
+                self.guard.worker().end(self.lid);
+                drop(self);
+                broker.lease_ended();
             }
         }
-        broker.lease_ended();
+        owed.map(|v| line(&v))
     }
 
     /// Cancels the abandoned request and makes sure the process is healthy

@@ -100,10 +100,12 @@ pub async fn gather(flow: &mut Flow, tx: &mpsc::Sender<Bytes>, ask: Value) -> Re
         Some(state) => params.insert("requestState".into(), state.clone()),
         None => params.remove("requestState"),
     };
+    let lease_id = super::backend::new_lease_id();
+    session.track_request(&flow.client_id, &lease_id);
     let lease = flow
         .proxy
         .backend
-        .lease(&retry, Some(&session.id))
+        .lease(&retry, Some(&session.id), &lease_id)
         .await
         .map_err(|e| fail(e.to_string()))?;
     if lease.status != ::http::StatusCode::OK {
@@ -112,11 +114,8 @@ pub async fn gather(flow: &mut Flow, tx: &mpsc::Sender<Bytes>, ask: Value) -> Re
             lease.status
         )));
     }
-    if let Some(t) = &lease.token {
-        session.track_request(&flow.client_id, t);
-    }
     flow.lines = lease.lines;
-    flow.token = lease.token;
+    flow.token = Some(lease_id);
     flow.retry = Some(retry);
     Ok(())
 }

@@ -126,7 +126,9 @@ impl Lines {
     /// connection whose response body was dropped unread, and reconnecting
     /// costs every next lease a connect and accept.
     pub fn drain_in_background(mut self) {
-        if self.done {
+        // A lease answered with a length (the common case) is complete once
+        // its bytes arrived: nothing left to read.
+        if self.done || http_body::Body::is_end_stream(&self.body) {
             return;
         }
         tokio::spawn(async move {
@@ -235,6 +237,7 @@ impl Backend {
         method: Method,
         path: &str,
         session: Option<&str>,
+        lease: Option<&str>,
         body: Bytes,
     ) -> Result<http::Response<Incoming>, BackendError> {
         let started = Instant::now();
@@ -245,6 +248,9 @@ impl Backend {
                 .uri(self.uri(path));
             if let Some(s) = session {
                 req = req.header(SESSION_HEADER, s);
+            }
+            if let Some(l) = lease {
+                req = req.header(LEASE_HEADER, l);
             }
             if let Some(t) = self.token.as_ref().and_then(|t| t.get()) {
                 req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
@@ -285,7 +291,9 @@ impl Backend {
 
     async fn get_json(&self, path: &str) -> Result<Value, BackendError> {
         let fut = async {
-            let r = self.send(Method::GET, path, None, Bytes::new()).await?;
+            let r = self
+                .send(Method::GET, path, None, None, Bytes::new())
+                .await?;
             let status = r.status();
             let body = http_body_util::Limited::new(r.into_body(), self.max_message)
                 .collect()
@@ -357,10 +365,19 @@ impl Backend {
     }
 
     /// Submits one message; for a request, the lease streams its messages.
-    pub async fn lease(&self, msg: &Value, session: Option<&str>) -> Result<Lease, BackendError> {
+    /// `id` (from [`new_lease_id`]) names the lease before the broker
+    /// answers, so the client can cancel it while it waits or runs.
+    pub async fn lease(
+        &self,
+        msg: &Value,
+        session: Option<&str>,
+        id: &str,
+    ) -> Result<Lease, BackendError> {
         let body = Bytes::from(serde_json::to_vec(msg).expect("Value serializes"));
         let path = format!("/v1/pools/{}/messages", self.pool);
-        let r = self.send(Method::POST, &path, session, body).await?;
+        let r = self
+            .send(Method::POST, &path, session, Some(id), body)
+            .await?;
         let header = |name| {
             r.headers()
                 .get(name)
@@ -388,7 +405,13 @@ impl Backend {
     pub async fn deliver(&self, token: &str, msg: &Value) -> Result<(), BackendError> {
         let body = Bytes::from(serde_json::to_vec(msg).expect("Value serializes"));
         let r = self
-            .send(Method::POST, &format!("/v1/leases/{token}"), None, body)
+            .send(
+                Method::POST,
+                &format!("/v1/leases/{token}"),
+                None,
+                None,
+                body,
+            )
             .await?;
         let status = r.status();
         let _ = r.into_body().collect().await;
@@ -405,7 +428,10 @@ impl Backend {
     /// Ends a session at the broker (exclusive processes are discarded).
     pub async fn end_session(&self, session: &str) {
         let path = format!("/v1/pools/{}/sessions/{}", self.pool, session);
-        if let Ok(r) = self.send(Method::DELETE, &path, None, Bytes::new()).await {
+        if let Ok(r) = self
+            .send(Method::DELETE, &path, None, None, Bytes::new())
+            .await
+        {
             let _ = r.into_body().collect().await;
         }
     }
@@ -413,7 +439,9 @@ impl Backend {
     /// The pool's stream of server notifications not tied to a request.
     pub async fn events(&self, session: Option<&str>) -> Result<Lines, BackendError> {
         let path = format!("/v1/pools/{}/events", self.pool);
-        let r = self.send(Method::GET, &path, session, Bytes::new()).await?;
+        let r = self
+            .send(Method::GET, &path, session, None, Bytes::new())
+            .await?;
         if !r.status().is_success() {
             return Err(BackendError::Status {
                 status: r.status(),
@@ -428,6 +456,11 @@ impl Backend {
         *self.info.lock().expect("lock") = None;
         self.pool_info().await.map(|_| ())
     }
+}
+
+/// A fresh lease id for [`Backend::lease`].
+pub fn new_lease_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
 }
 
 /// A JSON-RPC error for request `id` describing a backend failure.

@@ -197,11 +197,20 @@ impl Flow {
             ClientSide::Legacy(s) => Some(s.id.clone()),
             ClientSide::Modern { .. } => None,
         };
-        match self.proxy.backend.lease(&msg, session.as_deref()).await {
+        let id = super::backend::new_lease_id();
+        if let ClientSide::Legacy(s) = &self.client {
+            s.track_request(&self.client_id, &id);
+        }
+        match self
+            .proxy
+            .backend
+            .lease(&msg, session.as_deref(), &id)
+            .await
+        {
             Ok(l) if l.status == StatusCode::OK => {
                 tracing::info!(method = %self.method, "broker connection broke; replayed the read-only request");
                 self.lines = l.lines;
-                self.token = l.token;
+                self.token = Some(id);
                 true
             }
             _ => false,

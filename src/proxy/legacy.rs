@@ -155,7 +155,8 @@ pub async fn post(
                 }
                 _ => {
                     // Exclusive pools hand it to the session's process.
-                    if let Err(e) = proxy.backend.lease(&msg, Some(&session.id)).await {
+                    let id = super::backend::new_lease_id();
+                    if let Err(e) = proxy.backend.lease(&msg, Some(&session.id), &id).await {
                         tracing::debug!("client notification not delivered: {e}");
                     }
                 }

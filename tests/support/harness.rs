@@ -214,7 +214,10 @@ pub fn tool(id: impl Into<Value>, name: &str, args: Value) -> Value {
 
 /// Runs one lease to its end: (HTTP status, every message in order).
 pub async fn lease(c: &Backend, msg: &Value, session: Option<&str>) -> (u16, Vec<Value>) {
-    let mut l = c.lease(msg, session).await.expect("broker reachable");
+    let mut l = c
+        .lease(msg, session, &mcp_broker::proxy::backend::new_lease_id())
+        .await
+        .expect("broker reachable");
     let mut out = Vec::new();
     while let Some(m) = l.lines.next().await {
         out.push(m.expect("valid line"));

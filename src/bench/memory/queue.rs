@@ -13,7 +13,7 @@ use crate::bench::targets::POOL;
 use crate::config::DEFAULT_MAX_MESSAGE_SIZE;
 use crate::jsonrpc::codes;
 use crate::metrics::Metrics;
-use crate::proxy::backend::{Backend, BackendError};
+use crate::proxy::backend::{new_lease_id, Backend, BackendError};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -79,7 +79,7 @@ async fn call(b: &Backend, id: u64) -> String {
     let tok = client::token(id);
     let msg = json!({"jsonrpc":"2.0","id":id,"method":"tools/call",
         "params":{"name":"echo","arguments":{"text":tok}}});
-    let mut lease = match b.lease(&msg, None).await {
+    let mut lease = match b.lease(&msg, None, &new_lease_id()).await {
         Ok(l) => l,
         Err(BackendError::Unreachable { .. }) => return "unreachable (connect failed)".into(),
         Err(e) => return format!("transport: {e}"),
@@ -105,16 +105,24 @@ async fn call(b: &Backend, id: u64) -> String {
     format!("HTTP {status}, stream ended without an answer")
 }
 
-/// Requests waiting in the pool's queue (0 when the broker does not say).
-async fn waiting(socket: &Path) -> usize {
+/// A count from the pool's status (0 when the broker does not say).
+async fn status_count(socket: &Path, field: &str) -> usize {
     let path = format!("/v1/pools/{POOL}");
     match children::unix_get(socket, &path, Duration::from_secs(2)).await {
         Ok((200, body)) => serde_json::from_slice::<Value>(&body)
             .ok()
-            .and_then(|v| v.pointer("/status/waiting").and_then(Value::as_u64))
+            .and_then(|v| {
+                v.pointer(&format!("/status/{field}"))
+                    .and_then(Value::as_u64)
+            })
             .unwrap_or(0) as usize,
         _ => 0,
     }
+}
+
+/// Requests waiting in the pool's queue.
+async fn waiting(socket: &Path) -> usize {
+    status_count(socket, "waiting").await
 }
 
 /// Holds the pool's only process, queues `n` calls, samples the broker's RSS.
@@ -136,14 +144,22 @@ pub(super) async fn queue(
     let hold_ms = (RAMP_LIMIT + Duration::from_secs(30)).as_millis() as u64;
     let hold_msg = json!({"jsonrpc":"2.0","id":0,"method":"tools/call",
         "params":{"name":"sleep","arguments":{"ms":hold_ms}}});
-    let hold = tokio::time::timeout(Duration::from_secs(10), backend.lease(&hold_msg, None))
-        .await
-        .map_err(|_| anyhow::anyhow!("the hold call got no lease in 10 s"))??;
-    anyhow::ensure!(
-        hold.status == 200,
-        "the hold call was refused: {}",
-        hold.status
-    );
+    // The broker answers a lease when its first message comes, so the hold
+    // runs in its own task; aborting it hangs up on the broker.
+    let hold = {
+        let b = backend.clone();
+        tokio::spawn(async move { b.lease(&hold_msg, None, &new_lease_id()).await })
+    };
+    let taken = tokio::time::timeout(Duration::from_secs(10), async {
+        while status_count(socket, "busy").await == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    if taken.is_err() {
+        hold.abort();
+        anyhow::bail!("the hold call did not take the process in 10 s");
+    }
     let sampler = Sampler::start(pid);
     let t0 = Instant::now();
     let deadline = tokio::time::Instant::now() + RAMP_LIMIT + DRAIN_LIMIT;
@@ -173,7 +189,7 @@ pub(super) async fn queue(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let queued_peak = sampler.take() as f64 / MIB;
     let early = finished.load(Ordering::Relaxed);
-    drop(hold); // the broker sees the caller gone, cancels the sleep, frees the process
+    hold.abort(); // the broker sees the caller gone, cancels the sleep, frees the process
     let t1 = Instant::now();
     if shutdown.is_cancelled() {
         set.shutdown().await;
