@@ -262,8 +262,15 @@ fn dispatch(state: &Arc<State>, msg: Value) {
         (Some(Value::String(method)), Some(id)) => {
             let method = method.clone();
             let params = obj.get("params").cloned().unwrap_or(Value::Null);
-            let st = Arc::clone(state);
             state.in_flight.fetch_add(1, Ordering::SeqCst);
+            if is_instant(&method, &params) {
+                // Nothing to wait for: answer on the reader thread rather
+                // than pay a thread start per call.
+                serve(state, id, &method, &params);
+                state.in_flight.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
+            let st = Arc::clone(state);
             let spawned = thread::Builder::new()
                 .name(format!("req-{id}"))
                 .spawn(move || {
@@ -295,7 +302,13 @@ fn dispatch(state: &Arc<State>, msg: Value) {
     }
 }
 
-/// Answers one request (on its own thread).
+/// Requests answered at once, without blocking: `ping` and the `echo` tool.
+fn is_instant(method: &str, params: &Value) -> bool {
+    method == "ping"
+        || (method == "tools/call" && params.get("name").and_then(Value::as_str) == Some("echo"))
+}
+
+/// Answers one request (on its own thread unless [`is_instant`]).
 fn serve(state: &State, id: Value, method: &str, params: &Value) {
     if method == "tools/call" {
         let n = state.calls.fetch_add(1, Ordering::SeqCst) + 1;
