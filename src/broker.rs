@@ -8,6 +8,7 @@
 //! [`lease`].
 
 pub mod api;
+mod conn;
 pub mod lease;
 pub mod listen;
 pub mod reload;

@@ -63,6 +63,31 @@ pub struct Pool {
     inner: Arc<Inner>,
 }
 
+/// A request waiting in the queue. Dropped while still waiting (the caller
+/// hung up), it takes its place out of the queue at once, so the depth
+/// gauge and `queue_limit` count only live callers.
+struct Queued<'a> {
+    pool: &'a Pool,
+    rx: Option<oneshot::Receiver<LeaseGuard>>,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if let Ok(mut guard) = rx.try_recv() {
+                // Handed a process just as the caller left: give it back
+                // (a disarmed guard dropped here would leak the slot).
+                guard.armed = true;
+                drop(guard);
+            }
+            let mut st = self.pool.inner.state.lock().expect("lock");
+            st.purge_waiters();
+            self.pool.set_queue_gauge(&st);
+        }
+    }
+}
+
 /// One request's claim on one process. Dropping it releases the process.
 pub struct LeaseGuard {
     inner: Arc<Inner>,
@@ -180,6 +205,21 @@ impl Pool {
         st.slots.get(id).map(|s| s.worker.clone())
     }
 
+    /// A process with room for one request of `session` right now, if any;
+    /// `None` means [`Self::acquire`] would queue (or fail).
+    pub fn try_acquire(&self, session: Option<&str>) -> Option<LeaseGuard> {
+        let cfg = &self.inner.cfg;
+        let mut st = self.inner.state.lock().expect("lock");
+        if st.closed {
+            return None;
+        }
+        let id = st.pick(cfg, session)?;
+        let worker = st.take(cfg, id, session);
+        drop(st);
+        self.observe_wait(Instant::now());
+        Some(self.guard(worker, session))
+    }
+
     /// Waits for a process with room for one request of `session`.
     pub async fn acquire(&self, session: Option<&str>) -> Result<LeaseGuard, PoolError> {
         let started = Instant::now();
@@ -221,20 +261,28 @@ impl Pool {
             rx
         };
         self.inner.wake.notify_one();
+        let mut queued = Queued {
+            pool: self,
+            rx: Some(rx),
+        };
+        let rx = queued.rx.as_mut().expect("set above");
         let outcome = tokio::time::timeout(cfg.queue_timeout, rx).await;
         match outcome {
             Ok(Ok(mut guard)) => {
+                queued.rx = None;
                 guard.armed = true;
                 self.observe_wait(started);
                 Ok(guard)
             }
-            Ok(Err(_)) => Err(PoolError::Closed {
-                pool: cfg.name.clone(),
-            }),
+            Ok(Err(_)) => {
+                queued.rx = None;
+                Err(PoolError::Closed {
+                    pool: cfg.name.clone(),
+                })
+            }
             Err(_) => {
-                let mut st = self.inner.state.lock().expect("lock");
-                st.purge_waiters();
-                self.set_queue_gauge(&st);
+                drop(queued);
+                let st = self.inner.state.lock().expect("lock");
                 Err(PoolError::QueueTimeout {
                     pool: cfg.name.clone(),
                     after: cfg.queue_timeout,

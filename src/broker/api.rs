@@ -133,12 +133,45 @@ pub async fn serve_connection(
         },
         Err(_) => Identity::default(),
     };
+    super::conn::serve(broker, stream, peer, shutdown).await
+}
+
+/// Serves the rest of a connection with hyper (request shapes the lease
+/// API's own codec leaves alone, see `broker::conn`).
+pub(super) async fn serve_hyper<I>(
+    broker: Arc<Broker>,
+    io: I,
+    peer: Identity,
+    shutdown: CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let svc = hyper::service::service_fn(move |req| {
         let broker = broker.clone();
         let peer = peer.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(broker, req, peer).await) }
     });
-    serve_io(stream, svc, shutdown).await
+    serve_io(io, svc, shutdown).await
+}
+
+/// The answer to a request whose body is announced over `limit` (refused
+/// unread): `413`, counted as a rejection when it was sent to a pool.
+pub(super) fn too_large(
+    broker: &Broker,
+    path: &str,
+    length: usize,
+    limit: usize,
+) -> Response<Body> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if let ["v1", "pools", name, "messages"] = parts.as_slice() {
+        if broker.pool(name).is_some() {
+            reject(broker, name, "too_large");
+        }
+    }
+    ApiError::TooLarge(format!(
+        "request body of {length} bytes exceeds the {limit}-byte limit"
+    ))
+    .into_response(Value::Null)
 }
 
 /// The caller of one request: the connection's peer credentials plus the
@@ -151,7 +184,9 @@ async fn caller<B>(broker: &Broker, req: &Request<B>, mut who: Identity) -> Iden
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match (token, broker.token_reviewer()) {
-        (Some(t), Some(r)) => match r.verify(t).await {
+        // Boxed: the TokenReview call is a large future, and every queued
+        // lease would otherwise carry room for it (~3 KiB each).
+        (Some(t), Some(r)) => match Box::pin(r.verify(t)).await {
             Ok(k) => who.kube = Some(k),
             Err(e) => who.kube_error = Some(e.to_string()),
         },
@@ -283,7 +318,16 @@ where
     }
 }
 
-async fn handle(broker: Arc<Broker>, req: Request<Incoming>, peer: Identity) -> Response<Body> {
+/// Answers one lease API request (both connection paths end here).
+pub(super) async fn handle<B>(
+    broker: Arc<Broker>,
+    req: Request<B>,
+    peer: Identity,
+) -> Response<Body>
+where
+    B: http_body::Body<Data = bytes::Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let path: Vec<String> = req
         .uri()
         .path()
@@ -293,6 +337,14 @@ async fn handle(broker: Arc<Broker>, req: Request<Incoming>, peer: Identity) -> 
         .collect();
     let parts: Vec<&str> = path.iter().map(String::as_str).collect();
     let method = req.method().clone();
+    // One call site for the caller's identity keeps this future small (it
+    // is part of every waiting request's state).
+    let mut who = match (&method, parts.as_slice()) {
+        (&Method::POST, ["v1", "pools", _, "messages"])
+        | (&Method::DELETE, ["v1", "pools", _, "sessions", _])
+        | (&Method::GET, ["v1", "pools", _, "events"]) => Some(caller(&broker, &req, peer).await),
+        _ => None,
+    };
     let result = match (&method, parts.as_slice()) {
         (&Method::GET, ["livez"]) => Ok(http::text(StatusCode::OK, "ok\n")),
         (&Method::GET, ["readyz"]) => Ok(readyz(&broker)),
@@ -310,21 +362,43 @@ async fn handle(broker: Arc<Broker>, req: Request<Incoming>, peer: Identity) -> 
             .map(|p| http::json(StatusCode::OK, &lease::describe(&p)))
             .ok_or_else(|| ApiError::UnknownPool(name.to_string())),
         (&Method::POST, ["v1", "pools", name, "messages"]) => {
-            let who = caller(&broker, &req, peer).await;
-            return submit(broker.clone(), name.to_string(), req, who).await;
+            let who = who.take().unwrap_or_default();
+            // Boxed, sized exactly: inline, the copies rustc keeps of async
+            // arguments made every waiting connection's task ~2 KiB larger.
+            let head = session_of(req.headers()).and_then(|s| Ok((s, lease_id_of(req.headers())?)));
+            let (session, lease_id) = match head {
+                Ok(h) => h,
+                Err(e) => return e.into_response(Value::Null),
+            };
+            let msg = read_message(&broker, req).await;
+            // Boxed, sized exactly, and holding no HTTP request: this is the
+            // state a waiting request keeps (inline, the copies rustc keeps
+            // of async arguments made every waiting connection larger).
+            let sub = submit(
+                broker.clone(),
+                name.to_string(),
+                session,
+                lease_id,
+                msg,
+                who,
+            );
+            return Box::pin(sub).await;
         }
-        (&Method::POST, ["v1", "leases", id]) => deliver(&broker, id.to_string(), req).await,
+        // Boxed (see `submit`'s notification path).
+        (&Method::POST, ["v1", "leases", id]) => {
+            Box::pin(deliver(&broker, id.to_string(), req)).await
+        }
         (&Method::DELETE, ["v1", "pools", name, "sessions", session]) => {
-            let who = caller(&broker, &req, peer).await;
+            let who = who.take().unwrap_or_default();
             resolve(&broker, name, &who).map(|p| {
                 p.end_session(session);
                 http::response(StatusCode::NO_CONTENT, "text/plain", http::empty())
             })
         }
         (&Method::GET, ["v1", "pools", name, "events"]) => {
-            let who = caller(&broker, &req, peer).await;
+            let who = who.take().unwrap_or_default();
             resolve(&broker, name, &who)
-                .and_then(|p| session_of(&req).map(|s| lease::events(&broker, &p, s)))
+                .and_then(|p| session_of(req.headers()).map(|s| lease::events(&broker, &p, s)))
         }
         (_, ["v1", ..]) | (_, ["livez" | "readyz" | "metrics"]) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
@@ -349,8 +423,8 @@ fn readyz(broker: &Broker) -> Response<Body> {
     }
 }
 
-fn session_of<B>(req: &Request<B>) -> Result<Option<String>, ApiError> {
-    match req.headers().get(SESSION_HEADER) {
+fn session_of(headers: &::http::HeaderMap) -> Result<Option<String>, ApiError> {
+    match headers.get(SESSION_HEADER) {
         None => Ok(None),
         Some(v) => {
             let s = v
@@ -368,8 +442,8 @@ fn session_of<B>(req: &Request<B>) -> Result<Option<String>, ApiError> {
 
 /// The caller's own id for the lease (header `mcp-broker-lease`), so it can
 /// cancel the request before the first answer arrives.
-fn lease_id_of<B>(req: &Request<B>) -> Result<Option<String>, ApiError> {
-    match req.headers().get(LEASE_HEADER) {
+fn lease_id_of(headers: &::http::HeaderMap) -> Result<Option<String>, ApiError> {
+    match headers.get(LEASE_HEADER) {
         None => Ok(None),
         Some(v) => match v.to_str() {
             Ok(s) if lease::valid_lease_id(s) => Ok(Some(s.to_string())),
@@ -380,7 +454,11 @@ fn lease_id_of<B>(req: &Request<B>) -> Result<Option<String>, ApiError> {
     }
 }
 
-async fn read_message(broker: &Broker, req: Request<Incoming>) -> Result<Value, ApiError> {
+async fn read_message<B>(broker: &Broker, req: Request<B>) -> Result<Value, ApiError>
+where
+    B: http_body::Body<Data = bytes::Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let limit = broker.settings().max_message_size;
     let body = http::read_body(req.into_body(), limit)
         .await
@@ -392,22 +470,16 @@ async fn read_message(broker: &Broker, req: Request<Incoming>) -> Result<Value, 
         .map_err(|e| ApiError::BadRequest(format!("body is not JSON: {e}")))
 }
 
-/// `POST /v1/pools/{pool}/messages`.
+/// `POST /v1/pools/{pool}/messages`, once the message was read.
 async fn submit(
     broker: Arc<Broker>,
     name: String,
-    req: Request<Incoming>,
+    session: Option<String>,
+    lease_id: Option<String>,
+    msg: Result<Value, ApiError>,
     who: Identity,
 ) -> Response<Body> {
-    let session = match session_of(&req) {
-        Ok(s) => s,
-        Err(e) => return e.into_response(Value::Null),
-    };
-    let lease_id = match lease_id_of(&req) {
-        Ok(l) => l,
-        Err(e) => return e.into_response(Value::Null),
-    };
-    let msg = match read_message(&broker, req).await {
+    let msg = match msg {
         Ok(m) => m,
         Err(ApiError::BadRequest(m)) => {
             return http::json(
@@ -443,7 +515,9 @@ async fn submit(
             }
         }
         Ok(Kind::Notification { .. }) => {
-            lease::notify(&pool, session.as_deref(), msg).await;
+            // Boxed, like `deliver` in `handle`: a rare path whose write
+            // future would make every queued request's state larger.
+            Box::pin(lease::notify(&pool, session.as_deref(), msg)).await;
             http::response(StatusCode::ACCEPTED, "text/plain", http::empty())
         }
         Ok(Kind::Response { .. }) => ApiError::BadRequest(
@@ -464,11 +538,15 @@ fn reject(broker: &Broker, pool: &str, reason: &str) {
 }
 
 /// `POST /v1/leases/{lease}`.
-async fn deliver(
+async fn deliver<B>(
     broker: &Broker,
     lease: String,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
+    req: Request<B>,
+) -> Result<Response<Body>, ApiError>
+where
+    B: http_body::Body<Data = bytes::Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let msg = read_message(broker, req).await?;
     let found = broker.leases.lock().expect("lock").get(&lease).cloned();
     let Some(l) = found else {

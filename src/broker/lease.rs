@@ -172,12 +172,27 @@ pub async fn run(
     let token = id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let (reg, cancel) = Registration::new(&broker, token.clone(), &name)?;
     let client_id = msg.get("id").cloned().unwrap_or(Value::Null);
-    let acquired = tokio::select! {
-        biased;
-        g = pool.acquire(session.as_deref()) => g,
-        _ = cancel.cancelled() => {
-            outcome("cancelled");
-            return Ok(answer(&token, http::full(line(&cancelled(client_id)))));
+    let (acquired, msg) = match pool.try_acquire(session.as_deref()) {
+        Some(g) => (Ok(g), msg),
+        None => {
+            // It waits: keep the message as its JSON text meanwhile (a parsed
+            // message is ~2 KiB of maps, its text a tenth of that), which is
+            // most of what 10,000 queued requests cost.
+            let text = serde_json::to_vec(&msg).expect("Value serializes");
+            drop(msg);
+            let g = tokio::select! {
+                biased;
+                g = pool.acquire(session.as_deref()) => g,
+                _ = cancel.cancelled() => {
+                    outcome("cancelled");
+                    return Ok(answer(&token, http::full(line(&cancelled(client_id)))));
+                }
+            };
+            let msg = match serde_json::from_slice(&text) {
+                Ok(m) => m,
+                Err(e) => return Err(ApiError::BadRequest(format!("request: {e}"))),
+            };
+            (g, msg)
         }
     };
     let guard = match acquired {
@@ -206,9 +221,11 @@ pub async fn run(
         protocol::ensure_stateless_meta(&mut msg, &json!({}), &protocol::client_info());
     }
     let (sink, mut events) = mpsc::channel(LEASE_EVENTS);
+    // Boxed: not live while the request waits, but inline it would make
+    // every waiting request's state larger.
     let begun = tokio::time::timeout(
         pool.config().request_timeout,
-        guard.worker().begin(msg, sink),
+        Box::pin(guard.worker().begin(msg, sink)),
     )
     .await;
     let lid = match begun {

@@ -1,0 +1,71 @@
+use super::*;
+
+fn head(bytes: &[u8]) -> Head {
+    match parse_head(bytes) {
+        Ok(Some((h, used))) => {
+            assert_eq!(used, bytes.len(), "the whole head is consumed");
+            h
+        }
+        Ok(None) => panic!("partial"),
+        Err(Parse::Handover) => panic!("handed over"),
+        Err(Parse::Refuse(st, why)) => panic!("refused: {st} {why}"),
+    }
+}
+
+fn refused(bytes: &[u8]) -> StatusCode {
+    match parse_head(bytes) {
+        Err(Parse::Refuse(st, _)) => st,
+        _ => panic!("not refused"),
+    }
+}
+
+#[test]
+fn heads_parse_with_length_and_keep_alive() {
+    let h = head(b"POST /v1/pools/a/messages HTTP/1.1\r\nContent-Length: 12\r\nX-A: 1\r\n\r\n");
+    assert_eq!(h.method, Method::POST);
+    assert_eq!(h.uri.path(), "/v1/pools/a/messages");
+    assert_eq!(h.length, 12);
+    assert!(h.keep_alive);
+    assert_eq!(h.headers["x-a"], "1");
+    let h = head(b"GET /livez HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n");
+    assert_eq!(h.length, 0);
+    assert!(!h.keep_alive);
+    assert!(matches!(
+        parse_head(b"GET /livez HTTP/1.1\r\nHost"),
+        Ok(None)
+    ));
+}
+
+#[test]
+fn other_shapes_are_handed_over() {
+    for raw in [
+        &b"GET / HTTP/1.0\r\n\r\n"[..],
+        b"HEAD / HTTP/1.1\r\n\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
+    ] {
+        assert!(matches!(parse_head(raw), Err(Parse::Handover)), "{raw:?}");
+    }
+}
+
+#[test]
+fn bad_heads_are_refused() {
+    assert_eq!(
+        refused(b"\x01\x02 / HTTP/1.1\r\n\r\n"),
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        refused(b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        refused(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
+        StatusCode::BAD_REQUEST
+    );
+    let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: y\r\n")).collect();
+    assert_eq!(
+        refused(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes()),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+}
