@@ -371,20 +371,32 @@ where
                 Err(e) => return e.into_response(Value::Null),
             };
             let msg = read_message(&broker, req).await;
-            // Boxed, sized exactly, and holding no HTTP request: this is the
-            // state a waiting request keeps (inline, the copies rustc keeps
-            // of async arguments made every waiting connection larger).
-            let sub = submit(
-                broker.clone(),
-                name.to_string(),
-                session,
-                lease_id,
-                msg,
-                who,
-            );
-            return Box::pin(sub).await;
+            return match submit(&broker, name, msg, &who) {
+                Submitted::Answer(r) => r,
+                Submitted::Request {
+                    pool,
+                    msg,
+                    method,
+                    id,
+                } => {
+                    // Boxed and sized exactly: this is the state a waiting
+                    // request keeps (inline, every connection's task would
+                    // carry room for it, and rustc's copies of its arguments).
+                    let run = lease::run(broker.clone(), pool, session, msg, method, lease_id);
+                    match Box::pin(run).await {
+                        Ok(r) => r,
+                        Err(e) => e.into_response(id),
+                    }
+                }
+                Submitted::Notification { pool, msg } => {
+                    // Boxed (like `deliver`): rare, and its write future is large.
+                    Box::pin(lease::notify(&pool, session.as_deref(), msg)).await;
+                    http::response(StatusCode::ACCEPTED, "text/plain", http::empty())
+                }
+            };
         }
-        // Boxed (see `submit`'s notification path).
+        // Boxed: a rare path whose write future would make every waiting
+        // request's state larger.
         (&Method::POST, ["v1", "leases", id]) => {
             Box::pin(deliver(&broker, id.to_string(), req)).await
         }
@@ -470,61 +482,72 @@ where
         .map_err(|e| ApiError::BadRequest(format!("body is not JSON: {e}")))
 }
 
-/// `POST /v1/pools/{pool}/messages`, once the message was read.
-async fn submit(
-    broker: Arc<Broker>,
-    name: String,
-    session: Option<String>,
-    lease_id: Option<String>,
-    msg: Result<Value, ApiError>,
-    who: Identity,
-) -> Response<Body> {
+/// What to do with a message sent to a pool.
+enum Submitted {
+    /// Answered already (refused, or not a request).
+    Answer(Response<Body>),
+    /// A request for a process.
+    Request {
+        pool: Pool,
+        msg: Value,
+        method: String,
+        id: Value,
+    },
+    /// A client notification.
+    Notification { pool: Pool, msg: Value },
+}
+
+/// `POST /v1/pools/{pool}/messages`, once the message was read: the checks
+/// (synchronous, so none of this is part of a waiting request's state).
+fn submit(broker: &Broker, name: &str, msg: Result<Value, ApiError>, who: &Identity) -> Submitted {
     let msg = match msg {
         Ok(m) => m,
         Err(ApiError::BadRequest(m)) => {
-            return http::json(
+            return Submitted::Answer(http::json(
                 StatusCode::BAD_REQUEST,
                 &jsonrpc::error(Value::Null, codes::PARSE_ERROR, m),
-            )
+            ))
         }
         Err(e) => {
-            if matches!(e, ApiError::TooLarge(_)) && broker.pool(&name).is_some() {
-                reject(&broker, &name, "too_large");
+            if matches!(e, ApiError::TooLarge(_)) && broker.pool(name).is_some() {
+                reject(broker, name, "too_large");
             }
-            return e.into_response(Value::Null);
+            return Submitted::Answer(e.into_response(Value::Null));
         }
     };
     let id = msg.get("id").cloned().unwrap_or(Value::Null);
-    let pool = match resolve(&broker, &name, &who) {
+    let pool = match resolve(broker, name, who) {
         Ok(p) => p,
-        Err(e) => return e.into_response(id),
+        Err(e) => return Submitted::Answer(e.into_response(id)),
     };
+    let refuse = |e: ApiError, id| Submitted::Answer(e.into_response(id));
     match jsonrpc::classify(&msg) {
-        Ok(Kind::Request { method, .. }) if method == "initialize" => ApiError::BadRequest(
-            "processes are initialized by the broker; read the cached handshake from GET /v1/pools/{pool}".into(),
-        )
-        .into_response(id),
+        Ok(Kind::Request { method, .. }) if method == "initialize" => refuse(
+            ApiError::BadRequest(
+                "processes are initialized by the broker; read the cached handshake from GET /v1/pools/{pool}".into(),
+            ),
+            id,
+        ),
         Ok(Kind::Request { method, .. }) => {
             if broker.is_draining() {
-                reject(&broker, &name, "draining");
-                return ApiError::Draining.into_response(id);
+                reject(broker, name, "draining");
+                return refuse(ApiError::Draining, id);
             }
-            match lease::run(broker, pool, session, msg, method, lease_id).await {
-                Ok(r) => r,
-                Err(e) => e.into_response(id),
+            Submitted::Request {
+                pool,
+                msg,
+                method,
+                id,
             }
         }
-        Ok(Kind::Notification { .. }) => {
-            // Boxed, like `deliver` in `handle`: a rare path whose write
-            // future would make every queued request's state larger.
-            Box::pin(lease::notify(&pool, session.as_deref(), msg)).await;
-            http::response(StatusCode::ACCEPTED, "text/plain", http::empty())
-        }
-        Ok(Kind::Response { .. }) => ApiError::BadRequest(
-            "responses answer a server request inside a lease: POST them to /v1/leases/{lease}".into(),
-        )
-        .into_response(id),
-        Err(e) => ApiError::BadRequest(e.to_string()).into_response(id),
+        Ok(Kind::Notification { .. }) => Submitted::Notification { pool, msg },
+        Ok(Kind::Response { .. }) => refuse(
+            ApiError::BadRequest(
+                "responses answer a server request inside a lease: POST them to /v1/leases/{lease}".into(),
+            ),
+            id,
+        ),
+        Err(e) => refuse(ApiError::BadRequest(e.to_string()), id),
     }
 }
 

@@ -104,11 +104,12 @@ pub async fn serve(
                 return;
             }
         };
-        // Pinned in place rather than passed by value: every move of a
-        // future into another one copies it into that one's state.
-        let answer = api::handle(broker.clone(), req, peer.clone());
-        tokio::pin!(answer);
+        // Pinned in place rather than passed by value (every move of a
+        // future into another copies it into that one's state), and scoped
+        // so its storage is reused by the write that follows.
         let resp = {
+            let answer = api::handle(broker.clone(), req, peer.clone());
+            tokio::pin!(answer);
             let Conn { stream, buf } = &mut conn;
             tokio::select! {
                 biased;

@@ -178,7 +178,9 @@ pub async fn run(
             // It waits: keep the message as its JSON text meanwhile (a parsed
             // message is ~2 KiB of maps, its text a tenth of that), which is
             // most of what 10,000 queued requests cost.
-            let text = serde_json::to_vec(&msg).expect("Value serializes");
+            let text = serde_json::to_vec(&msg)
+                .expect("Value serializes")
+                .into_boxed_slice();
             drop(msg);
             let g = tokio::select! {
                 biased;
