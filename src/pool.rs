@@ -208,15 +208,21 @@ impl Pool {
     /// A process with room for one request of `session` right now, if any;
     /// `None` means [`Self::acquire`] would queue (or fail).
     pub fn try_acquire(&self, session: Option<&str>) -> Option<LeaseGuard> {
-        let cfg = &self.inner.cfg;
-        let mut st = self.inner.state.lock().expect("lock");
-        if st.closed {
-            return None;
-        }
-        let id = st.pick(cfg, session)?;
-        let worker = st.take(cfg, id, session);
-        drop(st);
+        let guard = {
+            let mut st = self.inner.state.lock().expect("lock");
+            if st.closed {
+                return None;
+            }
+            self.take_now(&mut st, session)?
+        };
         self.observe_wait(Instant::now());
+        Some(guard)
+    }
+
+    /// Takes a process with room for `session`, if one has room now.
+    fn take_now(&self, st: &mut State, session: Option<&str>) -> Option<LeaseGuard> {
+        let id = st.pick(&self.inner.cfg, session)?;
+        let worker = st.take(&self.inner.cfg, id, session);
         Some(self.guard(worker, session))
     }
 
@@ -231,11 +237,10 @@ impl Pool {
                     pool: cfg.name.clone(),
                 });
             }
-            if let Some(id) = st.pick(cfg, session) {
-                let worker = st.take(cfg, id, session);
+            if let Some(guard) = self.take_now(&mut st, session) {
                 drop(st);
                 self.observe_wait(started);
-                return Ok(self.guard(worker, session));
+                return Ok(guard);
             }
             if st.slots.is_empty() && st.failures >= FAILING_THRESHOLD {
                 return Err(PoolError::Failing {
