@@ -49,6 +49,8 @@ pub enum ApiError {
     #[error("{0}")]
     TooLarge(String),
     #[error("{0}")]
+    HeadTooLarge(String),
+    #[error("{0}")]
     Process(String),
     #[error("the broker is shutting down")]
     Draining,
@@ -65,7 +67,7 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    fn status(&self) -> StatusCode {
+    pub(super) fn status(&self) -> StatusCode {
         match self {
             ApiError::UnknownPool(_) | ApiError::UnknownLease(_) | ApiError::NotFound => {
                 StatusCode::NOT_FOUND
@@ -74,6 +76,7 @@ impl ApiError {
             ApiError::Pool(_) | ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Process(_) => StatusCode::BAD_GATEWAY,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::LeaseConflict(_) => StatusCode::CONFLICT,
@@ -95,6 +98,7 @@ impl ApiError {
             ApiError::Process(_) => codes::PROCESS_EXITED,
             ApiError::NotAllowed(_) => codes::NOT_ALLOWED,
             ApiError::UnknownLease(_)
+            | ApiError::HeadTooLarge(_)
             | ApiError::LeaseConflict(_)
             | ApiError::NotFound
             | ApiError::MethodNotAllowed => codes::INVALID_REQUEST,

@@ -21,7 +21,7 @@
 
 mod rewind;
 
-use super::api::{self, MAX_HEADER_BYTES};
+use super::api::{self, ApiError, MAX_HEADER_BYTES};
 use super::Broker;
 use crate::http::Body;
 use crate::policy::Identity;
@@ -54,7 +54,7 @@ enum Next {
     /// A body announced over the limit (left unread): `413`, then close.
     TooLarge { path: String, length: usize },
     /// Answer this, then close.
-    Refuse(Response<Body>),
+    Refuse(ApiError),
 }
 
 /// A parsed head, owned.
@@ -87,8 +87,9 @@ pub async fn serve(
         let (req, keep_alive) = match next {
             Next::Request(r, k) => (r, k),
             Next::Closed => return,
-            Next::Refuse(r) => {
-                conn.write_response(r, false).await;
+            Next::Refuse(e) => {
+                conn.write_response(e.into_response(serde_json::Value::Null), false)
+                    .await;
                 return;
             }
             Next::Handover => {
@@ -139,14 +140,13 @@ impl Conn {
                     Ok(Some(h)) => break h,
                     Ok(None) => {}
                     Err(Parse::Handover) => return Next::Handover,
-                    Err(Parse::Refuse(st, why)) => return Next::Refuse(refusal(st, why)),
+                    Err(Parse::Refuse(e)) => return Next::Refuse(e),
                 }
             }
             if self.buf.len() >= MAX_HEADER_BYTES {
-                return Next::Refuse(refusal(
-                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    format!("the request head is over {MAX_HEADER_BYTES} bytes"),
-                ));
+                return Next::Refuse(ApiError::HeadTooLarge(format!(
+                    "the request head is over {MAX_HEADER_BYTES} bytes"
+                )));
             }
             let room = FIRST_READ
                 .max(self.buf.len())
@@ -278,8 +278,8 @@ async fn hangup(stream: &UnixStream, buf: &mut BytesMut) {
 /// Why a head is not served here.
 enum Parse {
     Handover,
-    /// Answer with this status and reason, then close.
-    Refuse(StatusCode, String),
+    /// Answer with this error, then close.
+    Refuse(ApiError),
 }
 
 /// Parses a complete head at the start of `buf`: `Ok(None)` when more bytes
@@ -291,10 +291,9 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Parse> {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(Parse::Refuse(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                format!("more than {MAX_HEADERS} request headers"),
-            ))
+            return Err(Parse::Refuse(ApiError::HeadTooLarge(format!(
+                "more than {MAX_HEADERS} request headers"
+            ))))
         }
         Err(e) => return Err(bad(format!("malformed request: {e}"))),
     };
@@ -350,19 +349,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Parse> {
 }
 
 fn bad(why: String) -> Parse {
-    Parse::Refuse(StatusCode::BAD_REQUEST, why)
-}
-
-/// A protocol-level refusal: a JSON-RPC error body, the connection closes.
-fn refusal(status: StatusCode, why: String) -> Response<Body> {
-    crate::http::json(
-        status,
-        &crate::jsonrpc::error(
-            serde_json::Value::Null,
-            crate::jsonrpc::codes::INVALID_REQUEST,
-            why,
-        ),
-    )
+    Parse::Refuse(ApiError::BadRequest(why))
 }
 
 #[cfg(test)]

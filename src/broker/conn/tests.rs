@@ -8,13 +8,13 @@ fn head(bytes: &[u8]) -> Head {
         }
         Ok(None) => panic!("partial"),
         Err(Parse::Handover) => panic!("handed over"),
-        Err(Parse::Refuse(st, why)) => panic!("refused: {st} {why}"),
+        Err(Parse::Refuse(e)) => panic!("refused: {e}"),
     }
 }
 
 fn refused(bytes: &[u8]) -> StatusCode {
     match parse_head(bytes) {
-        Err(Parse::Refuse(st, _)) => st,
+        Err(Parse::Refuse(e)) => e.status(),
         _ => panic!("not refused"),
     }
 }
