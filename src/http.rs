@@ -26,12 +26,22 @@ pub enum BodyError {
     Read(String),
 }
 
-/// Reads a whole body, refusing more than `limit` bytes.
-pub async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, BodyError>
+/// A request body that [`read_body`] can read: hyper's `Incoming`, or a
+/// body already in memory.
+pub trait ReadableBody:
+    http_body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+{
+}
+
+impl<B> ReadableBody for B
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+}
+
+/// Reads a whole body, refusing more than `limit` bytes.
+pub async fn read_body<B: ReadableBody>(body: B, limit: usize) -> Result<Bytes, BodyError> {
     match Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge { limit }),

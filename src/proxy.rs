@@ -169,7 +169,7 @@ pub async fn serve(
             let p = p.clone();
             async move { Ok::<_, std::convert::Infallible>(handle(p, req).await) }
         });
-        conns.spawn(crate::broker::api::serve_io_limited(
+        conns.spawn(crate::broker::api::serve_io(
             stream,
             svc,
             shutdown.clone(),

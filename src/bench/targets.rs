@@ -311,7 +311,12 @@ impl Trivial {
                     };
                     Ok::<_, std::convert::Infallible>(r)
                 });
-                tokio::spawn(crate::broker::api::serve_io(stream, svc, d.clone()));
+                tokio::spawn(crate::broker::api::serve_io(
+                    stream,
+                    svc,
+                    d.clone(),
+                    crate::broker::api::MAX_HEADER_BYTES,
+                ));
             }
         });
         Ok(Trivial { addr, done, task })

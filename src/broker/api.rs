@@ -21,7 +21,7 @@ use super::{lease, Broker};
 use crate::http::{self, Body};
 use crate::jsonrpc::{self, codes, Kind};
 use crate::policy::Identity;
-use crate::pool::{Pool, PoolError};
+use crate::pool::Pool;
 use ::http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
@@ -36,90 +36,8 @@ pub const LEASE_HEADER: &str = "mcp-broker-lease";
 /// Longest accepted session key.
 const MAX_SESSION_KEY: usize = 256;
 
-/// Everything that can go wrong answering one API request; each variant maps
-/// to exactly one HTTP status here and nowhere else.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("no pool named {0:?}")]
-    UnknownPool(String),
-    #[error("{0}")]
-    Pool(#[from] PoolError),
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    TooLarge(String),
-    #[error("{0}")]
-    HeadTooLarge(String),
-    #[error("{0}")]
-    Process(String),
-    #[error("the broker is shutting down")]
-    Draining,
-    #[error("no lease {0:?} is in flight (it ended or never existed)")]
-    UnknownLease(String),
-    #[error("lease id {0:?} is already in use")]
-    LeaseConflict(String),
-    #[error("not found")]
-    NotFound,
-    #[error("method not allowed")]
-    MethodNotAllowed,
-    #[error("not allowed: {0}")]
-    NotAllowed(String),
-}
-
-impl ApiError {
-    pub(super) fn status(&self) -> StatusCode {
-        match self {
-            ApiError::UnknownPool(_) | ApiError::UnknownLease(_) | ApiError::NotFound => {
-                StatusCode::NOT_FOUND
-            }
-            ApiError::Pool(PoolError::QueueTimeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Pool(_) | ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ApiError::Process(_) => StatusCode::BAD_GATEWAY,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::LeaseConflict(_) => StatusCode::CONFLICT,
-            ApiError::NotAllowed(_) => StatusCode::FORBIDDEN,
-        }
-    }
-
-    fn code(&self) -> i64 {
-        match self {
-            ApiError::UnknownPool(_) => codes::UNKNOWN_POOL,
-            ApiError::Pool(PoolError::QueueFull { .. }) => codes::QUEUE_FULL,
-            ApiError::Pool(PoolError::QueueTimeout { .. }) => codes::QUEUE_TIMEOUT,
-            ApiError::Pool(PoolError::Failing { .. }) => codes::POOL_FAILING,
-            ApiError::Pool(PoolError::Closed { .. }) | ApiError::Draining => {
-                codes::BROKER_UNAVAILABLE
-            }
-            ApiError::BadRequest(_) => codes::INVALID_REQUEST,
-            ApiError::TooLarge(_) => codes::MESSAGE_TOO_LARGE,
-            ApiError::Process(_) => codes::PROCESS_EXITED,
-            ApiError::NotAllowed(_) => codes::NOT_ALLOWED,
-            ApiError::UnknownLease(_)
-            | ApiError::HeadTooLarge(_)
-            | ApiError::LeaseConflict(_)
-            | ApiError::NotFound
-            | ApiError::MethodNotAllowed => codes::INVALID_REQUEST,
-        }
-    }
-
-    /// The HTTP response: a JSON-RPC error for request `id`.
-    pub fn into_response(self, id: Value) -> Response<Body> {
-        let mut r = http::json(
-            self.status(),
-            &jsonrpc::error(id, self.code(), self.to_string()),
-        );
-        if r.status() == StatusCode::SERVICE_UNAVAILABLE {
-            r.headers_mut().insert(
-                ::http::header::RETRY_AFTER,
-                ::http::HeaderValue::from_static("1"),
-            );
-        }
-        r
-    }
-}
+mod error;
+pub use error::ApiError;
 
 /// Serves one lease API connection until it closes or shutdown asks it to finish.
 pub async fn serve_connection(
@@ -155,7 +73,7 @@ pub(super) async fn serve_hyper<I>(
         let peer = peer.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(broker, req, peer).await) }
     });
-    serve_io(io, svc, shutdown).await
+    serve_io(io, svc, shutdown, MAX_HEADER_BYTES).await
 }
 
 /// The answer to a request whose body is announced over `limit` (refused
@@ -274,22 +192,8 @@ pub async fn serve_health(
                 Ok::<_, std::convert::Infallible>(r)
             }
         });
-        tokio::spawn(serve_io(stream, svc, shutdown.clone()));
+        tokio::spawn(serve_io(stream, svc, shutdown.clone(), MAX_HEADER_BYTES));
     }
-}
-
-/// Drives one HTTP/1.1 connection; on shutdown lets the current exchange finish.
-pub async fn serve_io<I, S>(io: I, svc: S, shutdown: CancellationToken)
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<
-        Request<Incoming>,
-        Response = Response<Body>,
-        Error = std::convert::Infallible,
-    >,
-    S::Future: Send + 'static,
-{
-    serve_io_limited(io, svc, shutdown, MAX_HEADER_BYTES).await
 }
 
 /// Largest request head (request line and headers) the lease API reads.
@@ -297,9 +201,10 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// The smallest head limit hyper accepts.
 pub const MIN_HEADER_BYTES: usize = 8192;
 
-/// [`serve_io`] with a limit on the request head: a longer one is answered
-/// `431 Request Header Fields Too Large` and the connection closed.
-pub async fn serve_io_limited<I, S>(io: I, svc: S, shutdown: CancellationToken, max_head: usize)
+/// Drives one HTTP/1.1 connection with hyper; on shutdown lets the current
+/// exchange finish. A request head over `max_head` is answered `431 Request
+/// Header Fields Too Large` and the connection closed.
+pub async fn serve_io<I, S>(io: I, svc: S, shutdown: CancellationToken, max_head: usize)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
@@ -329,8 +234,7 @@ pub(super) async fn handle<B>(
     peer: Identity,
 ) -> Response<Body>
 where
-    B: http_body::Body<Data = bytes::Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http::ReadableBody,
 {
     let path: Vec<String> = req
         .uri()
@@ -472,8 +376,7 @@ fn lease_id_of(headers: &::http::HeaderMap) -> Result<Option<String>, ApiError> 
 
 async fn read_message<B>(broker: &Broker, req: Request<B>) -> Result<Value, ApiError>
 where
-    B: http_body::Body<Data = bytes::Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http::ReadableBody,
 {
     let limit = broker.settings().max_message_size;
     let body = http::read_body(req.into_body(), limit)
@@ -571,8 +474,7 @@ async fn deliver<B>(
     req: Request<B>,
 ) -> Result<Response<Body>, ApiError>
 where
-    B: http_body::Body<Data = bytes::Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http::ReadableBody,
 {
     let msg = read_message(broker, req).await?;
     let found = broker.leases.lock().expect("lock").get(&lease).cloned();
