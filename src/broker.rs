@@ -37,8 +37,6 @@ pub struct LeaseRef {
     /// The process serving the lease and the lease's id inside its router;
     /// `None` while the request still waits for a process.
     pub process: Option<(Arc<Worker>, u64)>,
-    /// The pool it came from.
-    pub pool: String,
     /// Fired when the client cancels the request.
     pub cancel: CancellationToken,
 }

@@ -105,11 +105,7 @@ struct Registration {
 }
 
 impl Registration {
-    fn new(
-        broker: &Arc<Broker>,
-        id: String,
-        pool: &str,
-    ) -> Result<(Self, CancellationToken), ApiError> {
+    fn new(broker: &Arc<Broker>, id: String) -> Result<(Self, CancellationToken), ApiError> {
         let cancel = CancellationToken::new();
         let mut table = broker.leases.lock().expect("lock");
         if table.contains_key(&id) {
@@ -119,7 +115,6 @@ impl Registration {
             id.clone(),
             LeaseRef {
                 process: None,
-                pool: pool.to_string(),
                 cancel: cancel.clone(),
             },
         );
@@ -170,7 +165,7 @@ pub async fn run(
             .inc()
     };
     let token = id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-    let (reg, cancel) = Registration::new(&broker, token.clone(), &name)?;
+    let (reg, cancel) = Registration::new(&broker, token.clone())?;
     let client_id = msg.get("id").cloned().unwrap_or(Value::Null);
     let (acquired, msg) = match pool.try_acquire(session.as_deref()) {
         Some(g) => (Ok(g), msg),

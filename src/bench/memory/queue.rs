@@ -120,11 +120,6 @@ async fn status_count(socket: &Path, field: &str) -> usize {
     }
 }
 
-/// Requests waiting in the pool's queue.
-async fn waiting(socket: &Path) -> usize {
-    status_count(socket, "waiting").await
-}
-
 /// Holds the pool's only process, queues `n` calls, samples the broker's RSS.
 pub(super) async fn queue(
     socket: &Path,
@@ -178,7 +173,7 @@ pub(super) async fn queue(
     let mut most = 0;
     let ramp = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let w = waiting(socket).await;
+        let w = status_count(socket, "waiting").await;
         most = most.max(w);
         let done = finished.load(Ordering::Relaxed);
         if w + done >= n || t0.elapsed() >= RAMP_LIMIT || shutdown.is_cancelled() {
