@@ -64,6 +64,24 @@ fn fd_link(pid: u32, fd: u32) -> String {
         .unwrap_or_default()
 }
 
+/// A broker config in `dir` with one fixture pool whose processes carry a
+/// fresh leak tag; `socket` is the configured path (an inherited socket wins).
+fn write_config(dir: &Path, socket: &Path) -> (PathBuf, String) {
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let cfg = dir.join("broker.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[broker]\nsocket = \"{}\"\nmetrics_listen = \"\"\ndrain_timeout = \"2s\"\n\
+             [[pool]]\nname = \"fx\"\ncommand = \"{FIXTURE}\"\nmin_idle = 1\nstop_grace = \"500ms\"\n\
+             env = {{ {TAG_VAR} = \"{tag}\" }}\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    (cfg, tag)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_through_a_socket_passed_by_systemd_socket_activate() {
     let activate = require_tool("systemd-socket-activate");
@@ -72,18 +90,7 @@ async fn leases_through_a_socket_passed_by_systemd_socket_activate() {
     // The config names another path: an inherited socket wins, and the
     // configured one is never created.
     let configured = dir.path().join("configured.sock");
-    let tag = uuid::Uuid::new_v4().simple().to_string();
-    let cfg = dir.path().join("broker.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[broker]\nsocket = \"{}\"\nmetrics_listen = \"\"\ndrain_timeout = \"2s\"\n\
-             [[pool]]\nname = \"fx\"\ncommand = \"{FIXTURE}\"\nmin_idle = 1\nstop_grace = \"500ms\"\n\
-             env = {{ {TAG_VAR} = \"{tag}\" }}\n",
-            configured.display()
-        ),
-    )
-    .unwrap();
+    let (cfg, tag) = write_config(dir.path(), &configured);
     let log = std::fs::File::create(dir.path().join("broker.log")).unwrap();
     // systemd-socket-activate binds the socket, waits for the first
     // connection attempt, then execs the broker (same pid) with LISTEN_FDS=1
@@ -215,18 +222,7 @@ async fn connections_wait_in_the_backlog_while_the_broker_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("b.sock");
     let log = dir.path().join("broker.log");
-    let tag = uuid::Uuid::new_v4().simple().to_string();
-    let cfg = dir.path().join("broker.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[broker]\nsocket = \"{}\"\nmetrics_listen = \"\"\ndrain_timeout = \"2s\"\n\
-             [[pool]]\nname = \"fx\"\ncommand = \"{FIXTURE}\"\nmin_idle = 1\nstop_grace = \"500ms\"\n\
-             env = {{ {TAG_VAR} = \"{tag}\" }}\n",
-            dir.path().join("configured.sock").display()
-        ),
-    )
-    .unwrap();
+    let (cfg, tag) = write_config(dir.path(), &dir.path().join("configured.sock"));
     // The test plays systemd: it owns the listening socket across restarts.
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let client = Backend::new(
