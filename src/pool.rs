@@ -7,12 +7,15 @@
 //! wait, retires idle surplus, and restarts after failures with exponential
 //! backoff so a broken command reports itself instead of spinning.
 
+mod guard;
 pub mod state;
 pub mod warm;
 
 use crate::config::{Mode, PoolConfig};
 use crate::metrics::Metrics;
 use crate::process::Worker;
+pub use guard::LeaseGuard;
+use guard::Queued;
 use serde_json::Value;
 use state::{backoff, Slot, State, Waiter, FAILING_THRESHOLD, STABLE_AFTER};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,62 +64,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct Pool {
     inner: Arc<Inner>,
-}
-
-/// A request waiting in the queue. Dropped while still waiting (the caller
-/// hung up), it takes its place out of the queue at once, so the depth
-/// gauge and `queue_limit` count only live callers.
-struct Queued<'a> {
-    pool: &'a Pool,
-    rx: Option<oneshot::Receiver<LeaseGuard>>,
-}
-
-impl Drop for Queued<'_> {
-    fn drop(&mut self) {
-        if let Some(mut rx) = self.rx.take() {
-            rx.close();
-            if let Ok(mut guard) = rx.try_recv() {
-                // Handed a process just as the caller left: give it back
-                // (a disarmed guard dropped here would leak the slot).
-                guard.armed = true;
-                drop(guard);
-            }
-            let mut st = self.pool.inner.state.lock().expect("lock");
-            st.purge_waiters();
-            self.pool.set_queue_gauge(&st);
-        }
-    }
-}
-
-/// One request's claim on one process. Dropping it releases the process.
-pub struct LeaseGuard {
-    inner: Arc<Inner>,
-    worker: Arc<Worker>,
-    armed: bool,
-    discard: bool,
-}
-
-impl LeaseGuard {
-    /// The process this lease runs on.
-    pub fn worker(&self) -> &Arc<Worker> {
-        &self.worker
-    }
-
-    /// Asks for the process to be stopped and replaced when the lease ends.
-    pub fn discard(&mut self) {
-        self.discard = true;
-    }
-}
-
-impl Drop for LeaseGuard {
-    fn drop(&mut self) {
-        if self.armed {
-            Pool {
-                inner: self.inner.clone(),
-            }
-            .release(self.worker.id, self.discard);
-        }
-    }
 }
 
 /// Counts for status pages and readiness.

@@ -1,0 +1,66 @@
+//! Claims on a pool's processes, each giving back what it holds when
+//! dropped: [`LeaseGuard`] (a process leased to one request) and `Queued`
+//! (a request's place in the queue).
+
+use super::{Inner, Pool};
+use crate::process::Worker;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// A request waiting in the queue. Dropped while still waiting (the caller
+/// hung up), it takes its place out of the queue at once, so the depth
+/// gauge and `queue_limit` count only live callers.
+pub(super) struct Queued<'a> {
+    pub(super) pool: &'a Pool,
+    pub(super) rx: Option<oneshot::Receiver<LeaseGuard>>,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if let Ok(mut guard) = rx.try_recv() {
+                // Handed a process just as the caller left: give it back
+                // (a disarmed guard dropped here would leak the slot).
+                guard.armed = true;
+                drop(guard);
+            }
+            let mut st = self.pool.inner.state.lock().expect("lock");
+            st.purge_waiters();
+            self.pool.set_queue_gauge(&st);
+        }
+    }
+}
+
+/// One request's claim on one process. Dropping it releases the process.
+pub struct LeaseGuard {
+    pub(super) inner: Arc<Inner>,
+    pub(super) worker: Arc<Worker>,
+    /// Whether dropping it releases the process (off while in flight from
+    /// the dispatcher to a waiter, which arms it on receipt).
+    pub(super) armed: bool,
+    pub(super) discard: bool,
+}
+
+impl LeaseGuard {
+    /// The process this lease runs on.
+    pub fn worker(&self) -> &Arc<Worker> {
+        &self.worker
+    }
+
+    /// Asks for the process to be stopped and replaced when the lease ends.
+    pub fn discard(&mut self) {
+        self.discard = true;
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            Pool {
+                inner: self.inner.clone(),
+            }
+            .release(self.worker.id, self.discard);
+        }
+    }
+}
