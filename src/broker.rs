@@ -7,6 +7,7 @@
 //! the socket. The wire contract lives in [`api`]; one lease's life in
 //! [`lease`].
 
+pub mod affinity;
 pub mod api;
 mod conn;
 pub mod lease;
@@ -52,6 +53,8 @@ pub struct Broker {
     pods: std::sync::OnceLock<crate::policy::pods::PodIndex>,
     ids: Arc<AtomicU64>,
     leases: Mutex<HashMap<String, LeaseRef>>,
+    /// Seals servers' `requestState`s so retries reach their process.
+    sealer: affinity::Sealer,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
     pools_shutdown: CancellationToken,
@@ -74,6 +77,7 @@ impl Broker {
             pods: std::sync::OnceLock::new(),
             ids,
             leases: Mutex::new(HashMap::new()),
+            sealer: affinity::Sealer::new(),
             metrics,
             tracker,
             pools_shutdown,

@@ -45,6 +45,13 @@ pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default cap on server→client requests (sampling, elicitation, roots)
 /// waiting for the client per lease; more are refused to the server.
 pub const DEFAULT_MAX_SERVER_REQUESTS: usize = crate::process::router::DEFAULT_MAX_SERVER_REQUESTS;
+/// Default time a `server/discover` probe waits before the same process is
+/// sent `initialize` (`protocol = "auto"`). Short: servers that ignore the
+/// probe would otherwise spend the whole warm-up on it.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default validity of a sealed `requestState`: how long a client may take
+/// to retry a multi-round-trip request, and how long its process is kept.
+pub const DEFAULT_REQUEST_STATE_TTL: Duration = Duration::from_secs(600);
 /// Default time between SIGTERM and SIGKILL when stopping a process.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(3);
 
@@ -113,6 +120,31 @@ pub enum Protocol {
     Stateless,
 }
 
+impl Protocol {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Auto => "auto",
+            Protocol::Legacy => "legacy",
+            Protocol::Stateless => "stateless",
+        }
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Protocol::Auto),
+            "legacy" => Ok(Protocol::Legacy),
+            "stateless" => Ok(Protocol::Stateless),
+            other => Err(format!(
+                "unknown protocol {other:?} (expected auto, legacy or stateless)"
+            )),
+        }
+    }
+}
+
 /// Daemon-wide settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BrokerSettings {
@@ -177,6 +209,10 @@ pub struct PoolConfig {
     pub request_timeout: Duration,
     pub idle_timeout: Duration,
     pub init_timeout: Duration,
+    /// How long the `server/discover` probe waits (`protocol = "auto"`).
+    pub probe_timeout: Duration,
+    /// How long a sealed `requestState` stays valid.
+    pub request_state_ttl: Duration,
     pub session_idle_timeout: Duration,
     pub stop_grace: Duration,
     pub protocol: Protocol,
@@ -211,6 +247,8 @@ impl PoolConfig {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             init_timeout: DEFAULT_INIT_TIMEOUT,
+            probe_timeout: DEFAULT_PROBE_TIMEOUT,
+            request_state_ttl: DEFAULT_REQUEST_STATE_TTL,
             session_idle_timeout: DEFAULT_SESSION_IDLE_TIMEOUT,
             stop_grace: DEFAULT_STOP_GRACE,
             protocol: Protocol::Auto,
@@ -260,10 +298,32 @@ impl PoolConfig {
             ("queue_timeout", self.queue_timeout),
             ("request_timeout", self.request_timeout),
             ("init_timeout", self.init_timeout),
+            ("probe_timeout", self.probe_timeout),
+            ("request_state_ttl", self.request_state_ttl),
         ] {
             if d.is_zero() {
                 return Err(bad(field, "must be greater than zero"));
             }
+        }
+        if self.probe_timeout >= self.init_timeout {
+            return Err(bad(
+                "probe_timeout",
+                &format!(
+                    "{:?} leaves no time for initialize within init_timeout ({:?})",
+                    self.probe_timeout, self.init_timeout
+                ),
+            ));
+        }
+        for (key, value) in &self.env {
+            if key.is_empty() || key.contains('=') || key.contains('\0') || value.contains('\0') {
+                return Err(bad(
+                    "env",
+                    &format!("{key:?} is not a valid variable name (no '=' or NUL, not empty)"),
+                ));
+            }
+        }
+        if self.cwd.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+            return Err(bad("cwd", "must not be empty"));
         }
         Ok(())
     }
@@ -439,11 +499,33 @@ pub fn describe(c: &Config) -> String {
         if let Some(rules) = &p.allow {
             let _ = writeln!(out, "  allow: {rules:?}");
         }
+        let _ = writeln!(
+            out,
+            "  protocol={} init_timeout={:?} probe_timeout={:?} request_state_ttl={:?}{}{}",
+            p.protocol.as_str(),
+            p.init_timeout,
+            p.probe_timeout,
+            p.request_state_ttl,
+            p.cwd
+                .as_ref()
+                .map(|d| format!(" cwd={}", d.display()))
+                .unwrap_or_default(),
+            if p.env.is_empty() {
+                String::new()
+            } else {
+                format!(" env={:?}", p.env.keys().collect::<Vec<_>>())
+            },
+        );
         if p.isolate != crate::policy::Isolate::None {
             let _ = writeln!(out, "  isolate: {:?}", p.isolate);
         }
     }
     out
+}
+
+/// A pool from `up`'s flags, validated exactly like a `[[pool]]` table.
+pub fn pool_from_flags(p: RawPool, max_message_size: usize) -> Result<PoolConfig, ConfigError> {
+    pool_from_raw(0, p, max_message_size, false, false)
 }
 
 fn pool_from_raw(
@@ -531,23 +613,21 @@ fn pool_from_raw(
     )?;
     c.idle_timeout = dur("idle_timeout", &p.idle_timeout, DEFAULT_IDLE_TIMEOUT)?;
     c.init_timeout = dur("init_timeout", &p.init_timeout, DEFAULT_INIT_TIMEOUT)?;
+    c.probe_timeout = dur("probe_timeout", &p.probe_timeout, DEFAULT_PROBE_TIMEOUT)?;
+    c.request_state_ttl = dur(
+        "request_state_ttl",
+        &p.request_state_ttl,
+        DEFAULT_REQUEST_STATE_TTL,
+    )?;
     c.session_idle_timeout = dur(
         "session_idle_timeout",
         &p.session_idle_timeout,
         DEFAULT_SESSION_IDLE_TIMEOUT,
     )?;
     c.stop_grace = dur("stop_grace", &p.stop_grace, DEFAULT_STOP_GRACE)?;
-    c.protocol = match p.protocol.as_deref() {
-        None | Some("auto") => Protocol::Auto,
-        Some("legacy") => Protocol::Legacy,
-        Some("stateless") => Protocol::Stateless,
-        Some(other) => {
-            return Err(bad(
-                "protocol",
-                format!("unknown protocol {other:?} (expected auto, legacy or stateless)"),
-            ))
-        }
-    };
+    if let Some(s) = &p.protocol {
+        c.protocol = s.parse().map_err(|e| bad("protocol", e))?;
+    }
     c.max_message_size = max_message_size;
     c.allow = p.allow.clone();
     c.isolate = isolate;

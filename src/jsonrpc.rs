@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 /// Error codes: the JSON-RPC standard ones, the MCP ones we produce, and the
 /// broker's own. JSON-RPC reserves -32768..-32000 and MCP claims
 /// -32020..-32099 of it, so the broker's codes live just outside, in
-/// -31001..-31010, where no spec revision can collide with them.
+/// -31001..-31011, where no spec revision can collide with them.
 pub mod codes {
     /// Invalid JSON was received.
     pub const PARSE_ERROR: i64 = -32700;
@@ -42,6 +42,9 @@ pub mod codes {
     pub const POOL_FAILING: i64 = -31009;
     /// The request was cancelled by the client.
     pub const CANCELLED: i64 = -31010;
+    /// The process that issued a retry's `requestState` has ended; send the
+    /// original request again without the state.
+    pub const PROCESS_GONE: i64 = -31011;
     /// MCP 2026-07-28: a header does not match the body.
     pub const HEADER_MISMATCH: i64 = -32020;
     /// MCP 2026-07-28: unsupported protocol version.

@@ -7,14 +7,14 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use mcp_broker::broker::{listen, Broker};
-use mcp_broker::config::{self, Config, Mode, PoolConfig};
+use mcp_broker::config::raw::RawPool;
+use mcp_broker::config::{self, Config};
 use mcp_broker::metrics::Metrics;
 use mcp_broker::proxy::{self, ProxySettings};
 use mcp_broker::runtime::{self, Threads};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -66,27 +66,45 @@ enum Command {
     /// Broker and proxy in one process: any stdio server becomes a pooled
     /// Streamable HTTP server.
     Up {
-        /// Warm processes kept ready.
-        #[arg(long, default_value_t = 1)]
-        min_idle: usize,
-        /// Processes at most.
-        #[arg(long, default_value_t = config::DEFAULT_MAX)]
-        max: usize,
-        /// Requests one process takes at once.
-        #[arg(long, default_value_t = 1)]
-        max_inflight: usize,
-        /// shared, sticky or exclusive.
-        #[arg(long, default_value = "shared")]
-        mode: Mode,
-        /// Longest time a process may take to answer (e.g. 30s).
-        #[arg(long, value_parser = config::parse_duration, default_value = "120s")]
-        request_timeout: Duration,
-        /// Longest wait for a free process.
-        #[arg(long, value_parser = config::parse_duration, default_value = "30s")]
-        queue_timeout: Duration,
-        /// Waiting requests at most.
-        #[arg(long, default_value_t = config::DEFAULT_QUEUE_LIMIT)]
-        queue_limit: usize,
+        /// Warm processes kept ready [default: 1].
+        #[arg(long)]
+        min_idle: Option<usize>,
+        /// Processes at most [default: 4].
+        #[arg(long)]
+        max: Option<usize>,
+        /// Requests one process takes at once [default: 1].
+        #[arg(long)]
+        max_inflight: Option<usize>,
+        /// shared, sticky or exclusive [default: shared].
+        #[arg(long)]
+        mode: Option<String>,
+        /// Longest time a process may take to answer, e.g. 30s [default: 120s].
+        #[arg(long)]
+        request_timeout: Option<String>,
+        /// Longest wait for a free process [default: 30s].
+        #[arg(long)]
+        queue_timeout: Option<String>,
+        /// Waiting requests at most [default: 256].
+        #[arg(long)]
+        queue_limit: Option<usize>,
+        /// How to warm the server: auto (probe server/discover, then
+        /// initialize), legacy (initialize only) or stateless (2026-07-28
+        /// server/discover only) [default: auto].
+        #[arg(long)]
+        protocol: Option<String>,
+        /// Variable added to the server's environment (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// Working directory of the server.
+        #[arg(long)]
+        cwd: Option<PathBuf>,
+        /// Longest spawn plus handshake of a new process [default: 60s].
+        #[arg(long)]
+        init_timeout: Option<String>,
+        /// Longest wait for an answer to the server/discover probe before
+        /// the same process gets initialize [default: 1s].
+        #[arg(long)]
+        probe_timeout: Option<String>,
         /// Capabilities declared to the server at warm-up, as JSON
         /// (default: roots, sampling and elicitation, which the proxy relays).
         #[arg(long, value_parser = parse_object)]
@@ -142,6 +160,13 @@ impl HttpFlags {
             max_header_bytes: usize::try_from(self.max_header_bytes).unwrap_or(usize::MAX),
             ..ProxySettings::default()
         }
+    }
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) => Ok((k.to_string(), v.to_string())),
+        None => Err(format!("{s:?} is not KEY=VALUE")),
     }
 }
 
@@ -230,26 +255,40 @@ async fn run(command: Command) -> anyhow::Result<()> {
             request_timeout,
             queue_timeout,
             queue_limit,
+            protocol,
+            env,
+            cwd,
+            init_timeout,
+            probe_timeout,
             client_capabilities,
             max_message_bytes,
             max_server_requests,
             http,
             command,
         } => {
-            let mut pool = PoolConfig::new(
-                mcp_broker::up::POOL_NAME,
-                &command[0],
-                command[1..].to_vec(),
-            );
-            pool.min_idle = min_idle;
-            pool.max = max;
-            pool.max_inflight = max_inflight;
-            pool.mode = mode;
-            pool.request_timeout = request_timeout;
-            pool.queue_timeout = queue_timeout;
-            pool.queue_limit = queue_limit;
-            pool.max_message_size = usize::try_from(max_message_bytes).unwrap_or(usize::MAX);
-            pool.max_server_requests = max_server_requests;
+            // The flags go through the config file's own validation, so a
+            // bad value gets the same message either way.
+            let raw = RawPool {
+                name: Some(mcp_broker::up::POOL_NAME.to_string()),
+                command: Some(command[0].clone()),
+                args: command[1..].to_vec(),
+                env: env.into_iter().collect(),
+                cwd: cwd.map(|d| d.display().to_string()),
+                mode,
+                min_idle,
+                max,
+                max_inflight,
+                queue_limit,
+                queue_timeout,
+                request_timeout,
+                init_timeout,
+                probe_timeout,
+                protocol,
+                max_server_requests: Some(max_server_requests),
+                ..RawPool::default()
+            };
+            let max_message = usize::try_from(max_message_bytes).unwrap_or(usize::MAX);
+            let mut pool = config::pool_from_flags(raw, max_message)?;
             if let Some(c) = client_capabilities {
                 pool.client_capabilities = c;
             }

@@ -15,6 +15,25 @@ const BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
+/// MCP methods used as metric labels; anything else is `other`.
+pub const METHOD_LABELS: &[&str] = &[
+    "tools/call",
+    "tools/list",
+    "resources/list",
+    "resources/read",
+    "resources/templates/list",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+    "logging/setLevel",
+    "ping",
+    "server/discover",
+    "subscriptions/listen",
+    "other",
+];
+
 /// Every metric the crate exports.
 pub struct Metrics {
     registry: Registry,
@@ -22,6 +41,8 @@ pub struct Metrics {
     pub processes: IntGaugeVec,
     /// Processes started, by pool.
     pub spawns: IntCounterVec,
+    /// The era a pool learned its server speaks (1 for that era).
+    pub pool_era: IntGaugeVec,
     /// Processes ended, by pool and reason.
     pub exits: IntCounterVec,
     /// Requests waiting for a process, by pool.
@@ -94,6 +115,11 @@ impl Metrics {
                 &["pool", "state"],
             ),
             spawns: counter("mcp_broker_spawns_total", "Processes started.", &["pool"]),
+            pool_era: gauge(
+                "mcp_broker_pool_era",
+                "The protocol era a pool's server speaks (1), learned at warm-up.",
+                &["pool", "era"],
+            ),
             exits: counter(
                 "mcp_broker_exits_total",
                 "Processes ended, by reason.",
@@ -192,6 +218,27 @@ impl Metrics {
         self.policy_denials.with_label_values(&[pool]);
         self.spawns.with_label_values(&[pool]);
         self.queue_depth.with_label_values(&[pool]);
+        self.lease_wait.with_label_values(&[pool]);
+        for method in METHOD_LABELS {
+            self.request_duration.with_label_values(&[pool, method]);
+        }
+        for outcome in Self::REQUEST_OUTCOMES {
+            self.requests.with_label_values(&[pool, outcome]);
+        }
+    }
+
+    /// Outcomes of [`Self::requests`] that every pool reports from start.
+    pub const REQUEST_OUTCOMES: [&'static str; 4] = ["ok", "error", "timeout", "cancelled"];
+
+    /// The label a method gets in [`Self::request_duration`]: itself when
+    /// it is a known MCP method, else `other` (so clients cannot blow up
+    /// label cardinality).
+    pub fn method_label(method: &str) -> &'static str {
+        METHOD_LABELS
+            .iter()
+            .find(|m| **m == method)
+            .copied()
+            .unwrap_or("other")
     }
 
     /// The Prometheus text exposition of every metric.

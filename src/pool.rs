@@ -14,10 +14,11 @@ pub mod warm;
 use crate::config::{Mode, PoolConfig};
 use crate::metrics::Metrics;
 use crate::process::Worker;
+use crate::protocol::Era;
 pub use guard::LeaseGuard;
 use guard::Queued;
 use serde_json::Value;
-use state::{backoff, Slot, State, Waiter, FAILING_THRESHOLD, STABLE_AFTER};
+use state::{backoff, Slot, State, Target, Waiter, FAILING_THRESHOLD, STABLE_AFTER};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,12 +45,17 @@ pub enum PoolError {
     Failing { pool: String, error: String },
     #[error("pool {pool:?} is shutting down")]
     Closed { pool: String },
+    #[error("the server process of pool {pool:?} that issued this requestState has ended; send the original request again without requestState")]
+    ProcessGone { pool: String },
 }
 
 struct Inner {
     cfg: PoolConfig,
     state: Mutex<State>,
     handshake: Mutex<Option<Arc<Handshake>>>,
+    /// The era the server speaks, once a process told (or died on the
+    /// probe): later processes skip the `server/discover` probe.
+    learned: Mutex<Option<Era>>,
     wake: Notify,
     events: broadcast::Sender<(u64, Value)>,
     metrics: Arc<Metrics>,
@@ -92,6 +98,7 @@ impl Pool {
                 cfg,
                 state: Mutex::new(State::new()),
                 handshake: Mutex::new(None),
+                learned: Mutex::new(None),
                 wake: Notify::new(),
                 events,
                 metrics,
@@ -127,6 +134,24 @@ impl Pool {
         self.inner.handshake.lock().expect("lock").clone()
     }
 
+    /// The era the pool learned its server speaks, if it has.
+    pub fn learned_era(&self) -> Option<Era> {
+        *self.inner.learned.lock().expect("lock")
+    }
+
+    /// Records the server's era; logged and exported once it changes.
+    fn learn(&self, era: Era, how: &str) {
+        let before = self.inner.learned.lock().expect("lock").replace(era);
+        if before != Some(era) {
+            tracing::info!(pool = %self.name(), ?era, "server era learned ({how}); later processes skip the probe");
+            let g = &self.inner.metrics.pool_era;
+            g.with_label_values(&[self.name(), "legacy"])
+                .set(i64::from(era == Era::Legacy));
+            g.with_label_values(&[self.name(), "stateless"])
+                .set(i64::from(era == Era::Stateless));
+        }
+    }
+
     /// Current counts.
     pub fn status(&self) -> PoolStatus {
         let st = self.inner.state.lock().expect("lock");
@@ -153,28 +178,45 @@ impl Pool {
     }
 
     /// A process with room for one request of `session` right now, if any;
-    /// `None` means [`Self::acquire`] would queue (or fail).
-    pub fn try_acquire(&self, session: Option<&str>) -> Option<LeaseGuard> {
+    /// `None` means [`Self::acquire`] would queue (or fail). `target` names
+    /// the process a multi-round-trip retry must reach.
+    pub fn try_acquire(&self, session: Option<&str>, target: Option<u64>) -> Option<LeaseGuard> {
         let guard = {
             let mut st = self.inner.state.lock().expect("lock");
             if st.closed {
                 return None;
             }
-            self.take_now(&mut st, session)?
+            self.take_now(&mut st, session, target)?
         };
         self.observe_wait(Instant::now());
         Some(guard)
     }
 
-    /// Takes a process with room for `session`, if one has room now.
-    fn take_now(&self, st: &mut State, session: Option<&str>) -> Option<LeaseGuard> {
-        let id = st.pick(&self.inner.cfg, session)?;
-        let worker = st.take(&self.inner.cfg, id, session);
+    /// Takes a process with room for `session` (process `target` when
+    /// given), if one has room now.
+    fn take_now(
+        &self,
+        st: &mut State,
+        session: Option<&str>,
+        target: Option<u64>,
+    ) -> Option<LeaseGuard> {
+        let cfg = &self.inner.cfg;
+        let id = match target {
+            Some(id) => (st.pick_target(cfg, id, session) == Target::Ready).then_some(id)?,
+            None => st.pick(cfg, session)?,
+        };
+        let worker = st.take(cfg, id, session);
         Some(self.guard(worker, session))
     }
 
-    /// Waits for a process with room for one request of `session`.
-    pub async fn acquire(&self, session: Option<&str>) -> Result<LeaseGuard, PoolError> {
+    /// Waits for a process with room for one request of `session`; with a
+    /// `target`, for that process only (ahead of new leases for it), and
+    /// fails with [`PoolError::ProcessGone`] once it is gone.
+    pub async fn acquire(
+        &self,
+        session: Option<&str>,
+        target: Option<u64>,
+    ) -> Result<LeaseGuard, PoolError> {
         let started = Instant::now();
         let cfg = &self.inner.cfg;
         let rx = {
@@ -184,16 +226,25 @@ impl Pool {
                     pool: cfg.name.clone(),
                 });
             }
-            if let Some(guard) = self.take_now(&mut st, session) {
+            if let Some(guard) = self.take_now(&mut st, session, target) {
                 drop(st);
                 self.observe_wait(started);
                 return Ok(guard);
             }
-            if st.slots.is_empty() && st.failures >= FAILING_THRESHOLD {
-                return Err(PoolError::Failing {
-                    pool: cfg.name.clone(),
-                    error: st.last_error.clone().unwrap_or_default(),
-                });
+            match target {
+                Some(id) if st.pick_target(cfg, id, session) == Target::Gone => {
+                    return Err(PoolError::ProcessGone {
+                        pool: cfg.name.clone(),
+                    });
+                }
+                Some(_) => {}
+                None if st.slots.is_empty() && st.failures >= FAILING_THRESHOLD => {
+                    return Err(PoolError::Failing {
+                        pool: cfg.name.clone(),
+                        error: st.last_error.clone().unwrap_or_default(),
+                    });
+                }
+                None => {}
             }
             if st.waiters.len() >= cfg.queue_limit {
                 st.purge_waiters();
@@ -207,6 +258,7 @@ impl Pool {
             let (tx, rx) = oneshot::channel();
             st.waiters.push_back(Waiter {
                 session: session.map(str::to_string),
+                target,
                 tx,
             });
             self.set_queue_gauge(&st);
@@ -220,11 +272,15 @@ impl Pool {
         let rx = queued.rx.as_mut().expect("set above");
         let outcome = tokio::time::timeout(cfg.queue_timeout, rx).await;
         match outcome {
-            Ok(Ok(mut guard)) => {
+            Ok(Ok(Ok(mut guard))) => {
                 queued.rx = None;
                 guard.armed = true;
                 self.observe_wait(started);
                 Ok(guard)
+            }
+            Ok(Ok(Err(e))) => {
+                queued.rx = None;
+                Err(e)
             }
             Ok(Err(_)) => {
                 queued.rx = None;
@@ -267,18 +323,32 @@ impl Pool {
             armed: true,
             // A session-less request on an exclusive pool is a session of one.
             discard: self.inner.cfg.mode == Mode::Exclusive && session.is_none(),
+            pinned: false,
         }
     }
 
-    fn release(&self, id: u64, discard: bool) {
+    /// Keeps process `id` until `until` (a `requestState` it issued is valid
+    /// that long): idle shrink spares it.
+    fn pin(&self, id: u64, until: Instant) {
+        let mut st = self.inner.state.lock().expect("lock");
+        if let Some(slot) = st.slots.get_mut(&id) {
+            slot.pinned_until = Some(slot.pinned_until.map_or(until, |t| t.max(until)));
+        }
+    }
+
+    fn release(&self, id: u64, discard: bool, pinned: bool) {
         let mut retired = None;
         {
             let mut st = self.inner.state.lock().expect("lock");
             if let Some(slot) = st.slots.get_mut(&id) {
                 slot.inflight = slot.inflight.saturating_sub(1);
                 slot.last_used = Instant::now();
-                // An exited process is left to `watch`, which accounts for the crash.
-                if (discard || slot.retire) && !slot.worker.is_exited() {
+                if discard && pinned && !slot.retire && !slot.worker.is_exited() {
+                    // A session of one that the server answered with a
+                    // requestState: keep its process for the retry.
+                    slot.reserved = true;
+                } else if (discard || slot.retire) && !slot.worker.is_exited() {
+                    // An exited process is left to `watch`, which accounts for the crash.
                     slot.retire = true;
                     if slot.inflight == 0 {
                         let slot = st.slots.remove(&id).expect("present");
@@ -298,7 +368,9 @@ impl Pool {
         self.inner.wake.notify_one();
     }
 
-    /// Hands free processes to waiters, oldest first.
+    /// Hands free processes to waiters: retries to the process they must
+    /// reach first (failing those whose process is gone), then the rest,
+    /// oldest first.
     fn dispatch(&self, st: &mut State) {
         let cfg = &self.inner.cfg;
         let mut i = 0;
@@ -307,31 +379,65 @@ impl Pool {
                 st.waiters.remove(i);
                 continue;
             }
+            let Some(id) = st.waiters[i].target else {
+                i += 1;
+                continue;
+            };
+            let session = st.waiters[i].session.clone();
+            match st.pick_target(cfg, id, session.as_deref()) {
+                Target::Ready => {
+                    let waiter = st.waiters.remove(i).expect("index valid");
+                    self.hand_over(st, waiter, id);
+                }
+                Target::Gone => {
+                    let waiter = st.waiters.remove(i).expect("index valid");
+                    let _ = waiter.tx.send(Err(PoolError::ProcessGone {
+                        pool: cfg.name.clone(),
+                    }));
+                }
+                Target::Busy => i += 1,
+            }
+        }
+        let mut i = 0;
+        while i < st.waiters.len() {
+            if st.waiters[i].target.is_some() {
+                i += 1;
+                continue;
+            }
             let session = st.waiters[i].session.clone();
             match st.pick(cfg, session.as_deref()) {
                 Some(id) => {
                     let waiter = st.waiters.remove(i).expect("index valid");
-                    let worker = st.take(cfg, id, session.as_deref());
-                    let mut guard = self.guard(worker, session.as_deref());
-                    // Disarmed while in flight: if the send fails we undo by
-                    // hand (we hold the lock; Drop would deadlock).
-                    guard.armed = false;
-                    if let Err(mut back) = waiter.tx.send(guard) {
-                        back.armed = false;
-                        st.untake(id);
-                        if let Some(s) = &session {
-                            if cfg.mode == Mode::Exclusive && st.slots[&id].inflight == 0 {
-                                st.bound.remove(s);
-                                st.slots.get_mut(&id).expect("present").session = None;
-                            }
-                        }
-                    }
+                    self.hand_over(st, waiter, id);
                 }
                 None if cfg.mode == Mode::Exclusive => i += 1,
                 None => break,
             }
         }
         self.set_queue_gauge(st);
+    }
+
+    /// Gives process `id` to `waiter`, or takes it back if the waiter left.
+    fn hand_over(&self, st: &mut State, waiter: Waiter, id: u64) {
+        let cfg = &self.inner.cfg;
+        let session = waiter.session.as_deref();
+        let worker = st.take(cfg, id, session);
+        let mut guard = self.guard(worker, session);
+        // Disarmed while in flight: if the send fails we undo by
+        // hand (we hold the lock; Drop would deadlock).
+        guard.armed = false;
+        if let Err(back) = waiter.tx.send(Ok(guard)) {
+            if let Ok(mut back) = back {
+                back.armed = false;
+            }
+            st.untake(id);
+            if let Some(s) = session {
+                if cfg.mode == Mode::Exclusive && st.slots[&id].inflight == 0 {
+                    st.bound.remove(s);
+                    st.slots.get_mut(&id).expect("present").session = None;
+                }
+            }
+        }
     }
 
     fn update_gauges(&self, st: &State) {
@@ -349,7 +455,9 @@ impl Pool {
     pub fn end_session(&self, session: &str) {
         let w = {
             let mut st = self.inner.state.lock().expect("lock");
-            st.end_session(&self.inner.cfg, session)
+            let w = st.end_session(&self.inner.cfg, session);
+            self.dispatch(&mut st);
+            w
         };
         if let Some(w) = w {
             self.retire(w, "session_ended");
@@ -376,6 +484,9 @@ impl Pool {
                     st.failures = 0;
                 }
                 let retire = st.to_retire(&self.inner.cfg, now);
+                if !retire.is_empty() {
+                    self.dispatch(&mut st);
+                }
                 let spawn = st.to_spawn(&self.inner.cfg, now);
                 st.starting += spawn;
                 self.update_gauges(&st);
@@ -409,16 +520,41 @@ impl Pool {
             .spawns
             .with_label_values(&[self.name()])
             .inc();
+        let plan = warm::Plan {
+            protocol: cfg.protocol,
+            learned: self.learned_era(),
+            timeout: cfg.init_timeout,
+            probe_timeout: cfg.probe_timeout,
+        };
         let result = match Worker::spawn(cfg, id, self.inner.metrics.clone(), &self.inner.tracker) {
             Err(e) => Err((None, e.to_string())),
             Ok(w) => {
                 let hs = tokio::select! {
-                    r = warm::handshake(&w, cfg.protocol, &cfg.client_capabilities, cfg.init_timeout) => r.map_err(|e| e.to_string()),
-                    _ = self.inner.shutdown.cancelled() => Err("broker shutting down".to_string()),
+                    r = warm::handshake(&w, plan, &cfg.client_capabilities) => r,
+                    _ = self.inner.shutdown.cancelled() => Err(warm::WarmError::ShuttingDown),
                 };
                 match hs {
                     Ok(hs) => Ok((w, hs)),
-                    Err(e) => Err((Some(w), e)),
+                    Err(e @ warm::WarmError::ProbeKilled(_)) => {
+                        // Not the command's failure: the next process is
+                        // started at once, with initialize.
+                        tracing::info!(pool = %cfg.name, pid = w.pid, "{e}; starting the next process with initialize");
+                        self.learn(Era::Legacy, "a process exited on the server/discover probe");
+                        {
+                            let mut st = self.inner.state.lock().expect("lock");
+                            st.starting -= 1;
+                            self.update_gauges(&st);
+                        }
+                        self.inner
+                            .metrics
+                            .exits
+                            .with_label_values(&[self.name(), "probe_refused"])
+                            .inc();
+                        w.stop(cfg.stop_grace).await;
+                        self.inner.wake.notify_one();
+                        return;
+                    }
+                    Err(e) => Err((Some(w), e.to_string())),
                 }
             }
         };
@@ -427,18 +563,12 @@ impl Pool {
             st.starting -= 1;
             match result {
                 Ok((w, hs)) if !st.closed => {
+                    if cfg.protocol == crate::config::Protocol::Auto {
+                        self.learn(hs.era, "from a warm process");
+                    }
                     *self.inner.handshake.lock().expect("lock") = Some(Arc::new(hs));
                     st.last_error = None;
-                    st.slots.insert(
-                        id,
-                        Slot {
-                            worker: w.clone(),
-                            inflight: 0,
-                            last_used: Instant::now(),
-                            session: None,
-                            retire: false,
-                        },
-                    );
+                    st.slots.insert(id, Slot::new(w.clone()));
                     self.dispatch(&mut st);
                     self.update_gauges(&st);
                     drop(st);
@@ -512,6 +642,8 @@ impl Pool {
                 }
                 st.last_error = Some(format!("process {} {}", w.pid, w.exit_reason()));
             }
+            // Retries waiting for this process learn it is gone.
+            self.dispatch(&mut st);
             self.update_gauges(&st);
             crashed
         };

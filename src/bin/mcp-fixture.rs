@@ -6,7 +6,8 @@
 //! `spawn_child`, ...), call back into the client (`sample`, `elicit`,
 //! `roots`), and report which process served them (`whoami`). Flags inject
 //! faults (`--fail-start`, `--init-delay-ms`, `--list-delay-ms`,
-//! `--garbage-at-start`, `--ignore-sigterm`, `--exit-after`) and pick the
+//! `--garbage-at-start`, `--ignore-sigterm`, `--exit-after`,
+//! `--silent-before-init`) and pick the
 //! handshake era (`--era legacy|stateless|both`).
 //!
 //! Every request runs on its own thread, so slow tools never block others;
@@ -63,6 +64,9 @@ struct Opts {
     garbage_at_start: bool,
     ignore_sigterm: bool,
     exit_after: Option<u64>,
+    /// Leave every request before `initialize` unanswered (a server that
+    /// ignores the `server/discover` probe).
+    silent_before_init: bool,
 }
 
 /// A JSON-RPC error: code and message.
@@ -85,6 +89,8 @@ struct State {
     next_id: AtomicU64,
     /// Requests whose thread has not finished yet.
     in_flight: AtomicU64,
+    /// Set once `initialize` was answered.
+    initialized: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -178,6 +184,7 @@ fn parse_args() -> Result<Opts, String> {
             "--init-delay-ms" => opts.init_delay_ms = num()?,
             "--list-delay-ms" => opts.list_delay_ms = num()?,
             "--exit-after" => opts.exit_after = Some(num()?),
+            "--silent-before-init" => opts.silent_before_init = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -259,7 +266,17 @@ fn dispatch(state: &Arc<State>, msg: Value) {
                 }
             }
         }
+        (Some(Value::String(method)), Some(_))
+            if state.opts.silent_before_init
+                && method != "initialize"
+                && !state.initialized.load(Ordering::SeqCst) =>
+        {
+            log(&format!("--silent-before-init: ignoring {method}"));
+        }
         (Some(Value::String(method)), Some(id)) => {
+            if method == "initialize" {
+                state.initialized.store(true, Ordering::SeqCst);
+            }
             let method = method.clone();
             let params = obj.get("params").cloned().unwrap_or(Value::Null);
             state.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -401,14 +418,17 @@ fn arg_num(args: &Args, tool: &str, arg: &str, dflt: Option<u64>, max: u64) -> R
 
 /// `sample` in the stateless era: ask via `InputRequiredResult`, answer on
 /// the retry that carries `inputResponses` and the echoed `requestState`.
+/// The state names this process, so (like real SDK servers, which seal it
+/// under a per-process key) only this process accepts the retry.
 fn sample_stateless(params: &Value, req: Value) -> RpcResult {
+    let state = format!("fixture-state-{}", std::process::id());
     match params.pointer("/inputResponses/q") {
         None => Ok(json!({"resultType": "input_required",
             "inputRequests": {"q": {"method": "sampling/createMessage", "params": req}},
-            "requestState": "fixture-state"})),
-        Some(_) if params.get("requestState") != Some(&json!("fixture-state")) => {
-            Err(bad("sample: requestState missing or altered"))
-        }
+            "requestState": state})),
+        Some(_) if params.get("requestState").and_then(Value::as_str) != Some(&state) => Err(bad(
+            "sample: Invalid or expired requestState (missing, altered or another process's)",
+        )),
         Some(r) => match r.pointer("/content/text").and_then(Value::as_str) {
             Some(t) => text(t),
             None => text(r.to_string()),

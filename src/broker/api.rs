@@ -290,7 +290,9 @@ where
                     // Boxed and sized exactly: this is the state a waiting
                     // request keeps (inline, every connection's task would
                     // carry room for it, and rustc's copies of its arguments).
-                    let run = lease::run(broker.clone(), pool, session, msg, method, lease_id);
+                    let caller = super::affinity::caller_key(&who);
+                    let run =
+                        lease::run(broker.clone(), pool, session, msg, method, lease_id, caller);
                     match Box::pin(run).await {
                         Ok(r) => r,
                         Err(e) => e.into_response(id),

@@ -32,33 +32,6 @@ const LEASE_EVENTS: usize = 64;
 const BODY_LINES: usize = 16;
 /// How long a process has to answer `ping` after an abandoned request.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
-/// MCP methods used as metric labels; anything else is "other", so clients
-/// cannot blow up label cardinality.
-const KNOWN_METHODS: &[&str] = &[
-    "tools/call",
-    "tools/list",
-    "resources/list",
-    "resources/read",
-    "resources/templates/list",
-    "resources/subscribe",
-    "resources/unsubscribe",
-    "prompts/list",
-    "prompts/get",
-    "completion/complete",
-    "logging/setLevel",
-    "ping",
-    "server/discover",
-    "subscriptions/listen",
-];
-
-fn method_label(method: &str) -> &'static str {
-    KNOWN_METHODS
-        .iter()
-        .find(|m| **m == method)
-        .copied()
-        .unwrap_or("other")
-}
-
 /// The JSON description of a pool served by `GET /v1/pools`.
 pub fn describe(pool: &Pool) -> Value {
     let c = pool.config();
@@ -68,6 +41,8 @@ pub fn describe(pool: &Pool) -> Value {
     json!({
         "name": c.name,
         "mode": c.mode.as_str(),
+        "protocol": c.protocol.as_str(),
+        "learned_era": pool.learned_era(),
         "min_idle": c.min_idle,
         "max": c.max,
         "max_inflight": c.max_inflight,
@@ -146,14 +121,16 @@ impl Drop for Registration {
 /// Runs one request on one process and returns its response: the answer
 /// alone when it is the first thing the process sends, else a stream.
 /// `id` is the caller's lease id (header `mcp-broker-lease`), or `None` for
-/// a fresh one.
+/// a fresh one; `caller` the caller's identity as a `requestState` binds it
+/// (see [`super::affinity`]).
 pub async fn run(
     broker: Arc<Broker>,
     pool: Pool,
     session: Option<String>,
-    msg: Value,
+    mut msg: Value,
     method: String,
     id: Option<String>,
+    caller: String,
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let name = pool.config().name.clone();
@@ -164,10 +141,19 @@ pub async fn run(
             .with_label_values(&[&name, o])
             .inc()
     };
+    // A retry of a multi-round-trip request goes to the process that
+    // issued its requestState, which gets its own state back.
+    let target = match broker.sealer.open_request(&mut msg, &name, &caller) {
+        Ok(t) => t,
+        Err(e) => {
+            outcome("invalid_state");
+            return Err(e.into());
+        }
+    };
     let token = id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let (reg, cancel) = Registration::new(&broker, token.clone())?;
     let client_id = msg.get("id").cloned().unwrap_or(Value::Null);
-    let (acquired, msg) = match pool.try_acquire(session.as_deref()) {
+    let (acquired, msg) = match pool.try_acquire(session.as_deref(), target) {
         Some(g) => (Ok(g), msg),
         None => {
             // It waits: keep the message as its JSON text meanwhile (a parsed
@@ -179,7 +165,7 @@ pub async fn run(
             drop(msg);
             let g = tokio::select! {
                 biased;
-                g = pool.acquire(session.as_deref()) => g,
+                g = pool.acquire(session.as_deref(), target) => g,
                 _ = cancel.cancelled() => {
                     outcome("cancelled");
                     return Ok(answer(&token, http::full(line(&cancelled(client_id)))));
@@ -200,6 +186,7 @@ pub async fn run(
                 crate::pool::PoolError::QueueTimeout { .. } => "queue_timeout",
                 crate::pool::PoolError::Failing { .. } => "pool_failing",
                 crate::pool::PoolError::Closed { .. } => "closed",
+                crate::pool::PoolError::ProcessGone { .. } => "process_gone",
             };
             outcome(kind);
             let reason = if kind == "closed" { "draining" } else { kind };
@@ -259,6 +246,8 @@ pub async fn run(
         client_id,
         method,
         pool: name,
+        caller,
+        state_ttl: pool.config().request_state_ttl,
         started,
     }));
     // Wait for the first message here, in the connection's own task: most
@@ -278,7 +267,8 @@ pub async fn run(
             body
         }
         Next::End(end, answer) => {
-            let lease = lease.0.take().expect("armed until here");
+            let mut lease = lease.0.take().expect("armed until here");
+            let answer = answer.map(|m| lease.final_line(m));
             let owed = lease.end(end);
             http::full(answer.or(owed).unwrap_or_default())
         }
@@ -315,6 +305,9 @@ struct Lease {
     client_id: Value,
     method: String,
     pool: String,
+    /// The caller as a sealed `requestState` binds it.
+    caller: String,
+    state_ttl: Duration,
     started: Instant,
 }
 
@@ -345,8 +338,8 @@ impl Drop for Armed {
 enum Next {
     /// A notification or server→client request for the caller.
     Message(Value),
-    /// The lease is over; the response line when the process answered.
-    End(End, Option<Bytes>),
+    /// The lease is over; the response when the process answered.
+    End(End, Option<Value>),
 }
 
 async fn next_event(
@@ -360,7 +353,7 @@ async fn next_event(
             Some(LeaseEvent::Message(m)) => Next::Message(m),
             Some(LeaseEvent::Final(m)) => Next::End(
                 End::Answered { error: jsonrpc::is_error(&m) },
-                Some(line(&m)),
+                Some(m),
             ),
             None => Next::End(End::Lost, None),
         },
@@ -376,9 +369,23 @@ fn line(v: &Value) -> Bytes {
 }
 
 impl Lease {
+    /// The response's line for the caller. An `InputRequiredResult`'s
+    /// `requestState` is sealed so the retry finds this process, which is
+    /// kept until the state expires.
+    fn final_line(&mut self, mut m: Value) -> Bytes {
+        let process = self.guard.worker().id;
+        let sealer = &self.broker.sealer;
+        if let Some(until) =
+            sealer.seal_response(&mut m, &self.pool, &self.caller, process, self.state_ttl)
+        {
+            self.guard.pin(until);
+        }
+        line(&m)
+    }
+
     /// Streams everything after the first message until the lease ends.
     async fn pump(
-        self,
+        mut self,
         mut events: mpsc::Receiver<LeaseEvent>,
         tx: mpsc::Sender<Bytes>,
         deadline: tokio::time::Instant,
@@ -396,6 +403,7 @@ impl Lease {
                     Next::End(end, answer) => {
                         if let Some(a) = answer {
                             // The caller may be gone already; the answer is settled either way.
+                            let a = self.final_line(a);
                             let _ = send(a).await;
                         }
                         break end;
@@ -428,7 +436,10 @@ impl Lease {
             .inc();
         metrics
             .request_duration
-            .with_label_values(&[&self.pool, method_label(&self.method)])
+            .with_label_values(&[
+                &self.pool,
+                crate::metrics::Metrics::method_label(&self.method),
+            ])
             .observe(self.started.elapsed().as_secs_f64());
         let (owed, settle) = match end {
             End::Answered { .. } => {

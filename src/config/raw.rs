@@ -61,6 +61,10 @@ pub struct RawPool {
     pub request_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub init_timeout: Option<String>,
+    /// How long the `server/discover` probe waits before `initialize`.
+    pub probe_timeout: Option<String>,
+    /// How long a sealed `requestState` stays valid.
+    pub request_state_ttl: Option<String>,
     pub session_idle_timeout: Option<String>,
     pub stop_grace: Option<String>,
     pub protocol: Option<String>,

@@ -12,14 +12,14 @@ use tokio::sync::oneshot;
 /// gauge and `queue_limit` count only live callers.
 pub(super) struct Queued<'a> {
     pub(super) pool: &'a Pool,
-    pub(super) rx: Option<oneshot::Receiver<LeaseGuard>>,
+    pub(super) rx: Option<oneshot::Receiver<Result<LeaseGuard, super::PoolError>>>,
 }
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
         if let Some(mut rx) = self.rx.take() {
             rx.close();
-            if let Ok(mut guard) = rx.try_recv() {
+            if let Ok(Ok(mut guard)) = rx.try_recv() {
                 // Handed a process just as the caller left: give it back
                 // (a disarmed guard dropped here would leak the slot).
                 guard.armed = true;
@@ -40,6 +40,8 @@ pub struct LeaseGuard {
     /// the dispatcher to a waiter, which arms it on receipt).
     pub(super) armed: bool,
     pub(super) discard: bool,
+    /// The process issued a `requestState` during this lease.
+    pub(super) pinned: bool,
 }
 
 impl LeaseGuard {
@@ -52,6 +54,17 @@ impl LeaseGuard {
     pub fn discard(&mut self) {
         self.discard = true;
     }
+
+    /// Keeps the process until `until`: it issued a `requestState` that is
+    /// valid that long, and the retry must find it (not retired as idle,
+    /// not discarded as a finished session of one).
+    pub fn pin(&mut self, until: std::time::Instant) {
+        self.pinned = true;
+        Pool {
+            inner: self.inner.clone(),
+        }
+        .pin(self.worker.id, until);
+    }
 }
 
 impl Drop for LeaseGuard {
@@ -60,7 +73,7 @@ impl Drop for LeaseGuard {
             Pool {
                 inner: self.inner.clone(),
             }
-            .release(self.worker.id, self.discard);
+            .release(self.worker.id, self.discard, self.pinned);
         }
     }
 }

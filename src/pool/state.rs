@@ -5,6 +5,12 @@
 //! Invariant: a waiter is served only with a slot that has room
 //! (`inflight < max_inflight`), and an exclusive slot is only ever handed to
 //! the session it is bound to.
+//!
+//! Multi-round-trip affinity: a process that issued a `requestState` is
+//! *pinned* until that state expires, so idle shrink leaves it alone; a
+//! retry carrying the state names its process as a *target* and is served
+//! before any new lease for it. A session-less exclusive process that
+//! issued a state is *reserved* for the retry instead of being discarded.
 
 use crate::config::{Mode, PoolConfig};
 use crate::process::Worker;
@@ -41,12 +47,54 @@ pub struct Slot {
     pub session: Option<String>,
     /// Discard the process when its last lease ends.
     pub retire: bool,
+    /// A `requestState` this process issued is valid until then: idle
+    /// shrink leaves the process alone.
+    pub pinned_until: Option<Instant>,
+    /// Exclusive pools: kept for the retry of the session-less request
+    /// that was answered with a `requestState`; no other lease gets it.
+    pub reserved: bool,
+}
+
+impl Slot {
+    /// A freshly warmed process, idle.
+    pub fn new(worker: Arc<Worker>) -> Self {
+        Self {
+            worker,
+            inflight: 0,
+            last_used: Instant::now(),
+            session: None,
+            retire: false,
+            pinned_until: None,
+            reserved: false,
+        }
+    }
+
+    fn pinned(&self, now: Instant) -> bool {
+        self.pinned_until.is_some_and(|t| t > now)
+    }
+
+    fn usable(&self) -> bool {
+        !self.retire && !self.worker.is_exited()
+    }
+}
+
+/// Whether a retry's target process can take it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// It has room now.
+    Ready,
+    /// It is alive but busy: wait for it.
+    Busy,
+    /// It ended, is being retired, or belongs to another session.
+    Gone,
 }
 
 /// A request waiting for a process.
 pub struct Waiter {
     pub session: Option<String>,
-    pub tx: oneshot::Sender<super::LeaseGuard>,
+    /// The process a retry must reach (multi-round-trip affinity).
+    pub target: Option<u64>,
+    pub tx: oneshot::Sender<Result<super::LeaseGuard, super::PoolError>>,
 }
 
 /// Everything the pool mutex protects.
@@ -86,12 +134,17 @@ impl State {
         }
     }
 
-    /// Idle processes not bound to a session.
+    /// Idle processes not bound to a session or reserved for a retry.
     pub fn idle(&self) -> usize {
         self.slots
             .values()
-            .filter(|s| s.inflight == 0 && s.session.is_none())
+            .filter(|s| s.inflight == 0 && s.session.is_none() && !s.reserved)
             .count()
+    }
+
+    /// Waiters not tied to one process (they may make the pool grow).
+    pub fn untargeted_waiters(&self) -> usize {
+        self.waiters.iter().filter(|w| w.target.is_none()).count()
     }
 
     /// Drops waiters whose requester gave up.
@@ -102,9 +155,9 @@ impl State {
     /// Chooses a process for `session`, if one has room now.
     pub fn pick(&self, cfg: &PoolConfig, session: Option<&str>) -> Option<u64> {
         let has_room = |id: &u64| {
-            self.slots.get(id).is_some_and(|s| {
-                s.inflight < cfg.max_inflight && !s.retire && !s.worker.is_exited()
-            })
+            self.slots
+                .get(id)
+                .is_some_and(|s| s.inflight < cfg.max_inflight && s.usable() && !s.reserved)
         };
         match cfg.mode {
             Mode::Exclusive => {
@@ -116,7 +169,7 @@ impl State {
                 self.slots
                     .iter()
                     .filter(|(_, s)| {
-                        s.inflight == 0 && s.session.is_none() && !s.retire && !s.worker.is_exited()
+                        s.inflight == 0 && s.session.is_none() && !s.reserved && s.usable()
                     })
                     .max_by_key(|(_, s)| s.last_used)
                     .map(|(id, _)| *id)
@@ -140,12 +193,32 @@ impl State {
         }
     }
 
+    /// Whether process `id` can take a retry of `session` that must reach it.
+    pub fn pick_target(&self, cfg: &PoolConfig, id: u64, session: Option<&str>) -> Target {
+        let Some(s) = self.slots.get(&id) else {
+            return Target::Gone;
+        };
+        if !s.usable() {
+            return Target::Gone;
+        }
+        if cfg.mode == Mode::Exclusive && s.session.is_some() && s.session.as_deref() != session {
+            // Bound to another session: not this caller's process.
+            return Target::Gone;
+        }
+        if s.inflight < cfg.max_inflight {
+            Target::Ready
+        } else {
+            Target::Busy
+        }
+    }
+
     /// Marks `id` as serving one more request for `session`.
     pub fn take(&mut self, cfg: &PoolConfig, id: u64, session: Option<&str>) -> Arc<Worker> {
         let now = Instant::now();
         let slot = self.slots.get_mut(&id).expect("picked slot exists");
         slot.inflight += 1;
         slot.last_used = now;
+        slot.reserved = false;
         if let Some(s) = session {
             match cfg.mode {
                 Mode::Exclusive => {
@@ -173,7 +246,7 @@ impl State {
         if self.closed || (self.failures > 0 && now < self.next_spawn_at) {
             return 0;
         }
-        let waiting = self.waiters.len().div_ceil(cfg.max_inflight);
+        let waiting = self.untargeted_waiters().div_ceil(cfg.max_inflight);
         let want = waiting + cfg.min_idle.saturating_sub(self.idle());
         let room = cfg.max.saturating_sub(self.slots.len() + self.starting);
         let n = want.saturating_sub(self.starting).min(room);
@@ -203,10 +276,20 @@ impl State {
         }
         self.sticky
             .retain(|_, (_, t)| now.duration_since(*t) < cfg.session_idle_timeout);
+        // Reserved for a retry that never came: the state expired.
+        let lapsed: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.reserved && s.inflight == 0 && !s.pinned(now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lapsed {
+            out.push(self.slots.remove(&id).expect("listed").worker);
+        }
         let mut idle: Vec<(u64, Instant)> = self
             .slots
             .iter()
-            .filter(|(_, s)| s.inflight == 0 && s.session.is_none())
+            .filter(|(_, s)| s.inflight == 0 && s.session.is_none() && !s.reserved)
             .map(|(id, s)| (*id, s.last_used))
             .collect();
         idle.sort_by_key(|(_, t)| *t);
@@ -215,7 +298,8 @@ impl State {
             if surplus == 0 {
                 break;
             }
-            if now.duration_since(t) >= cfg.idle_timeout {
+            // A process whose requestState is still valid stays for the retry.
+            if now.duration_since(t) >= cfg.idle_timeout && !self.slots[&id].pinned(now) {
                 out.push(self.slots.remove(&id).expect("listed").worker);
                 surplus -= 1;
             }
@@ -273,14 +357,22 @@ mod tests {
         assert_eq!(st.to_spawn(&c, now), 0, "already starting");
         for _ in 0..10 {
             let (tx, _rx) = oneshot::channel();
-            st.waiters.push_back(Waiter { session: None, tx });
+            st.waiters.push_back(Waiter {
+                session: None,
+                target: None,
+                tx,
+            });
         }
         assert_eq!(st.to_spawn(&c, now), 3, "capped by max minus starting");
         let c4 = cfg(0, 8, 4);
         let mut st = State::new();
         for _ in 0..9 {
             let (tx, _rx) = oneshot::channel();
-            st.waiters.push_back(Waiter { session: None, tx });
+            st.waiters.push_back(Waiter {
+                session: None,
+                target: None,
+                tx,
+            });
         }
         assert_eq!(st.to_spawn(&c4, now), 3, "9 waiters / 4 per process");
     }

@@ -35,6 +35,8 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("not allowed: {0}")]
     NotAllowed(String),
+    #[error("{0}")]
+    State(#[from] crate::broker::affinity::StateError),
 }
 
 impl ApiError {
@@ -44,6 +46,8 @@ impl ApiError {
                 StatusCode::NOT_FOUND
             }
             ApiError::Pool(PoolError::QueueTimeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Pool(PoolError::ProcessGone { .. }) => StatusCode::GONE,
+            ApiError::State(_) => StatusCode::BAD_REQUEST,
             ApiError::Pool(_) | ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -61,6 +65,8 @@ impl ApiError {
             ApiError::Pool(PoolError::QueueFull { .. }) => codes::QUEUE_FULL,
             ApiError::Pool(PoolError::QueueTimeout { .. }) => codes::QUEUE_TIMEOUT,
             ApiError::Pool(PoolError::Failing { .. }) => codes::POOL_FAILING,
+            ApiError::Pool(PoolError::ProcessGone { .. }) => codes::PROCESS_GONE,
+            ApiError::State(_) => codes::INVALID_PARAMS,
             ApiError::Pool(PoolError::Closed { .. }) | ApiError::Draining => {
                 codes::BROKER_UNAVAILABLE
             }
