@@ -563,9 +563,7 @@ impl Pool {
             st.starting -= 1;
             match result {
                 Ok((w, hs)) if !st.closed => {
-                    if cfg.protocol == crate::config::Protocol::Auto {
-                        self.learn(hs.era, "from a warm process");
-                    }
+                    self.learn(hs.era, "from a warm process");
                     *self.inner.handshake.lock().expect("lock") = Some(Arc::new(hs));
                     st.last_error = None;
                     st.slots.insert(id, Slot::new(w.clone()));

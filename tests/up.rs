@@ -1,0 +1,135 @@
+//! `mcp-broker up` exposes what a config file can: the protocol era, the
+//! server's environment and working directory, and the warm-up timeouts,
+//! validated by the same code with the same messages as `[[pool]]` tables.
+
+#[path = "support/harness.rs"]
+mod harness;
+
+use harness::*;
+use serde_json::json;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mcp-broker");
+const FIXTURE: &str = env!("CARGO_BIN_EXE_mcp-fixture");
+
+fn up_error(flags: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .arg("up")
+        .args(flags)
+        .args(["--", "x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "up {flags:?} was accepted");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+fn check_error(pool_lines: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("b.toml");
+    let text = format!("[[pool]]\nname = \"default\"\ncommand = \"x\"\n{pool_lines}\n");
+    std::fs::File::create(&p)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{pool_lines} was accepted");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+/// The message after the common `pool "default": ` prefix.
+fn message(stderr: &str) -> String {
+    let at = stderr.find("`").expect("names a field");
+    stderr[at..].trim().to_string()
+}
+
+#[test]
+fn flags_are_refused_with_the_config_files_messages() {
+    for (flags, file) in [
+        (&["--protocol", "modern"][..], "protocol = \"modern\""),
+        (&["--init-timeout", "soon"][..], "init_timeout = \"soon\""),
+        (&["--init-timeout", "0s"][..], "init_timeout = \"0s\""),
+        (&["--probe-timeout", "2m"][..], "probe_timeout = \"2m\""),
+        (&["--mode", "pooled"][..], "mode = \"pooled\""),
+        (&["--env", "=x"][..], "env = { \"\" = \"x\" }"),
+    ] {
+        let (up, check) = (up_error(flags), check_error(file));
+        assert!(up.contains("pool \"default\""), "{up}");
+        assert_eq!(message(&up), message(&check), "{flags:?}");
+    }
+    assert!(up_error(&["--protocol", "modern"]).contains("expected auto, legacy or stateless"));
+    assert!(up_error(&["--env", "NOVALUE"]).contains("KEY=VALUE"));
+}
+
+#[tokio::test]
+async fn env_cwd_and_protocol_reach_the_server() {
+    // `marker` exists only in the chosen directory: the server starts only
+    // if it runs there.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("marker"), b"").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let script = format!("test -f marker && exec {FIXTURE} --era both");
+    let mut child = Command::new(BIN)
+        .args(["up", "--listen", &listen, "--protocol", "legacy"])
+        .args(["--env", "GREETING=hello=world", "--env", "OTHER=2"])
+        .arg("--cwd")
+        .arg(dir.path())
+        .args(["--init-timeout", "20s", "--", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://{listen}");
+    wait_for_ready(&base).await;
+    let url = format!("{base}/mcp");
+    let session = initialize(&url, "2025-06-18", json!({})).await;
+    let call = tool(1, "env", json!({"name": "GREETING"}));
+    let r = send(
+        "POST",
+        &url,
+        &[JSON_SSE, CT_JSON, ("mcp-session-id", &session)],
+        &call.to_string(),
+    )
+    .await;
+    assert_eq!(text_of(&r.json()), "hello=world", "{}", r.body);
+    // --protocol legacy: the fixture speaks both eras, and was warmed with
+    // initialize, not server/discover.
+    let metrics = send("GET", &format!("{base}/metrics"), &[], "").await.body;
+    assert!(
+        metrics.contains(r#"mcp_broker_pool_era{era="legacy",pool="default"} 1"#),
+        "{metrics}"
+    );
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success());
+}
+
+/// Polls `/readyz` (the pool has a warm process) for up to 20 s.
+async fn wait_for_ready(base: &str) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let start = std::time::Instant::now();
+    loop {
+        let uri: http::Uri = format!("{base}/readyz").parse().unwrap();
+        if let Ok(r) = client.get(uri).await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "up never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
