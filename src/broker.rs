@@ -252,21 +252,14 @@ impl Broker {
         shutdown: CancellationToken,
     ) {
         let conns = TaskTracker::new();
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        conns.spawn(api::serve_connection(self.clone(), stream, shutdown.clone()));
-                    }
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
-            }
-        }
+        crate::web::accept_until(&listener, &shutdown, "lease API", |(stream, _)| {
+            conns.spawn(api::serve_connection(
+                self.clone(),
+                stream,
+                shutdown.clone(),
+            ));
+        })
+        .await;
         drop(listener);
         if let Some(p) = &socket_path {
             let _ = std::fs::remove_file(p);

@@ -9,6 +9,7 @@ pub mod sandbox;
 
 use raw::{RawConfig, RawPool};
 pub use sandbox::SandboxConfig;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -74,9 +75,11 @@ pub enum ConfigError {
 }
 
 /// How a pool hands processes to sessions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Any warm process, per request.
+    #[default]
     Shared,
     /// The session's previous process when it is alive and free, else any.
     Sticky,
@@ -84,35 +87,12 @@ pub enum Mode {
     Exclusive,
 }
 
-impl Mode {
-    /// The config spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Shared => "shared",
-            Mode::Sticky => "sticky",
-            Mode::Exclusive => "exclusive",
-        }
-    }
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "shared" => Ok(Mode::Shared),
-            "sticky" => Ok(Mode::Sticky),
-            "exclusive" => Ok(Mode::Exclusive),
-            other => Err(format!(
-                "unknown mode {other:?} (expected shared, sticky or exclusive)"
-            )),
-        }
-    }
-}
-
 /// Which MCP era the broker should expect a pool's server to speak.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// Probe `server/discover`, fall back to `initialize`.
+    #[default]
     Auto,
     /// Only `initialize` (2025-11-25 and before).
     Legacy,
@@ -120,28 +100,23 @@ pub enum Protocol {
     Stateless,
 }
 
-impl Protocol {
-    /// The config spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Auto => "auto",
-            Protocol::Legacy => "legacy",
-            Protocol::Stateless => "stateless",
-        }
+/// The config and flag spelling of a value enum (one source: its
+/// `clap::ValueEnum` names, which the serde names match).
+fn spelling(v: &impl clap::ValueEnum) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_string())
+        .unwrap_or_default()
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&spelling(self))
     }
 }
 
-impl std::str::FromStr for Protocol {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Protocol::Auto),
-            "legacy" => Ok(Protocol::Legacy),
-            "stateless" => Ok(Protocol::Stateless),
-            other => Err(format!(
-                "unknown protocol {other:?} (expected auto, legacy or stateless)"
-            )),
-        }
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&spelling(self))
     }
 }
 
@@ -361,14 +336,6 @@ impl Config {
     fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
         let b = raw.broker;
         let at = || "[broker]".to_string();
-        let dur = |field: &'static str, v: Option<String>, default: Duration| match v {
-            None => Ok(default),
-            Some(s) => parse_duration(&s).map_err(|msg| ConfigError::Invalid {
-                at: at(),
-                field,
-                msg,
-            }),
-        };
         let socket_mode = match b.socket_mode {
             None => DEFAULT_SOCKET_MODE,
             Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
@@ -402,10 +369,10 @@ impl Config {
             socket_mode,
             socket_group: b.socket_group,
             metrics_listen,
-            drain_timeout: dur("drain_timeout", b.drain_timeout, DEFAULT_DRAIN_TIMEOUT)?,
+            drain_timeout: b.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             max_message_size,
-            kubernetes: match b.identity.as_deref() {
-                None | Some("none") if b.peer_identity == Some(true) => {
+            kubernetes: match b.identity {
+                None | Some(raw::IdentityKind::None) if b.peer_identity == Some(true) => {
                     return Err(ConfigError::Invalid {
                         at: at(),
                         field: "peer_identity",
@@ -413,16 +380,14 @@ impl Config {
                             .into(),
                     })
                 }
-                None | Some("none") => None,
-                Some("kubernetes") => Some(KubeSettings {
+                None | Some(raw::IdentityKind::None) => None,
+                Some(raw::IdentityKind::Kubernetes) => Some(KubeSettings {
                     audience: b
                         .token_audience
                         .unwrap_or_else(|| crate::policy::tokenreview::DEFAULT_AUDIENCE.into()),
-                    cache_ttl: dur(
-                        "token_cache_ttl",
-                        b.token_cache_ttl,
-                        crate::policy::tokenreview::DEFAULT_CACHE_TTL,
-                    )?,
+                    cache_ttl: b
+                        .token_cache_ttl
+                        .unwrap_or(crate::policy::tokenreview::DEFAULT_CACHE_TTL),
                     peer_identity: b.peer_identity.unwrap_or(false),
                     node_name: b.node_name.or_else(|| std::env::var("NODE_NAME").ok()),
                 })
@@ -433,13 +398,6 @@ impl Config {
                     msg: "peer_identity needs the node name: set node_name or NODE_NAME".into(),
                 })
                 .map(Some)?,
-                Some(other) => {
-                    return Err(ConfigError::Invalid {
-                        at: at(),
-                        field: "identity",
-                        msg: format!("unknown identity {other:?} (expected none or kubernetes)"),
-                    })
-                }
             },
         };
         let mut seen = HashSet::new();
@@ -493,7 +451,7 @@ pub fn describe(c: &Config) -> String {
         let _ = writeln!(
             out,
             "pool {:?}: {} {:?} mode={} min_idle={} max={} max_inflight={} queue_limit={} queue_timeout={:?} request_timeout={:?} idle_timeout={:?}",
-            p.name, p.command, p.args, p.mode.as_str(), p.min_idle, p.max, p.max_inflight,
+            p.name, p.command, p.args, p.mode, p.min_idle, p.max, p.max_inflight,
             p.queue_limit, p.queue_timeout, p.request_timeout, p.idle_timeout
         );
         if let Some(rules) = &p.allow {
@@ -502,7 +460,7 @@ pub fn describe(c: &Config) -> String {
         let _ = writeln!(
             out,
             "  protocol={} init_timeout={:?} probe_timeout={:?} request_state_ttl={:?}{}{}",
-            p.protocol.as_str(),
+            p.protocol,
             p.init_timeout,
             p.probe_timeout,
             p.request_state_ttl,
@@ -584,50 +542,29 @@ fn pool_from_raw(
             }
         }
     }
-    let isolate: crate::policy::Isolate = match &p.isolate {
-        None => crate::policy::Isolate::None,
-        Some(s) => s.parse().map_err(|e| bad("isolate", e))?,
-    };
+    let isolate = p.isolate.unwrap_or_default();
     if isolate.needs_kubernetes() && !kube {
         return Err(needs_kube("isolate"));
     }
-    let dur = |field: &'static str, v: &Option<String>, default: Duration| match v {
-        None => Ok(default),
-        Some(s) => parse_duration(s).map_err(|msg| bad(field, msg)),
-    };
     let mut c = PoolConfig::new(&name, p.command.as_deref().unwrap_or(""), p.args.clone());
     c.env = p.env.clone();
     c.cwd = p.cwd.as_ref().map(PathBuf::from);
-    if let Some(m) = &p.mode {
-        c.mode = m.parse().map_err(|e| bad("mode", e))?;
-    }
+    c.mode = p.mode.unwrap_or_default();
     c.min_idle = p.min_idle.unwrap_or(DEFAULT_MIN_IDLE);
     c.max = p.max.unwrap_or(DEFAULT_MAX.max(c.min_idle));
     c.max_inflight = p.max_inflight.unwrap_or(DEFAULT_MAX_INFLIGHT);
     c.queue_limit = p.queue_limit.unwrap_or(DEFAULT_QUEUE_LIMIT);
-    c.queue_timeout = dur("queue_timeout", &p.queue_timeout, DEFAULT_QUEUE_TIMEOUT)?;
-    c.request_timeout = dur(
-        "request_timeout",
-        &p.request_timeout,
-        DEFAULT_REQUEST_TIMEOUT,
-    )?;
-    c.idle_timeout = dur("idle_timeout", &p.idle_timeout, DEFAULT_IDLE_TIMEOUT)?;
-    c.init_timeout = dur("init_timeout", &p.init_timeout, DEFAULT_INIT_TIMEOUT)?;
-    c.probe_timeout = dur("probe_timeout", &p.probe_timeout, DEFAULT_PROBE_TIMEOUT)?;
-    c.request_state_ttl = dur(
-        "request_state_ttl",
-        &p.request_state_ttl,
-        DEFAULT_REQUEST_STATE_TTL,
-    )?;
-    c.session_idle_timeout = dur(
-        "session_idle_timeout",
-        &p.session_idle_timeout,
-        DEFAULT_SESSION_IDLE_TIMEOUT,
-    )?;
-    c.stop_grace = dur("stop_grace", &p.stop_grace, DEFAULT_STOP_GRACE)?;
-    if let Some(s) = &p.protocol {
-        c.protocol = s.parse().map_err(|e| bad("protocol", e))?;
-    }
+    c.queue_timeout = p.queue_timeout.unwrap_or(DEFAULT_QUEUE_TIMEOUT);
+    c.request_timeout = p.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+    c.idle_timeout = p.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
+    c.init_timeout = p.init_timeout.unwrap_or(DEFAULT_INIT_TIMEOUT);
+    c.probe_timeout = p.probe_timeout.unwrap_or(DEFAULT_PROBE_TIMEOUT);
+    c.request_state_ttl = p.request_state_ttl.unwrap_or(DEFAULT_REQUEST_STATE_TTL);
+    c.session_idle_timeout = p
+        .session_idle_timeout
+        .unwrap_or(DEFAULT_SESSION_IDLE_TIMEOUT);
+    c.stop_grace = p.stop_grace.unwrap_or(DEFAULT_STOP_GRACE);
+    c.protocol = p.protocol.unwrap_or_default();
     c.max_message_size = max_message_size;
     c.allow = p.allow.clone();
     c.isolate = isolate;

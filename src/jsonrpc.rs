@@ -7,10 +7,8 @@
 
 use serde_json::{json, Map, Value};
 
-/// Error codes: the JSON-RPC standard ones, the MCP ones we produce, and the
-/// broker's own. JSON-RPC reserves -32768..-32000 and MCP claims
-/// -32020..-32099 of it, so the broker's codes live just outside, in
-/// -31001..-31011, where no spec revision can collide with them.
+/// Error codes: the JSON-RPC standard ones, the MCP ones we produce, and
+/// (re-exported) the broker's own from [`crate::lease_api::codes`].
 pub mod codes {
     /// Invalid JSON was received.
     pub const PARSE_ERROR: i64 = -32700;
@@ -22,29 +20,7 @@ pub mod codes {
     pub const INVALID_PARAMS: i64 = -32602;
     /// Internal error.
     pub const INTERNAL_ERROR: i64 = -32603;
-    /// The pool's wait queue is full; retry later.
-    pub const QUEUE_FULL: i64 = -31001;
-    /// No process became free within the pool's `queue_timeout`.
-    pub const QUEUE_TIMEOUT: i64 = -31002;
-    /// The process did not answer within the pool's `request_timeout`.
-    pub const REQUEST_TIMEOUT: i64 = -31003;
-    /// The process exited (or was replaced) while serving the request.
-    pub const PROCESS_EXITED: i64 = -31004;
-    /// A message exceeded the size limit.
-    pub const MESSAGE_TOO_LARGE: i64 = -31005;
-    /// The pool named does not exist.
-    pub const UNKNOWN_POOL: i64 = -31006;
-    /// The broker could not be reached or is shutting down.
-    pub const BROKER_UNAVAILABLE: i64 = -31007;
-    /// The caller is not allowed to use this pool.
-    pub const NOT_ALLOWED: i64 = -31008;
-    /// The pool cannot start processes (its command keeps failing).
-    pub const POOL_FAILING: i64 = -31009;
-    /// The request was cancelled by the client.
-    pub const CANCELLED: i64 = -31010;
-    /// The process that issued a retry's `requestState` has ended; send the
-    /// original request again without the state.
-    pub const PROCESS_GONE: i64 = -31011;
+    pub use crate::lease_api::codes::*;
     /// MCP 2026-07-28: a header does not match the body.
     pub const HEADER_MISMATCH: i64 = -32020;
     /// MCP 2026-07-28: unsupported protocol version.

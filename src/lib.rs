@@ -7,6 +7,8 @@
 //! * [`process`]: one server process (spawn in its own group, route its
 //!   stdout to the right request, stop and reap the whole group).
 //! * [`pool`]: warm processes for one command (sizing, queueing, backoff).
+//! * [`lease_api`]: the contract between broker and proxy (paths, headers,
+//!   pool descriptions, error codes); both sides import it, never each other.
 //! * [`broker`]: the daemon: pools plus the lease API served on a Unix socket.
 //! * [`proxy`]: MCP Streamable HTTP for clients of either protocol era,
 //!   turning each request into one lease.
@@ -18,8 +20,8 @@ pub mod broker;
 pub mod config;
 pub mod events;
 pub mod framing;
-pub mod http;
 pub mod jsonrpc;
+pub mod lease_api;
 pub mod metrics;
 pub mod policy;
 pub mod pool;
@@ -29,3 +31,4 @@ pub mod proxy;
 pub mod runtime;
 pub mod shutdown;
 pub mod up;
+pub mod web;

@@ -8,13 +8,14 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use mcp_broker::broker::{listen, Broker};
 use mcp_broker::config::raw::RawPool;
-use mcp_broker::config::{self, Config};
+use mcp_broker::config::{self, Config, Mode, Protocol};
 use mcp_broker::metrics::Metrics;
 use mcp_broker::proxy::{self, ProxySettings};
 use mcp_broker::runtime::{self, Threads};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -75,23 +76,21 @@ enum Command {
         /// Requests one process takes at once [default: 1].
         #[arg(long)]
         max_inflight: Option<usize>,
-        /// shared, sticky or exclusive [default: shared].
-        #[arg(long)]
-        mode: Option<String>,
+        /// How sessions share processes [default: shared].
+        #[arg(long, value_enum)]
+        mode: Option<Mode>,
         /// Longest time a process may take to answer, e.g. 30s [default: 120s].
-        #[arg(long)]
-        request_timeout: Option<String>,
+        #[arg(long, value_parser = config::parse_duration)]
+        request_timeout: Option<Duration>,
         /// Longest wait for a free process [default: 30s].
-        #[arg(long)]
-        queue_timeout: Option<String>,
+        #[arg(long, value_parser = config::parse_duration)]
+        queue_timeout: Option<Duration>,
         /// Waiting requests at most [default: 256].
         #[arg(long)]
         queue_limit: Option<usize>,
-        /// How to warm the server: auto (probe server/discover, then
-        /// initialize), legacy (initialize only) or stateless (2026-07-28
-        /// server/discover only) [default: auto].
-        #[arg(long)]
-        protocol: Option<String>,
+        /// How to warm the server [default: auto].
+        #[arg(long, value_enum)]
+        protocol: Option<Protocol>,
         /// Variable added to the server's environment (repeatable).
         #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
         env: Vec<(String, String)>,
@@ -99,12 +98,12 @@ enum Command {
         #[arg(long)]
         cwd: Option<PathBuf>,
         /// Longest spawn plus handshake of a new process [default: 60s].
-        #[arg(long)]
-        init_timeout: Option<String>,
+        #[arg(long, value_parser = config::parse_duration)]
+        init_timeout: Option<Duration>,
         /// Longest wait for an answer to the server/discover probe before
         /// the same process gets initialize [default: 1s].
-        #[arg(long)]
-        probe_timeout: Option<String>,
+        #[arg(long, value_parser = config::parse_duration)]
+        probe_timeout: Option<Duration>,
         /// Capabilities declared to the server at warm-up, as JSON
         /// (default: roots, sampling and elicitation, which the proxy relays).
         #[arg(long, value_parser = parse_object)]
@@ -266,8 +265,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             http,
             command,
         } => {
-            // The flags go through the config file's own validation, so a
-            // bad value gets the same message either way.
+            // The flags go through the config file's own validation (the
+            // cross-field checks, defaults and messages of `[[pool]]`).
             let raw = RawPool {
                 name: Some(mcp_broker::up::POOL_NAME.to_string()),
                 command: Some(command[0].clone()),

@@ -133,7 +133,8 @@ pub fn allowed(allow: Option<&[Rule]>, who: &Identity) -> bool {
 }
 
 /// How a pool separates callers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Isolate {
     /// All callers share the pool's processes.
     #[default]
@@ -142,20 +143,6 @@ pub enum Isolate {
     Namespace,
     /// Each service account gets its own processes.
     ServiceAccount,
-}
-
-impl std::str::FromStr for Isolate {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "none" => Ok(Isolate::None),
-            "namespace" => Ok(Isolate::Namespace),
-            "service_account" => Ok(Isolate::ServiceAccount),
-            other => Err(format!(
-                "unknown isolate {other:?} (expected none, namespace or service_account)"
-            )),
-        }
-    }
 }
 
 impl Isolate {

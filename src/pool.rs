@@ -72,16 +72,7 @@ pub struct Pool {
     inner: Arc<Inner>,
 }
 
-/// Counts for status pages and readiness.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct PoolStatus {
-    pub idle: usize,
-    pub busy: usize,
-    pub starting: usize,
-    pub waiting: usize,
-    pub failures: u32,
-    pub last_error: Option<String>,
-}
+pub use crate::lease_api::PoolStatus;
 
 impl Pool {
     /// Creates the pool and starts its maintenance task.

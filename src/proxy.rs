@@ -19,9 +19,9 @@ pub mod mrtr;
 pub mod session;
 pub mod sse;
 
-use crate::http::{self, Body};
 use crate::jsonrpc;
 use crate::metrics::Metrics;
+use crate::web::{self, Body};
 use ::http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use backend::Backend;
 use error::ProxyError;
@@ -151,31 +151,21 @@ pub async fn serve(
     });
     proxy.tracker.spawn(sweeper(proxy.clone()));
     let conns = TaskTracker::new();
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            a = listener.accept() => match a {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    web::accept_until(&listener, &shutdown, "MCP", |(stream, _)| {
         let _ = stream.set_nodelay(true);
         let p = proxy.clone();
         let svc = hyper::service::service_fn(move |req| {
             let p = p.clone();
             async move { Ok::<_, std::convert::Infallible>(handle(p, req).await) }
         });
-        conns.spawn(crate::broker::api::serve_io(
+        conns.spawn(web::serve_io(
             stream,
             svc,
             shutdown.clone(),
             proxy.settings.max_header_bytes,
         ));
-    }
+    })
+    .await;
     drop(listener);
     conns.close();
     proxy.tracker.close();
@@ -281,7 +271,7 @@ pub async fn forward(
         } else {
             StatusCode::OK
         };
-        let mut r = http::json(status, &err);
+        let mut r = web::json(status, &err);
         if status == StatusCode::SERVICE_UNAVAILABLE {
             let ra = lease.retry_after.unwrap_or_else(|| "1".into());
             if let Ok(v) = ra.parse() {
@@ -353,15 +343,15 @@ async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let r = match path.as_str() {
         "/mcp" => mcp(&proxy, req).await,
-        "/livez" => http::text(StatusCode::OK, "ok\n"),
+        "/livez" => web::text(StatusCode::OK, "ok\n"),
         "/readyz" => match proxy.backend.ready().await {
-            Ok(()) => http::text(StatusCode::OK, "ready\n"),
-            Err(e) => http::text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+            Ok(()) => web::text(StatusCode::OK, "ready\n"),
+            Err(e) => web::text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
         },
-        "/metrics" => http::response(
+        "/metrics" => web::response(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            http::full(proxy.metrics.render()),
+            web::full(proxy.metrics.render()),
         ),
         _ => ProxyError::NotFound.into_response(Value::Null),
     };
@@ -411,9 +401,9 @@ async fn mcp(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
         .into_response(Value::Null);
     }
     let (parts, body) = req.into_parts();
-    let bytes = match http::read_body(body, proxy.settings.max_body).await {
+    let bytes = match web::read_body(body, proxy.settings.max_body).await {
         Ok(b) => b,
-        Err(http::BodyError::TooLarge { limit }) => {
+        Err(web::BodyError::TooLarge { limit }) => {
             proxy
                 .metrics
                 .rejections

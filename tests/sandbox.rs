@@ -289,7 +289,10 @@ fn config_errors_name_pool_and_field() {
         "{e}"
     );
     let e = err("network = \"bridge\"");
-    assert!(e.contains("sandbox.network") && e.contains("bridge"), "{e}");
+    assert!(
+        e.contains("network = \"bridge\"") && e.contains("`host` or `none`"),
+        "{e}"
+    );
     let e = err("max_open_files = 0");
     assert!(e.contains("sandbox.max_open_files"), "{e}");
     let e = err("usr = \"nobody\"");

@@ -49,20 +49,37 @@ fn message(stderr: &str) -> String {
 }
 
 #[test]
-fn flags_are_refused_with_the_config_files_messages() {
+fn flags_pass_the_config_files_checks_with_its_messages() {
     for (flags, file) in [
-        (&["--protocol", "modern"][..], "protocol = \"modern\""),
-        (&["--init-timeout", "soon"][..], "init_timeout = \"soon\""),
         (&["--init-timeout", "0s"][..], "init_timeout = \"0s\""),
         (&["--probe-timeout", "2m"][..], "probe_timeout = \"2m\""),
-        (&["--mode", "pooled"][..], "mode = \"pooled\""),
+        (
+            &["--min-idle", "5", "--max", "2"][..],
+            "min_idle = 5\nmax = 2",
+        ),
         (&["--env", "=x"][..], "env = { \"\" = \"x\" }"),
     ] {
         let (up, check) = (up_error(flags), check_error(file));
         assert!(up.contains("pool \"default\""), "{up}");
         assert_eq!(message(&up), message(&check), "{flags:?}");
     }
-    assert!(up_error(&["--protocol", "modern"]).contains("expected auto, legacy or stateless"));
+}
+
+#[test]
+fn bad_spellings_name_what_is_accepted() {
+    let up = up_error(&["--protocol", "modern"]);
+    let file = check_error("protocol = \"modern\"");
+    for e in [&up, &file] {
+        assert!(
+            e.contains("modern") && e.contains("auto") && e.contains("stateless"),
+            "{e}"
+        );
+    }
+    let up = up_error(&["--init-timeout", "soon"]);
+    let file = check_error("init_timeout = \"soon\"");
+    for e in [&up, &file] {
+        assert!(e.contains("soon") && e.contains("duration"), "{e}");
+    }
     assert!(up_error(&["--env", "NOVALUE"]).contains("KEY=VALUE"));
 }
 

@@ -9,9 +9,9 @@
 use super::client::HttpSession;
 use crate::broker::{listen, Broker};
 use crate::config::{BrokerSettings, Config, PoolConfig};
-use crate::http;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ProxySettings};
+use crate::web;
 use ::http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
@@ -301,17 +301,17 @@ impl Trivial {
                 let _ = stream.set_nodelay(true);
                 let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
                     let post = req.method() == Method::POST;
-                    let body = http::read_body(req.into_body(), 1 << 20).await;
+                    let body = web::read_body(req.into_body(), 1 << 20).await;
                     let msg = body
                         .ok()
                         .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
                     let r = match (post, msg.as_ref().and_then(trivial_answer)) {
-                        (true, Some(a)) => http::json(StatusCode::OK, &a),
-                        _ => http::response(StatusCode::ACCEPTED, "text/plain", http::empty()),
+                        (true, Some(a)) => web::json(StatusCode::OK, &a),
+                        _ => web::response(StatusCode::ACCEPTED, "text/plain", web::empty()),
                     };
                     Ok::<_, std::convert::Infallible>(r)
                 });
-                tokio::spawn(crate::broker::api::serve_io(
+                tokio::spawn(crate::web::serve_io(
                     stream,
                     svc,
                     d.clone(),

@@ -1,27 +1,15 @@
 //! The lease API: HTTP/1.1 on the broker's Unix socket.
 //!
-//! This is the contract the thin proxy and third parties code against
-//! (documented in README, "Lease API"):
-//!
-//! | request | answer |
-//! |---|---|
-//! | `GET /v1/pools` | JSON array of pools: config summary, counts, cached handshake |
-//! | `GET /v1/pools/{pool}` | one of those |
-//! | `POST /v1/pools/{pool}/messages` (one JSON-RPC message) | request: `200`, `application/x-ndjson` stream of every message for it, the response last; header `mcp-broker-lease`. Notification: `202` |
-//! | `POST /v1/leases/{lease}` (a response or notification) | `202`: delivered to the process holding the lease |
-//! | `DELETE /v1/pools/{pool}/sessions/{session}` | `204`: session ended (exclusive process discarded) |
-//! | `GET /v1/pools/{pool}/events` | NDJSON stream of server notifications not tied to a request |
-//! | `GET /livez`, `/readyz`, `/metrics` | health and Prometheus text |
-//!
-//! Header `mcp-broker-session` binds a message to a client session (sticky
-//! and exclusive pools). Failures before a process was reached answer with an
-//! HTTP error status and a JSON-RPC error body carrying the caller's id.
+//! The contract itself (paths, headers, descriptions, error codes) is
+//! [`crate::lease_api`]; this module serves it. Requests are answered by
+//! [`handle`], reached from the broker's own HTTP/1.1 codec
+//! (`broker::conn`) or, for rarer request shapes, from hyper.
 
 use super::{lease, Broker};
-use crate::http::{self, Body};
 use crate::jsonrpc::{self, codes, Kind};
 use crate::policy::Identity;
 use crate::pool::Pool;
+use crate::web::{self, Body};
 use ::http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
@@ -29,12 +17,7 @@ use std::sync::Arc;
 use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 
-/// Header naming the client session a message belongs to.
-pub const SESSION_HEADER: &str = "mcp-broker-session";
-/// Response header carrying the lease id for answers and cancellation.
-pub const LEASE_HEADER: &str = "mcp-broker-lease";
-/// Longest accepted session key.
-const MAX_SESSION_KEY: usize = 256;
+use crate::lease_api::{LEASE_HEADER, MAX_SESSION_KEY, SESSION_HEADER};
 
 mod error;
 pub use error::ApiError;
@@ -73,7 +56,7 @@ pub(super) async fn serve_hyper<I>(
         let peer = peer.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(broker, req, peer).await) }
     });
-    serve_io(io, svc, shutdown, MAX_HEADER_BYTES).await
+    web::serve_io(io, svc, shutdown, MAX_HEADER_BYTES).await
 }
 
 /// The answer to a request whose body is announced over `limit` (refused
@@ -167,18 +150,7 @@ pub async fn serve_health(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => match a {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!("metrics accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    web::accept_until(&listener, &shutdown, "metrics", |(stream, _)| {
         let broker = broker.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let broker = broker.clone();
@@ -192,41 +164,18 @@ pub async fn serve_health(
                 Ok::<_, std::convert::Infallible>(r)
             }
         });
-        tokio::spawn(serve_io(stream, svc, shutdown.clone(), MAX_HEADER_BYTES));
-    }
+        tokio::spawn(web::serve_io(
+            stream,
+            svc,
+            shutdown.clone(),
+            MAX_HEADER_BYTES,
+        ));
+    })
+    .await;
 }
 
 /// Largest request head (request line and headers) the lease API reads.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// The smallest head limit hyper accepts.
-pub const MIN_HEADER_BYTES: usize = 8192;
-
-/// Drives one HTTP/1.1 connection with hyper; on shutdown lets the current
-/// exchange finish. A request head over `max_head` is answered `431 Request
-/// Header Fields Too Large` and the connection closed.
-pub async fn serve_io<I, S>(io: I, svc: S, shutdown: CancellationToken, max_head: usize)
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<
-        Request<Incoming>,
-        Response = Response<Body>,
-        Error = std::convert::Infallible,
-    >,
-    S::Future: Send + 'static,
-{
-    let conn = hyper::server::conn::http1::Builder::new()
-        .max_buf_size(max_head.max(MIN_HEADER_BYTES))
-        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => { if let Err(e) = r { tracing::debug!("lease API connection: {e}"); } }
-        _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
-}
-
 /// Answers one lease API request (both connection paths end here).
 pub(super) async fn handle<B>(
     broker: Arc<Broker>,
@@ -234,7 +183,7 @@ pub(super) async fn handle<B>(
     peer: Identity,
 ) -> Response<Body>
 where
-    B: http::ReadableBody,
+    B: web::ReadableBody,
 {
     let path: Vec<String> = req
         .uri()
@@ -254,20 +203,26 @@ where
         _ => None,
     };
     let result = match (&method, parts.as_slice()) {
-        (&Method::GET, ["livez"]) => Ok(http::text(StatusCode::OK, "ok\n")),
+        (&Method::GET, ["livez"]) => Ok(web::text(StatusCode::OK, "ok\n")),
         (&Method::GET, ["readyz"]) => Ok(readyz(&broker)),
-        (&Method::GET, ["metrics"]) => Ok(http::response(
+        (&Method::GET, ["metrics"]) => Ok(web::response(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            http::full(broker.metrics().render()),
+            web::full(broker.metrics().render()),
         )),
         (&Method::GET, ["v1", "pools"]) => {
-            let all: Vec<Value> = broker.pools().iter().map(lease::describe).collect();
-            Ok(http::json(StatusCode::OK, &Value::Array(all)))
+            let all: Vec<_> = broker.pools().iter().map(lease::describe).collect();
+            Ok(web::json(
+                StatusCode::OK,
+                &serde_json::to_value(all).expect("serializes"),
+            ))
         }
         (&Method::GET, ["v1", "pools", name]) => broker
             .pool(name)
-            .map(|p| http::json(StatusCode::OK, &lease::describe(&p)))
+            .map(|p| {
+                let d = serde_json::to_value(lease::describe(&p)).expect("serializes");
+                web::json(StatusCode::OK, &d)
+            })
             .ok_or_else(|| ApiError::UnknownPool(name.to_string())),
         (&Method::POST, ["v1", "pools", name, "messages"]) => {
             let who = who.take().unwrap_or_default();
@@ -301,7 +256,7 @@ where
                 Submitted::Notification { pool, msg } => {
                     // Boxed (like `deliver`): rare, and its write future is large.
                     Box::pin(lease::notify(&pool, session.as_deref(), msg)).await;
-                    http::response(StatusCode::ACCEPTED, "text/plain", http::empty())
+                    web::response(StatusCode::ACCEPTED, "text/plain", web::empty())
                 }
             };
         }
@@ -314,7 +269,7 @@ where
             let who = who.take().unwrap_or_default();
             resolve(&broker, name, &who).map(|p| {
                 p.end_session(session);
-                http::response(StatusCode::NO_CONTENT, "text/plain", http::empty())
+                web::response(StatusCode::NO_CONTENT, "text/plain", web::empty())
             })
         }
         (&Method::GET, ["v1", "pools", name, "events"]) => {
@@ -330,7 +285,7 @@ where
 
 fn readyz(broker: &Broker) -> Response<Body> {
     if broker.ready() {
-        http::text(StatusCode::OK, "ready\n")
+        web::text(StatusCode::OK, "ready\n")
     } else {
         let cold: Vec<String> = broker
             .pools()
@@ -338,7 +293,7 @@ fn readyz(broker: &Broker) -> Response<Body> {
             .filter(|p| p.handshake().is_none())
             .map(|p| p.config().name.clone())
             .collect();
-        http::text(
+        web::text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: no warm process yet in {}\n", cold.join(", ")),
         )
@@ -352,9 +307,9 @@ fn session_of(headers: &::http::HeaderMap) -> Result<Option<String>, ApiError> {
             let s = v
                 .to_str()
                 .map_err(|_| ApiError::BadRequest(format!("{SESSION_HEADER} must be ASCII")))?;
-            if s.is_empty() || s.len() > MAX_SESSION_KEY {
+            if !crate::lease_api::valid_session_key(s) {
                 return Err(ApiError::BadRequest(format!(
-                    "{SESSION_HEADER} must be 1 to {MAX_SESSION_KEY} bytes"
+                    "{SESSION_HEADER} must be 1 to {MAX_SESSION_KEY} visible ASCII bytes"
                 )));
             }
             Ok(Some(s.to_string()))
@@ -368,7 +323,7 @@ fn lease_id_of(headers: &::http::HeaderMap) -> Result<Option<String>, ApiError> 
     match headers.get(LEASE_HEADER) {
         None => Ok(None),
         Some(v) => match v.to_str() {
-            Ok(s) if lease::valid_lease_id(s) => Ok(Some(s.to_string())),
+            Ok(s) if crate::lease_api::valid_lease_id(s) => Ok(Some(s.to_string())),
             _ => Err(ApiError::BadRequest(format!(
                 "{LEASE_HEADER} must be 16 to 64 of [A-Za-z0-9_-]"
             ))),
@@ -378,13 +333,13 @@ fn lease_id_of(headers: &::http::HeaderMap) -> Result<Option<String>, ApiError> 
 
 async fn read_message<B>(broker: &Broker, req: Request<B>) -> Result<Value, ApiError>
 where
-    B: http::ReadableBody,
+    B: web::ReadableBody,
 {
     let limit = broker.settings().max_message_size;
-    let body = http::read_body(req.into_body(), limit)
+    let body = web::read_body(req.into_body(), limit)
         .await
         .map_err(|e| match e {
-            http::BodyError::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
+            web::BodyError::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
             other => ApiError::BadRequest(other.to_string()),
         })?;
     serde_json::from_slice(&body)
@@ -412,7 +367,7 @@ fn submit(broker: &Broker, name: &str, msg: Result<Value, ApiError>, who: &Ident
     let msg = match msg {
         Ok(m) => m,
         Err(ApiError::BadRequest(m)) => {
-            return Submitted::Answer(http::json(
+            return Submitted::Answer(web::json(
                 StatusCode::BAD_REQUEST,
                 &jsonrpc::error(Value::Null, codes::PARSE_ERROR, m),
             ))
@@ -476,7 +431,7 @@ async fn deliver<B>(
     req: Request<B>,
 ) -> Result<Response<Body>, ApiError>
 where
-    B: http::ReadableBody,
+    B: web::ReadableBody,
 {
     let msg = read_message(broker, req).await?;
     let found = broker.leases.lock().expect("lock").get(&lease).cloned();
@@ -502,8 +457,5 @@ where
         // than holding the process until request_timeout.
         l.cancel.cancel();
     }
-    Ok(http::json(
-        StatusCode::ACCEPTED,
-        &json!({"delivered": true}),
-    ))
+    Ok(web::json(StatusCode::ACCEPTED, &json!({"delivered": true})))
 }

@@ -23,8 +23,8 @@ mod rewind;
 
 use super::api::{self, ApiError, MAX_HEADER_BYTES};
 use super::Broker;
-use crate::http::Body;
 use crate::policy::Identity;
+use crate::web::Body;
 use ::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::Body as _;

@@ -10,14 +10,15 @@
 //!   `notifications/cancelled` and checks the process still answers `ping`
 //!   before it serves anyone else; a process that does not is replaced.
 
-use super::api::{ApiError, LEASE_HEADER};
+use super::api::ApiError;
 use super::{Broker, LeaseRef};
 use crate::config::Mode;
-use crate::http::{self, Body};
 use crate::jsonrpc::{self, codes};
+use crate::lease_api::{PoolDescription, LEASE_HEADER};
 use crate::pool::{LeaseGuard, Pool};
 use crate::process::router::LeaseEvent;
 use crate::protocol::{self, Era};
+use crate::web::{self, Body};
 use ::http::{HeaderValue, Response, StatusCode};
 use bytes::Bytes;
 use serde_json::{json, Value};
@@ -32,24 +33,21 @@ const LEASE_EVENTS: usize = 64;
 const BODY_LINES: usize = 16;
 /// How long a process has to answer `ping` after an abandoned request.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
-/// The JSON description of a pool served by `GET /v1/pools`.
-pub fn describe(pool: &Pool) -> Value {
+/// The description of a pool served by `GET /v1/pools`.
+pub fn describe(pool: &Pool) -> PoolDescription {
     let c = pool.config();
-    let hs = pool
-        .handshake()
-        .map(|h| json!({"era": h.era, "protocolVersion": h.protocol_version, "result": h.result}));
-    json!({
-        "name": c.name,
-        "mode": c.mode.as_str(),
-        "protocol": c.protocol.as_str(),
-        "learned_era": pool.learned_era(),
-        "min_idle": c.min_idle,
-        "max": c.max,
-        "max_inflight": c.max_inflight,
-        "request_timeout_ms": c.request_timeout.as_millis() as u64,
-        "status": pool.status(),
-        "handshake": hs,
-    })
+    PoolDescription {
+        name: c.name.clone(),
+        mode: c.mode,
+        protocol: c.protocol,
+        learned_era: pool.learned_era(),
+        min_idle: c.min_idle,
+        max: c.max,
+        max_inflight: c.max_inflight,
+        request_timeout_ms: u64::try_from(c.request_timeout.as_millis()).unwrap_or(u64::MAX),
+        status: pool.status(),
+        handshake: pool.handshake().map(|h| (*h).clone()),
+    }
 }
 
 /// How a lease ended.
@@ -62,13 +60,6 @@ enum End {
     TimedOut,
     CallerGone,
     Cancelled,
-}
-
-/// A caller-chosen lease id: 16 to 64 of `[A-Za-z0-9_-]`.
-pub fn valid_lease_id(s: &str) -> bool {
-    (16..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// A lease's entry in the broker's table, removed when dropped: while it is
@@ -168,7 +159,7 @@ pub async fn run(
                 g = pool.acquire(session.as_deref(), target) => g,
                 _ = cancel.cancelled() => {
                     outcome("cancelled");
-                    return Ok(answer(&token, http::full(line(&cancelled(client_id)))));
+                    return Ok(answer(&token, web::full(line(&cancelled(client_id)))));
                 }
             };
             let msg = match serde_json::from_slice(&text) {
@@ -260,7 +251,7 @@ pub async fn run(
         Next::Message(m) => {
             // A streaming lease: the rest is pumped by its own task, which
             // keeps enforcing the deadline even while the caller reads slowly.
-            let (tx, body) = http::channel_body(BODY_LINES);
+            let (tx, body) = web::channel_body(BODY_LINES);
             let _ = tx.try_send(line(&m));
             let lease = lease.0.take().expect("armed until here");
             broker.tracker.spawn(lease.pump(events, tx, deadline));
@@ -270,7 +261,7 @@ pub async fn run(
             let mut lease = lease.0.take().expect("armed until here");
             let answer = answer.map(|m| lease.final_line(m));
             let owed = lease.end(end);
-            http::full(answer.or(owed).unwrap_or_default())
+            web::full(answer.or(owed).unwrap_or_default())
         }
     };
     Ok(answer(&token, body))
@@ -278,7 +269,7 @@ pub async fn run(
 
 /// The lease API's `200` answer for lease `token`.
 fn answer(token: &str, body: Body) -> Response<Body> {
-    let mut r = http::response(StatusCode::OK, "application/x-ndjson", body);
+    let mut r = web::response(StatusCode::OK, "application/x-ndjson", body);
     r.headers_mut().insert(
         LEASE_HEADER,
         HeaderValue::from_str(token).expect("lease ids are valid header values"),
@@ -533,7 +524,7 @@ pub async fn notify(pool: &Pool, session: Option<&str>, msg: Value) {
 /// from the session's own process in exclusive pools, else from every process.
 pub fn events(broker: &Broker, pool: &Pool, session: Option<String>) -> Response<Body> {
     let mut rx = pool.subscribe();
-    let (tx, body) = http::channel_body(BODY_LINES);
+    let (tx, body) = web::channel_body(BODY_LINES);
     let pool = pool.clone();
     let exclusive = pool.config().mode == Mode::Exclusive;
     broker.tracker.spawn(async move {
@@ -556,5 +547,5 @@ pub fn events(broker: &Broker, pool: &Pool, session: Option<String>) -> Response
             }
         }
     });
-    http::response(StatusCode::OK, "application/x-ndjson", body)
+    web::response(StatusCode::OK, "application/x-ndjson", body)
 }

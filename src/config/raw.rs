@@ -1,11 +1,26 @@
 //! The config file as written: serde structs that mirror the TOML exactly.
 //!
 //! Every struct denies unknown fields so a typo is an error, not a silently
-//! ignored setting. Values stay as strings and options here; [`super`] turns
-//! them into a validated [`super::Config`] with durations and defaults.
+//! ignored setting. Enums and durations are typed here, so serde reports a
+//! bad value with its line and the accepted spellings; [`super`] applies
+//! defaults and the cross-field checks into a validated [`super::Config`].
 
+use super::{Mode, Protocol};
+use crate::config::sandbox::Network;
+use crate::policy::Isolate;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// `[broker] identity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityKind {
+    /// Callers are identified by socket peer credentials only.
+    None,
+    /// ServiceAccount tokens are verified with the TokenReview API.
+    Kubernetes,
+}
 
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
@@ -27,14 +42,16 @@ pub struct RawBroker {
     pub socket_mode: Option<String>,
     pub socket_group: Option<String>,
     pub metrics_listen: Option<String>,
-    pub drain_timeout: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub drain_timeout: Option<Duration>,
     pub max_message_size: Option<usize>,
     /// `none` or `kubernetes` (verify ServiceAccount tokens with TokenReview).
-    pub identity: Option<String>,
+    pub identity: Option<IdentityKind>,
     /// Audience the proxies' projected tokens are minted for.
     pub token_audience: Option<String>,
     /// Longest reuse of a token verdict.
-    pub token_cache_ttl: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub token_cache_ttl: Option<Duration>,
     /// Identify callers' pods by socket peer credentials.
     pub peer_identity: Option<bool>,
     /// Node whose pods are indexed (default: `NODE_NAME`).
@@ -52,28 +69,36 @@ pub struct RawPool {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     pub cwd: Option<String>,
-    pub mode: Option<String>,
+    pub mode: Option<Mode>,
     pub min_idle: Option<usize>,
     pub max: Option<usize>,
     pub max_inflight: Option<usize>,
     pub queue_limit: Option<usize>,
-    pub queue_timeout: Option<String>,
-    pub request_timeout: Option<String>,
-    pub idle_timeout: Option<String>,
-    pub init_timeout: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub queue_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub init_timeout: Option<Duration>,
     /// How long the `server/discover` probe waits before `initialize`.
-    pub probe_timeout: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub probe_timeout: Option<Duration>,
     /// How long a sealed `requestState` stays valid.
-    pub request_state_ttl: Option<String>,
-    pub session_idle_timeout: Option<String>,
-    pub stop_grace: Option<String>,
-    pub protocol: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub request_state_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub session_idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub stop_grace: Option<Duration>,
+    pub protocol: Option<Protocol>,
     /// Capabilities declared to servers at warm-up (a TOML table).
     pub client_capabilities: Option<toml::Table>,
     /// Who may lease from the pool.
     pub allow: Option<Vec<crate::policy::Rule>>,
     /// `none`, `namespace` or `service_account`.
-    pub isolate: Option<String>,
+    pub isolate: Option<Isolate>,
     /// Server→client requests waiting per lease at most.
     pub max_server_requests: Option<usize>,
     /// `[pool.sandbox]`: what the pool's processes may do.
@@ -101,5 +126,5 @@ pub struct RawSandbox {
     /// PR_SET_NO_NEW_PRIVS.
     pub no_new_privileges: Option<bool>,
     /// "host" (default) or "none".
-    pub network: Option<String>,
+    pub network: Option<Network>,
 }

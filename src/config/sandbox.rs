@@ -29,7 +29,8 @@ impl std::fmt::Display for Principal {
 }
 
 /// The network a process sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Network {
     /// The broker's own network (no change).
     #[default]
@@ -192,16 +193,7 @@ pub fn from_raw(r: &RawSandbox) -> Result<SandboxConfig, (&'static str, String)>
             "must be at least 16MiB (no program starts in less)".into(),
         ));
     }
-    c.network = match r.network.as_deref() {
-        None | Some("host") => Network::Host,
-        Some("none") => Network::None,
-        Some(other) => {
-            return Err((
-                "sandbox.network",
-                format!("unknown network {other:?} (expected \"host\" or \"none\")"),
-            ))
-        }
-    };
+    c.network = r.network.unwrap_or_default();
     Ok(c)
 }
 

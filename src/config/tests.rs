@@ -50,12 +50,19 @@ fn unknown_field_is_named() {
 }
 
 #[test]
-fn bad_duration_names_pool_and_field() {
+fn bad_values_name_the_line_and_field() {
     let e = err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nqueue_timeout = \"soon\"\n");
     assert!(
-        e.contains("pool \"a\"") && e.contains("queue_timeout"),
+        e.contains("line 4") && e.contains("queue_timeout = \"soon\"") && e.contains("duration"),
         "{e}"
     );
+    let e = err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nmode = \"pooled\"\n");
+    assert!(
+        e.contains("line 4") && e.contains("`shared`, `sticky`, `exclusive`"),
+        "{e}"
+    );
+    let e = err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nisolate = \"pod\"\n");
+    assert!(e.contains("`service_account`"), "{e}");
 }
 
 #[test]

@@ -24,35 +24,7 @@ use serde_json::{json, Value};
 use std::time::Duration;
 
 /// What a warm process told the broker about itself.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Handshake {
-    /// Which protocol era the server speaks.
-    pub era: Era,
-    /// The protocol version the server settled on.
-    pub protocol_version: String,
-    /// The server's `InitializeResult` (legacy) or discover result (stateless).
-    pub result: Value,
-}
-
-impl Handshake {
-    /// `serverInfo` from the cached result.
-    pub fn server_info(&self) -> Value {
-        self.result.get("serverInfo").cloned().unwrap_or(json!({}))
-    }
-
-    /// `capabilities` from the cached result.
-    pub fn capabilities(&self) -> Value {
-        self.result
-            .get("capabilities")
-            .cloned()
-            .unwrap_or(json!({}))
-    }
-
-    /// `instructions` from the cached result, if any.
-    pub fn instructions(&self) -> Option<Value> {
-        self.result.get("instructions").cloned()
-    }
-}
+pub use crate::lease_api::Handshake;
 
 /// Errors during warm-up.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -6,9 +6,10 @@
 //! to retry, and a broker restart costs clients latency rather than errors.
 //! Anything after the connect is never retried here.
 
-use crate::broker::api::{LEASE_HEADER, SESSION_HEADER};
 use crate::framing::{Frame, LineSplitter};
 use crate::jsonrpc::{self, codes};
+pub use crate::lease_api::new_lease_id;
+use crate::lease_api::{self, PoolDescription, LEASE_HEADER, SESSION_HEADER};
 use crate::metrics::Metrics;
 use crate::protocol::Era;
 use bytes::Bytes;
@@ -46,11 +47,12 @@ pub enum BackendError {
     NotWarm(String),
 }
 
-/// What the proxy needs to know about its pool.
+/// What the proxy needs to know about its pool: the parts of its
+/// [`PoolDescription`] a warm pool has.
 #[derive(Debug, Clone)]
 pub struct PoolInfo {
-    /// `shared`, `sticky` or `exclusive`.
-    pub mode: String,
+    /// How the pool shares processes between sessions.
+    pub mode: crate::config::Mode,
     /// The era the pool's server speaks.
     pub era: Era,
     /// The version the server settled on at warm-up.
@@ -327,25 +329,17 @@ impl Backend {
                 return Ok(info.clone());
             }
         }
-        let v = self.get_json(&format!("/v1/pools/{}", self.pool)).await?;
-        let hs = v.get("handshake").filter(|h| !h.is_null());
-        let Some(hs) = hs else {
+        let v = self.get_json(&lease_api::pool_path(&self.pool)).await?;
+        let d: PoolDescription = serde_json::from_value(v)
+            .map_err(|e| BackendError::Malformed(format!("pool description: {e}")))?;
+        let Some(hs) = d.handshake else {
             return Err(BackendError::NotWarm(self.pool.clone()));
         };
         let info = Arc::new(PoolInfo {
-            mode: v
-                .get("mode")
-                .and_then(Value::as_str)
-                .unwrap_or("shared")
-                .to_string(),
-            era: serde_json::from_value(hs.get("era").cloned().unwrap_or(Value::Null))
-                .map_err(|e| BackendError::Malformed(format!("handshake era: {e}")))?,
-            protocol_version: hs
-                .get("protocolVersion")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-            result: hs.get("result").cloned().unwrap_or(Value::Null),
+            mode: d.mode,
+            era: hs.era,
+            protocol_version: hs.protocol_version,
+            result: hs.result,
         });
         *self.info.lock().expect("lock") = Some((Instant::now(), info.clone()));
         Ok(info)
@@ -374,7 +368,7 @@ impl Backend {
         id: &str,
     ) -> Result<Lease, BackendError> {
         let body = Bytes::from(serde_json::to_vec(msg).expect("Value serializes"));
-        let path = format!("/v1/pools/{}/messages", self.pool);
+        let path = lease_api::messages_path(&self.pool);
         let r = self
             .send(Method::POST, &path, session, Some(id), body)
             .await?;
@@ -407,7 +401,7 @@ impl Backend {
         let r = self
             .send(
                 Method::POST,
-                &format!("/v1/leases/{token}"),
+                &lease_api::lease_path(token),
                 None,
                 None,
                 body,
@@ -427,7 +421,7 @@ impl Backend {
 
     /// Ends a session at the broker (exclusive processes are discarded).
     pub async fn end_session(&self, session: &str) {
-        let path = format!("/v1/pools/{}/sessions/{}", self.pool, session);
+        let path = lease_api::session_path(&self.pool, session);
         if let Ok(r) = self
             .send(Method::DELETE, &path, None, None, Bytes::new())
             .await
@@ -438,7 +432,7 @@ impl Backend {
 
     /// The pool's stream of server notifications not tied to a request.
     pub async fn events(&self, session: Option<&str>) -> Result<Lines, BackendError> {
-        let path = format!("/v1/pools/{}/events", self.pool);
+        let path = lease_api::events_path(&self.pool);
         let r = self
             .send(Method::GET, &path, session, None, Bytes::new())
             .await?;
@@ -456,11 +450,6 @@ impl Backend {
         *self.info.lock().expect("lock") = None;
         self.pool_info().await.map(|_| ())
     }
-}
-
-/// A fresh lease id for [`Backend::lease`].
-pub fn new_lease_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
 }
 
 /// A JSON-RPC error for request `id` describing a backend failure.

@@ -6,9 +6,9 @@
 //! rules give for it.
 
 use super::backend::BackendError;
-use crate::http::{self, Body};
 use crate::jsonrpc::{self, codes};
 use crate::protocol::{LEGACY_VERSIONS, STATELESS_VERSION};
+use crate::web::{self, Body};
 use ::http::{HeaderValue, Response, StatusCode};
 use serde_json::{json, Value};
 
@@ -95,7 +95,7 @@ impl ProxyError {
     /// The HTTP response for request `id` (`Value::Null` when unknown).
     pub fn into_response(self, id: Value) -> Response<Body> {
         let status = self.status();
-        let mut r = http::json(status, &self.body(id));
+        let mut r = web::json(status, &self.body(id));
         if status == StatusCode::SERVICE_UNAVAILABLE {
             r.headers_mut()
                 .insert(::http::header::RETRY_AFTER, HeaderValue::from_static("1"));

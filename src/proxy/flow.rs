@@ -15,8 +15,8 @@
 use super::backend::Lines;
 use super::session::Session;
 use super::{ask, modern, mrtr, sse, Proxy};
-use crate::http::{self, Body};
 use crate::jsonrpc::{self, codes, Kind};
+use crate::web::{self, Body};
 use ::http::{Response, StatusCode};
 use bytes::Bytes;
 use serde_json::{json, Value};
@@ -281,11 +281,11 @@ pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
         Step::Final(m) => {
             let status = final_status(&flow, &m);
             flow.done();
-            return http::json(status, &m);
+            return web::json(status, &m);
         }
         Step::Hold(req) => {
             let result = mrtr::hold(flow, req).await;
-            return http::json(StatusCode::OK, &result);
+            return web::json(StatusCode::OK, &result);
         }
         other => other,
     };
@@ -297,13 +297,13 @@ pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
                 Step::Final(m) => {
                     let status = final_status(&flow, &m);
                     flow.done();
-                    return http::json(status, &m);
+                    return web::json(status, &m);
                 }
-                Step::Hold(req) => return http::json(StatusCode::OK, &mrtr::hold(flow, req).await),
+                Step::Hold(req) => return web::json(StatusCode::OK, &mrtr::hold(flow, req).await),
                 Step::NeedInput(_) => {
                     let err = ask::needs_sse(&flow);
                     flow.done();
-                    return http::json(StatusCode::OK, &err);
+                    return web::json(StatusCode::OK, &err);
                 }
                 Step::ServerRequest(req) => {
                     if let (Some(id), Some(m)) = (
@@ -321,7 +321,7 @@ pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
             step = flow.step().await;
         }
     }
-    let (tx, body) = http::channel_body(SSE_BUFFER);
+    let (tx, body) = web::channel_body(SSE_BUFFER);
     let tracker = flow.proxy.tracker.clone();
     let open = crate::metrics::GaugeGuard::new(
         flow.proxy

@@ -10,9 +10,9 @@ use super::error::ProxyError;
 use super::flow::{self, Accept, ClientSide};
 use super::session::Session;
 use super::Proxy;
-use crate::http::{self, Body};
 use crate::jsonrpc::{self, Kind};
 use crate::protocol::{self, Era};
+use crate::web::{self, Body};
 use ::http::{HeaderMap, HeaderValue, Response, StatusCode};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use std::sync::Arc;
 pub const SESSION_ID: &str = "mcp-session-id";
 
 fn accepted() -> Response<Body> {
-    http::response(StatusCode::ACCEPTED, "text/plain", http::empty())
+    web::response(StatusCode::ACCEPTED, "text/plain", web::empty())
 }
 
 /// The session a request names: 400 without the header, 404 if unknown.
@@ -83,7 +83,7 @@ async fn initialize(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body
     if let Some(i) = info.result.get("instructions") {
         result["instructions"] = i.clone();
     }
-    let mut r = http::json(StatusCode::OK, &jsonrpc::result(id, result));
+    let mut r = web::json(StatusCode::OK, &jsonrpc::result(id, result));
     r.headers_mut().insert(
         SESSION_ID,
         HeaderValue::from_str(&session.id).expect("hex id is a valid header"),
@@ -114,7 +114,7 @@ pub async fn post(
     };
     match kind {
         Kind::Request { method, .. } if method == "ping" => {
-            http::json(StatusCode::OK, &flow::empty_result(id))
+            web::json(StatusCode::OK, &flow::empty_result(id))
         }
         Kind::Request { .. } => {
             let stateless = proxy
@@ -185,7 +185,7 @@ pub async fn delete(proxy: &Arc<Proxy>, headers: &HeaderMap) -> Response<Body> {
     match session(proxy, headers) {
         Ok(s) => {
             proxy.end_session(&s).await;
-            http::response(StatusCode::OK, "text/plain", http::empty())
+            web::response(StatusCode::OK, "text/plain", web::empty())
         }
         Err(e) => e.into_response(Value::Null),
     }

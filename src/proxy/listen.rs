@@ -9,8 +9,8 @@
 use super::error::ProxyError;
 use super::Proxy;
 use super::{legacy, sse};
-use crate::http::{self, Body};
 use crate::jsonrpc;
+use crate::web::{self, Body};
 use ::http::{HeaderMap, Response};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -24,7 +24,7 @@ fn pump(
     first: Option<Value>,
     map: impl Fn(Value) -> Option<Value> + Send + 'static,
 ) -> Body {
-    let (tx, body) = http::channel_body(BUFFER);
+    let (tx, body) = web::channel_body(BUFFER);
     let shutdown = proxy.shutdown.clone();
     let open =
         crate::metrics::GaugeGuard::new(proxy.metrics.sse_streams.with_label_values(&[kind]));

@@ -11,9 +11,9 @@
 use super::error::ProxyError;
 use super::flow::{self, Accept, ClientSide};
 use super::{backend::PoolInfo, mrtr, Proxy};
-use crate::http::{self, Body};
 use crate::jsonrpc::{self, Kind};
 use crate::protocol::{self, Era, STATELESS_VERSION};
+use crate::web::{self, Body};
 use ::http::{HeaderMap, Response, StatusCode};
 use base64::Engine;
 use serde_json::{json, Map, Value};
@@ -181,7 +181,7 @@ pub async fn post(
     }
     if !kind {
         // The revision defines no client notifications over HTTP.
-        return http::response(StatusCode::ACCEPTED, "text/plain", http::empty());
+        return web::response(StatusCode::ACCEPTED, "text/plain", web::empty());
     }
     let capabilities = jsonrpc::meta(&msg)
         .and_then(|m| m.get(protocol::META_CLIENT_CAPABILITIES))
@@ -193,12 +193,12 @@ pub async fn post(
     };
     match method.as_str() {
         "server/discover" => {
-            return http::json(StatusCode::OK, &jsonrpc::result(id, discover_result(&info)));
+            return web::json(StatusCode::OK, &jsonrpc::result(id, discover_result(&info)));
         }
         "ping" => {
             let mut r = flow::empty_result(id);
             complete_result("ping", &mut r);
-            return http::json(StatusCode::OK, &r);
+            return web::json(StatusCode::OK, &r);
         }
         "subscriptions/listen" => return super::listen::modern(proxy, id, &msg).await,
         "initialize" => {
@@ -302,7 +302,7 @@ mod tests {
     #[test]
     fn discover_from_legacy_handshake() {
         let info = PoolInfo {
-            mode: "shared".into(),
+            mode: crate::config::Mode::Shared,
             era: Era::Legacy,
             protocol_version: "2025-06-18".into(),
             result: json!({"protocolVersion":"2025-06-18","capabilities":{"tools":{}},

@@ -13,8 +13,8 @@
 
 use super::flow::{self, Accept, ClientSide, Flow};
 use super::Proxy;
-use crate::http::Body;
 use crate::jsonrpc::{self, codes};
+use crate::web::Body;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
@@ -179,7 +179,7 @@ pub async fn resume(
     let hold_id = proxy.held.verify(state, proxy.backend.pool());
     let found = hold_id.and_then(|h| proxy.held.map.lock().expect("lock").remove(&h));
     let Some(h) = found else {
-        return Ok(crate::http::json(
+        return Ok(crate::web::json(
             ::http::StatusCode::OK,
             &jsonrpc::error(
                 id,

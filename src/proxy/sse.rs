@@ -3,7 +3,7 @@
 //! ([`super::listen`]). One place decides the event shape, the keep-alive
 //! comment and the response headers.
 
-use crate::http::{self, Body};
+use crate::web::{self, Body};
 use ::http::{HeaderValue, Response, StatusCode};
 use bytes::Bytes;
 use serde_json::Value;
@@ -28,7 +28,7 @@ pub fn keepalive() -> tokio::time::Interval {
 /// A `200 text/event-stream` response over `body`, uncached and unbuffered
 /// by intermediaries.
 pub fn response(body: Body) -> Response<Body> {
-    let mut r = http::response(StatusCode::OK, "text/event-stream", body);
+    let mut r = web::response(StatusCode::OK, "text/event-stream", body);
     r.headers_mut().insert(
         ::http::header::CACHE_CONTROL,
         HeaderValue::from_static("no-cache"),

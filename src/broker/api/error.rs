@@ -1,9 +1,9 @@
 //! The lease API's errors and the one place they become HTTP answers: a
 //! status and a JSON-RPC error body (`Retry-After` on `503`).
 
-use crate::http::{self, Body};
 use crate::jsonrpc::{self, codes};
 use crate::pool::PoolError;
+use crate::web::{self, Body};
 use ::http::{Response, StatusCode};
 use serde_json::Value;
 
@@ -84,7 +84,7 @@ impl ApiError {
 
     /// The HTTP response: a JSON-RPC error for request `id`.
     pub fn into_response(self, id: Value) -> Response<Body> {
-        let mut r = http::json(
+        let mut r = web::json(
             self.status(),
             &jsonrpc::error(id, self.code(), self.to_string()),
         );

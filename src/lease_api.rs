@@ -1,0 +1,198 @@
+//! The lease API contract: everything both sides of the broker's Unix
+//! socket agree on, and nothing else.
+//!
+//! The broker ([`crate::broker`]) serves it; the thin proxy
+//! ([`crate::proxy`]) and other clients consume it. Neither side imports the
+//! other: both import this module. It holds the paths, the header names and
+//! their value rules, the pool description as serde types, and the broker's
+//! own JSON-RPC error codes. It does no I/O.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /v1/pools` | JSON array of [`PoolDescription`] |
+//! | `GET /v1/pools/{pool}` | one [`PoolDescription`] |
+//! | `POST /v1/pools/{pool}/messages` (one JSON-RPC message) | request: `200`, `application/x-ndjson`: every message the process emits for it, the response last; header [`LEASE_HEADER`]. Notification: `202` |
+//! | `POST /v1/leases/{lease}` (a response or notification) | `202`: delivered to the process holding the lease |
+//! | `DELETE /v1/pools/{pool}/sessions/{session}` | `204`: session ended (exclusive process discarded) |
+//! | `GET /v1/pools/{pool}/events` | NDJSON stream of server notifications not tied to a request |
+//! | `GET /livez`, `/readyz`, `/metrics` | health and Prometheus text |
+//!
+//! Failures before a process was reached answer with an HTTP error status
+//! and a JSON-RPC error body carrying the caller's id; the codes are in
+//! [`codes`]. The NDJSON stream of a lease is made of JSON-RPC messages as
+//! the server sent them (ids and progress tokens restored to the caller's),
+//! one per line, and always ends with exactly one response for the
+//! caller's id.
+
+use crate::config::{Mode, Protocol};
+use crate::protocol::Era;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Header binding a message to a client session (sticky and exclusive
+/// pools); 1 to [`MAX_SESSION_KEY`] visible ASCII bytes.
+pub const SESSION_HEADER: &str = "mcp-broker-session";
+/// Header carrying the lease id: chosen by the caller on the request (so it
+/// can cancel before the first answer), echoed on the answer.
+pub const LEASE_HEADER: &str = "mcp-broker-lease";
+/// Longest accepted session key.
+pub const MAX_SESSION_KEY: usize = 256;
+/// The pool list.
+pub const POOLS_PATH: &str = "/v1/pools";
+
+/// The broker's own JSON-RPC error codes. JSON-RPC reserves -32768..-32000
+/// and MCP claims -32020..-32099 of it, so these live just outside, in
+/// -31001..-31011, where no spec revision can collide with them. Part of the
+/// public contract: never renumbered.
+pub mod codes {
+    /// The pool's wait queue is full; retry later.
+    pub const QUEUE_FULL: i64 = -31001;
+    /// No process became free within the pool's `queue_timeout`.
+    pub const QUEUE_TIMEOUT: i64 = -31002;
+    /// The process did not answer within the pool's `request_timeout`.
+    pub const REQUEST_TIMEOUT: i64 = -31003;
+    /// The process exited (or was replaced) while serving the request.
+    pub const PROCESS_EXITED: i64 = -31004;
+    /// A message exceeded the size limit.
+    pub const MESSAGE_TOO_LARGE: i64 = -31005;
+    /// The pool named does not exist.
+    pub const UNKNOWN_POOL: i64 = -31006;
+    /// The broker could not be reached or is shutting down.
+    pub const BROKER_UNAVAILABLE: i64 = -31007;
+    /// The caller is not allowed to use this pool.
+    pub const NOT_ALLOWED: i64 = -31008;
+    /// The pool cannot start processes (its command keeps failing).
+    pub const POOL_FAILING: i64 = -31009;
+    /// The request was cancelled by the client.
+    pub const CANCELLED: i64 = -31010;
+    /// The process that issued a retry's `requestState` has ended; send the
+    /// original request again without the state.
+    pub const PROCESS_GONE: i64 = -31011;
+}
+
+/// `/v1/pools/{pool}`.
+pub fn pool_path(pool: &str) -> String {
+    format!("{POOLS_PATH}/{pool}")
+}
+
+/// `/v1/pools/{pool}/messages`: where requests and notifications go.
+pub fn messages_path(pool: &str) -> String {
+    format!("{POOLS_PATH}/{pool}/messages")
+}
+
+/// `/v1/pools/{pool}/events`: notifications not tied to a request.
+pub fn events_path(pool: &str) -> String {
+    format!("{POOLS_PATH}/{pool}/events")
+}
+
+/// `/v1/pools/{pool}/sessions/{session}`: `DELETE` ends the session.
+pub fn session_path(pool: &str, session: &str) -> String {
+    format!("{POOLS_PATH}/{pool}/sessions/{session}")
+}
+
+/// `/v1/leases/{lease}`: answers and notifications into a running lease.
+pub fn lease_path(lease: &str) -> String {
+    format!("/v1/leases/{lease}")
+}
+
+/// A lease id: 16 to 64 of `[A-Za-z0-9_-]`.
+pub fn valid_lease_id(s: &str) -> bool {
+    (16..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A fresh random lease id.
+pub fn new_lease_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// A session key: 1 to [`MAX_SESSION_KEY`] visible ASCII bytes.
+pub fn valid_session_key(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_SESSION_KEY && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// What `GET /v1/pools/{pool}` says about a pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolDescription {
+    pub name: String,
+    pub mode: Mode,
+    /// The pool's `protocol` setting (how processes are warmed).
+    pub protocol: Protocol,
+    /// The era the pool learned its server speaks, once a process warmed.
+    pub learned_era: Option<Era>,
+    pub min_idle: usize,
+    pub max: usize,
+    pub max_inflight: usize,
+    pub request_timeout_ms: u64,
+    pub status: PoolStatus,
+    /// The cached handshake of a warm process; `None` until one warmed.
+    pub handshake: Option<Handshake>,
+}
+
+/// A warm process's handshake, cached by the pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Handshake {
+    /// Which protocol era the server speaks.
+    pub era: Era,
+    /// The protocol version the server settled on.
+    #[serde(rename = "protocolVersion")]
+    pub protocol_version: String,
+    /// The server's `InitializeResult` (legacy) or discover result (stateless).
+    pub result: Value,
+}
+
+/// A pool's process and queue counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub idle: usize,
+    pub busy: usize,
+    pub starting: usize,
+    pub waiting: usize,
+    pub failures: u32,
+    pub last_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn lease_ids_and_session_keys() {
+        assert!(valid_lease_id(&new_lease_id()));
+        assert!(!valid_lease_id("short"));
+        assert!(!valid_lease_id(&"x".repeat(65)));
+        assert!(!valid_lease_id("abcdefghijklmnop/"));
+        assert!(valid_session_key("s-1"));
+        assert!(!valid_session_key(""));
+        assert!(!valid_session_key("a b"));
+        assert!(!valid_session_key(&"k".repeat(MAX_SESSION_KEY + 1)));
+    }
+
+    #[test]
+    fn descriptions_round_trip_with_the_wire_spelling() {
+        let d = PoolDescription {
+            name: "p".into(),
+            mode: Mode::Sticky,
+            protocol: Protocol::Auto,
+            learned_era: Some(Era::Stateless),
+            min_idle: 1,
+            max: 2,
+            max_inflight: 1,
+            request_timeout_ms: 5,
+            status: PoolStatus::default(),
+            handshake: Some(Handshake {
+                era: Era::Stateless,
+                protocol_version: "2026-07-28".into(),
+                result: json!({}),
+            }),
+        };
+        let v = serde_json::to_value(&d).unwrap();
+        assert_eq!(v["mode"], "sticky");
+        assert_eq!(v["protocol"], "auto");
+        assert_eq!(v["learned_era"], "stateless");
+        assert_eq!(v["handshake"]["protocolVersion"], "2026-07-28");
+        assert_eq!(serde_json::from_value::<PoolDescription>(v).unwrap(), d);
+    }
+}
