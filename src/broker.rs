@@ -16,6 +16,7 @@ pub mod reload;
 
 use crate::config::{BrokerSettings, Config};
 use crate::metrics::Metrics;
+use crate::policy::{PodLookup, TokenVerifier};
 use crate::pool::Pool;
 use crate::process::Worker;
 use std::collections::{BTreeMap, HashMap};
@@ -49,8 +50,8 @@ pub struct Broker {
     pools: RwLock<BTreeMap<String, Pool>>,
     /// Per-identity pools of `isolate`d pools: base name → tenant → pool.
     tenants: Mutex<HashMap<String, HashMap<String, Pool>>>,
-    reviewer: std::sync::OnceLock<crate::policy::tokenreview::TokenReviewer>,
-    pods: std::sync::OnceLock<crate::policy::pods::PodIndex>,
+    reviewer: std::sync::OnceLock<Box<dyn TokenVerifier>>,
+    pods: std::sync::OnceLock<Box<dyn PodLookup>>,
     ids: Arc<AtomicU64>,
     leases: Mutex<HashMap<String, LeaseRef>>,
     /// Seals servers' `requestState`s so retries reach their process.
@@ -129,23 +130,23 @@ impl Broker {
     }
 
     /// Installs the ServiceAccount token verifier (`identity = "kubernetes"`).
-    pub fn set_token_reviewer(&self, r: crate::policy::tokenreview::TokenReviewer) {
-        let _ = self.reviewer.set(r);
+    pub fn set_token_reviewer(&self, r: impl TokenVerifier) {
+        let _ = self.reviewer.set(Box::new(r));
     }
 
     /// Installs the node's pod index (`peer_identity = true`).
-    pub fn set_pod_index(&self, idx: crate::policy::pods::PodIndex) {
-        let _ = self.pods.set(idx);
+    pub fn set_pod_index(&self, idx: impl PodLookup) {
+        let _ = self.pods.set(Box::new(idx));
     }
 
     /// The pod index, if callers' pods are looked up.
-    pub fn pod_index(&self) -> Option<&crate::policy::pods::PodIndex> {
-        self.pods.get()
+    pub fn pod_index(&self) -> Option<&dyn PodLookup> {
+        self.pods.get().map(|b| &**b)
     }
 
     /// The token verifier, if identities are verified.
-    pub fn token_reviewer(&self) -> Option<&crate::policy::tokenreview::TokenReviewer> {
-        self.reviewer.get()
+    pub fn token_reviewer(&self) -> Option<&dyn TokenVerifier> {
+        self.reviewer.get().map(|b| &**b)
     }
 
     /// The pool of `base` reserved for `tenant` (an `isolate`d pool), started

@@ -46,6 +46,10 @@ pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default cap on server→client requests (sampling, elicitation, roots)
 /// waiting for the client per lease; more are refused to the server.
 pub const DEFAULT_MAX_SERVER_REQUESTS: usize = crate::process::router::DEFAULT_MAX_SERVER_REQUESTS;
+/// Default audience of the projected ServiceAccount tokens proxies present.
+pub const DEFAULT_TOKEN_AUDIENCE: &str = "mcp-broker";
+/// Default longest reuse of a token verdict.
+pub const DEFAULT_TOKEN_CACHE_TTL: Duration = Duration::from_secs(300);
 /// Default time a `server/discover` probe waits before the same process is
 /// sent `initialize` (`protocol = "auto"`). Short: servers that ignore the
 /// probe would otherwise spend the whole warm-up on it.
@@ -384,10 +388,8 @@ impl Config {
                 Some(raw::IdentityKind::Kubernetes) => Some(KubeSettings {
                     audience: b
                         .token_audience
-                        .unwrap_or_else(|| crate::policy::tokenreview::DEFAULT_AUDIENCE.into()),
-                    cache_ttl: b
-                        .token_cache_ttl
-                        .unwrap_or(crate::policy::tokenreview::DEFAULT_CACHE_TTL),
+                        .unwrap_or_else(|| DEFAULT_TOKEN_AUDIENCE.into()),
+                    cache_ttl: b.token_cache_ttl.unwrap_or(DEFAULT_TOKEN_CACHE_TTL),
                     peer_identity: b.peer_identity.unwrap_or(false),
                     node_name: b.node_name.or_else(|| std::env::var("NODE_NAME").ok()),
                 })

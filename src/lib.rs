@@ -15,12 +15,14 @@
 //! * [`up`]: broker and proxy in one process for a laptop.
 //! * [`bench`]: the node-local benchmark (`mcp-broker bench`).
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod broker;
 pub mod config;
-pub mod events;
 pub mod framing;
 pub mod jsonrpc;
+#[cfg(feature = "kubernetes")]
+pub mod kube_events;
 pub mod lease_api;
 pub mod metrics;
 pub mod policy;

@@ -124,6 +124,7 @@ enum Command {
     },
     /// Benchmark direct stdio, the broker's modes, spawn-per-request and
     /// peer gateways side by side; writes a Markdown table and an SVG chart.
+    #[cfg(feature = "bench")]
     Bench(mcp_broker::bench::BenchArgs),
 }
 
@@ -194,9 +195,7 @@ fn main() -> std::process::ExitCode {
         }
         // The bench's own load generator; its broker and proxy get a
         // runtime of their own (`bench --server-threads`).
-        (None, Command::Serve { .. } | Command::Check { .. } | Command::Bench(_)) => {
-            Threads::PerCore
-        }
+        (None, _) => Threads::PerCore,
     };
     let rt = match runtime::build(threads, "mcp-broker") {
         Ok(rt) => rt,
@@ -234,6 +233,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let reload = (config, text);
             serve(cfg, reload, shutdown).await
         }
+        #[cfg(feature = "bench")]
         Command::Bench(args) => mcp_broker::bench::run(args, shutdown).await,
         Command::Proxy {
             socket,
@@ -334,37 +334,7 @@ async fn serve(
     let kube = cfg.broker.kubernetes.clone();
     let broker = Broker::start(cfg, metrics);
     if let Some(k) = kube {
-        let client = kube::Client::try_default()
-            .await
-            .context("identity = \"kubernetes\": cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
-        broker.set_token_reviewer(mcp_broker::policy::tokenreview::TokenReviewer::new(
-            client.clone(),
-            k.audience.clone(),
-            k.cache_ttl,
-        ));
-        tracing::info!("verifying ServiceAccount tokens with the TokenReview API");
-        if k.peer_identity {
-            let node = k.node_name.clone().unwrap_or_default();
-            let idx =
-                mcp_broker::policy::pods::PodIndex::start(client.clone(), &node, shutdown.clone());
-            broker.set_pod_index(idx);
-            tracing::info!(node, "identifying callers' pods by peer credentials");
-        }
-        match mcp_broker::events::PodRef::from_env() {
-            Some(pod) => {
-                let recorder = mcp_broker::events::Recorder::new(
-                    client,
-                    pod,
-                    mcp_broker::events::DEFAULT_MIN_INTERVAL,
-                );
-                tokio::spawn(mcp_broker::events::watch(
-                    broker.clone(),
-                    recorder,
-                    shutdown.clone(),
-                ));
-            }
-            None => tracing::info!("POD_NAME/POD_NAMESPACE not set: no Kubernetes Events"),
-        }
+        start_kubernetes(&broker, &k, &shutdown).await?;
     }
     if let Some(addr) = metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
@@ -386,4 +356,58 @@ async fn serve(
     tracing::info!(socket = %socket.display(), "broker listening");
     broker.serve(listener, remove_at_exit, shutdown).await;
     Ok(())
+}
+
+/// Identity and events from the Kubernetes API (`identity = "kubernetes"`).
+#[cfg(feature = "kubernetes")]
+async fn start_kubernetes(
+    broker: &Arc<Broker>,
+    k: &config::KubeSettings,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("identity = \"kubernetes\": cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
+    broker.set_token_reviewer(mcp_broker::policy::tokenreview::TokenReviewer::new(
+        client.clone(),
+        k.audience.clone(),
+        k.cache_ttl,
+    ));
+    tracing::info!("verifying ServiceAccount tokens with the TokenReview API");
+    if k.peer_identity {
+        let node = k.node_name.clone().unwrap_or_default();
+        let idx =
+            mcp_broker::policy::pods::PodIndex::start(client.clone(), &node, shutdown.clone());
+        broker.set_pod_index(idx);
+        tracing::info!(node, "identifying callers' pods by peer credentials");
+    }
+    match mcp_broker::kube_events::PodRef::from_env() {
+        Some(pod) => {
+            let recorder = mcp_broker::kube_events::Recorder::new(
+                client,
+                pod,
+                mcp_broker::kube_events::DEFAULT_MIN_INTERVAL,
+            );
+            tokio::spawn(mcp_broker::kube_events::watch(
+                broker.clone(),
+                recorder,
+                shutdown.clone(),
+            ));
+        }
+        None => tracing::info!("POD_NAME/POD_NAMESPACE not set: no Kubernetes Events"),
+    }
+    Ok(())
+}
+
+/// This build has no Kubernetes client: say so instead of ignoring the setting.
+#[cfg(not(feature = "kubernetes"))]
+async fn start_kubernetes(
+    _: &Arc<Broker>,
+    _: &config::KubeSettings,
+    _: &CancellationToken,
+) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "[broker] identity = \"kubernetes\" needs a build with the `kubernetes` feature \
+         (this one was built with --no-default-features)"
+    )
 }

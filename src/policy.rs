@@ -14,11 +14,38 @@
 //! processes ([`Isolate::tenant`]), so a process never carries one tenant's
 //! state into another tenant's answers.
 
+#[cfg(feature = "kubernetes")]
 pub mod pods;
+#[cfg(feature = "kubernetes")]
 pub mod tokenreview;
 
 use serde::Deserialize;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+
+/// Verifies a presented ServiceAccount token (the TokenReview API in
+/// builds with the `kubernetes` feature; mocks in tests).
+pub trait TokenVerifier: Send + Sync + 'static {
+    /// Who `token` belongs to, or why it names nobody.
+    fn verify<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<KubeIdentity, String>> + Send + 'a>>;
+}
+
+/// Finds the pod a peer process runs in (`peer_identity`).
+pub trait PodLookup: Send + Sync + 'static {
+    /// The pod of process `pid`, if it runs in a known pod on this node.
+    fn by_pid(&self, pid: i32) -> Option<PodIdentity>;
+}
+
+/// What the broker knows about a caller's pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodIdentity {
+    pub kube: KubeIdentity,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
 
 /// A verified Kubernetes caller.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -91,9 +91,9 @@ async fn caller<B>(broker: &Broker, req: &Request<B>, mut who: Identity) -> Iden
     match (token, broker.token_reviewer()) {
         // Boxed: the TokenReview call is a large future, and every queued
         // lease would otherwise carry room for it (~3 KiB each).
-        (Some(t), Some(r)) => match Box::pin(r.verify(t)).await {
+        (Some(t), Some(r)) => match r.verify(t).await {
             Ok(k) => who.kube = Some(k),
-            Err(e) => who.kube_error = Some(e.to_string()),
+            Err(e) => who.kube_error = Some(e),
         },
         (Some(_), None) => {
             who.kube_error = Some("this broker does not verify tokens (identity = \"none\")".into())

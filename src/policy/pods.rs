@@ -15,15 +15,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Api;
-use std::collections::BTreeMap;
 use tokio_util::sync::CancellationToken;
 
-/// What the pod index knows about a caller's pod.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodIdentity {
-    pub kube: KubeIdentity,
-    pub labels: BTreeMap<String, String>,
-}
+pub use super::PodIdentity;
 
 /// The pod UID in a `/proc/<pid>/cgroup` text, if the process runs in a pod.
 pub fn pod_uid_from_cgroup(text: &str) -> Option<String> {
@@ -101,6 +95,12 @@ impl PodIndex {
 
     /// The pod of process `pid`, via its cgroup.
     pub fn by_pid(&self, pid: i32) -> Option<PodIdentity> {
+        super::PodLookup::by_pid(self, pid)
+    }
+}
+
+impl super::PodLookup for PodIndex {
+    fn by_pid(&self, pid: i32) -> Option<PodIdentity> {
         if pid <= 0 {
             return None;
         }

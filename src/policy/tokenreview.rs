@@ -18,10 +18,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Default audience the proxy's projected token is minted for.
-pub const DEFAULT_AUDIENCE: &str = "mcp-broker";
-/// Default longest time a verdict is reused.
-pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
+pub use crate::config::{
+    DEFAULT_TOKEN_AUDIENCE as DEFAULT_AUDIENCE, DEFAULT_TOKEN_CACHE_TTL as DEFAULT_CACHE_TTL,
+};
 /// Longest wait for the API server.
 const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
 /// Cached verdicts at most.
@@ -124,6 +123,21 @@ impl TokenReviewer {
         let user = status.user.and_then(|u| u.username).unwrap_or_default();
         parse_service_account(&user)
             .ok_or_else(|| VerifyError::Denied(format!("{user:?} is not a service account")))
+    }
+}
+
+impl super::TokenVerifier for TokenReviewer {
+    fn verify<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<KubeIdentity, String>> + Send + 'a>,
+    > {
+        Box::pin(async move {
+            TokenReviewer::verify(self, token)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
 
