@@ -10,6 +10,7 @@
 pub mod affinity;
 pub mod api;
 mod conn;
+mod error;
 pub mod lease;
 pub mod listen;
 pub mod reload;
@@ -254,7 +255,7 @@ impl Broker {
     ) {
         let conns = TaskTracker::new();
         crate::web::accept_until(&listener, &shutdown, "lease API", |(stream, _)| {
-            conns.spawn(api::serve_connection(
+            conns.spawn(conn::serve_connection(
                 self.clone(),
                 stream,
                 shutdown.clone(),

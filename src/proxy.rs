@@ -12,10 +12,10 @@ pub mod ask;
 pub mod backend;
 pub mod error;
 pub mod flow;
+pub mod held;
 pub mod legacy;
-pub mod listen;
 pub mod modern;
-pub mod mrtr;
+pub mod notifications;
 pub mod session;
 pub mod sse;
 
@@ -104,7 +104,7 @@ pub struct Proxy {
     pub settings: ProxySettings,
     pub backend: Backend,
     pub sessions: Sessions,
-    pub held: mrtr::Held,
+    pub held: held::Held,
     pub metrics: Arc<Metrics>,
     pub tracker: TaskTracker,
     pub shutdown: CancellationToken,
@@ -142,7 +142,7 @@ pub async fn serve(
     }
     let proxy = Arc::new(Proxy {
         sessions: Sessions::new(settings.max_sessions, settings.session_idle_timeout),
-        held: mrtr::Held::new(mrtr::DEFAULT_MAX_HELD, mrtr::DEFAULT_HOLD_TIMEOUT),
+        held: held::Held::new(held::DEFAULT_MAX_HELD, held::DEFAULT_HOLD_TIMEOUT),
         backend,
         settings,
         metrics,
@@ -372,7 +372,7 @@ async fn mcp(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
         Method::POST => {}
         Method::GET => {
             if legacy_headers(req.headers()) {
-                return listen::get(proxy, req.headers(), accept.sse).await;
+                return notifications::get(proxy, req.headers(), accept.sse).await;
             }
             return ProxyError::MethodNotAllowed.into_response(Value::Null);
         }

@@ -14,32 +14,11 @@ use ::http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::lease_api::{LEASE_HEADER, MAX_SESSION_KEY, SESSION_HEADER};
 
-mod error;
-pub use error::ApiError;
-
-/// Serves one lease API connection until it closes or shutdown asks it to finish.
-pub async fn serve_connection(
-    broker: Arc<Broker>,
-    stream: UnixStream,
-    shutdown: CancellationToken,
-) {
-    // Who is on the other end: the kernel's word, fixed for the connection.
-    let peer = match stream.peer_cred() {
-        Ok(c) => Identity {
-            uid: Some(c.uid()),
-            gid: Some(c.gid()),
-            pid: c.pid(),
-            ..Identity::default()
-        },
-        Err(_) => Identity::default(),
-    };
-    super::conn::serve(broker, stream, peer, shutdown).await
-}
+pub use super::error::ApiError;
 
 /// Serves the rest of a connection with hyper (request shapes the lease
 /// API's own codec leaves alone, see `broker::conn`).

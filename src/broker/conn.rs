@@ -21,7 +21,8 @@
 
 mod rewind;
 
-use super::api::{self, ApiError, MAX_HEADER_BYTES};
+use super::api::{self, MAX_HEADER_BYTES};
+use super::error::ApiError;
 use super::Broker;
 use crate::policy::Identity;
 use crate::web::Body;
@@ -354,3 +355,22 @@ fn bad(why: String) -> Parse {
 
 #[cfg(test)]
 mod tests;
+
+/// Serves one lease API connection until it closes or shutdown asks it to finish.
+pub async fn serve_connection(
+    broker: Arc<Broker>,
+    stream: UnixStream,
+    shutdown: CancellationToken,
+) {
+    // Who is on the other end: the kernel's word, fixed for the connection.
+    let peer = match stream.peer_cred() {
+        Ok(c) => Identity {
+            uid: Some(c.uid()),
+            gid: Some(c.gid()),
+            pid: c.pid(),
+            ..Identity::default()
+        },
+        Err(_) => Identity::default(),
+    };
+    serve(broker, stream, peer, shutdown).await
+}

@@ -10,7 +10,7 @@
 //!   `notifications/cancelled` and checks the process still answers `ping`
 //!   before it serves anyone else; a process that does not is replaced.
 
-use super::api::ApiError;
+use super::error::ApiError;
 use super::{Broker, LeaseRef};
 use crate::config::Mode;
 use crate::jsonrpc::{self, codes};

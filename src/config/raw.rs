@@ -6,7 +6,6 @@
 //! defaults and the cross-field checks into a validated [`super::Config`].
 
 use super::{Mode, Protocol};
-use crate::config::sandbox::Network;
 use crate::policy::Isolate;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -127,4 +126,15 @@ pub struct RawSandbox {
     pub no_new_privileges: Option<bool>,
     /// "host" (default) or "none".
     pub network: Option<Network>,
+}
+
+/// The network a process sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// The broker's own network (no change).
+    #[default]
+    Host,
+    /// A fresh network namespace with only a loopback interface (down).
+    None,
 }

@@ -28,16 +28,7 @@ impl std::fmt::Display for Principal {
     }
 }
 
-/// The network a process sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Network {
-    /// The broker's own network (no change).
-    #[default]
-    Host,
-    /// A fresh network namespace with only a loopback interface (down).
-    None,
-}
+pub use super::raw::Network;
 
 /// Restrictions applied to every process of a pool between fork and exec.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

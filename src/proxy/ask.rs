@@ -9,7 +9,7 @@
 //! is a fresh lease; the client sees one request with its questions inline.
 
 use super::flow::{ClientSide, Flow};
-use super::mrtr::DEFAULT_HOLD_TIMEOUT;
+use super::held::DEFAULT_HOLD_TIMEOUT;
 use super::sse;
 use crate::jsonrpc::{self, codes};
 use bytes::Bytes;

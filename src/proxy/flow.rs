@@ -4,7 +4,7 @@
 //! client sees: notifications pass through, the final response gets the
 //! client's id (and, for 2026-07-28 clients, `resultType` and cache fields),
 //! and server→client requests go to the client over SSE (handshake era) or
-//! become an `InputRequiredResult` (stateless era, see [`super::mrtr`]).
+//! become an `InputRequiredResult` (stateless era, see [`super::held`]).
 //!
 //! [`respond`] picks the response shape: when the first thing the lease
 //! yields is the response itself, a plain JSON answer (the cheap common
@@ -14,7 +14,7 @@
 
 use super::backend::Lines;
 use super::session::Session;
-use super::{ask, modern, mrtr, sse, Proxy};
+use super::{ask, held, modern, sse, Proxy};
 use crate::jsonrpc::{self, codes, Kind};
 use crate::web::{self, Body};
 use ::http::{Response, StatusCode};
@@ -284,7 +284,7 @@ pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
             return web::json(status, &m);
         }
         Step::Hold(req) => {
-            let result = mrtr::hold(flow, req).await;
+            let result = held::hold(flow, req).await;
             return web::json(StatusCode::OK, &result);
         }
         other => other,
@@ -299,7 +299,7 @@ pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
                     flow.done();
                     return web::json(status, &m);
                 }
-                Step::Hold(req) => return web::json(StatusCode::OK, &mrtr::hold(flow, req).await),
+                Step::Hold(req) => return web::json(StatusCode::OK, &held::hold(flow, req).await),
                 Step::NeedInput(_) => {
                     let err = ask::needs_sse(&flow);
                     flow.done();
@@ -337,7 +337,7 @@ pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
             let (event, last) = match step {
                 Step::Final(m) => (sse::event(&m), true),
                 Step::Hold(req) => {
-                    let m = mrtr::hold(flow, req).await;
+                    let m = held::hold(flow, req).await;
                     let _ = tx.send(sse::event(&m)).await;
                     return;
                 }

@@ -10,7 +10,7 @@
 
 use super::error::ProxyError;
 use super::flow::{self, Accept, ClientSide};
-use super::{backend::PoolInfo, mrtr, Proxy};
+use super::{backend::PoolInfo, held, Proxy};
 use crate::jsonrpc::{self, Kind};
 use crate::protocol::{self, Era, STATELESS_VERSION};
 use crate::web::{self, Body};
@@ -200,7 +200,7 @@ pub async fn post(
             complete_result("ping", &mut r);
             return web::json(StatusCode::OK, &r);
         }
-        "subscriptions/listen" => return super::listen::modern(proxy, id, &msg).await,
+        "subscriptions/listen" => return super::notifications::modern(proxy, id, &msg).await,
         "initialize" => {
             return ProxyError::Invalid(
                 "initialize is not part of 2026-07-28; send requests directly".into(),
@@ -210,8 +210,8 @@ pub async fn post(
         _ => {}
     }
     let params = msg.get("params").cloned().unwrap_or(Value::Null);
-    if mrtr::is_resume(&params) {
-        return match mrtr::resume(proxy, id.clone(), &method, &params, capabilities, accept).await {
+    if held::is_resume(&params) {
+        return match held::resume(proxy, id.clone(), &method, &params, capabilities, accept).await {
             Ok(r) => r,
             Err(e) => e.into_response(id),
         };

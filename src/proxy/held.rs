@@ -1,7 +1,7 @@
-//! Multi-round-trip requests: bridging a handshake-era server's
-//! server→client request (sampling, elicitation, roots) to a 2026-07-28
-//! client, which cannot receive requests and instead gets an
-//! `InputRequiredResult` and retries.
+//! Held leases: bridging a handshake-era server's server→client request
+//! (sampling, elicitation, roots) to a 2026-07-28 client, which cannot
+//! receive requests and instead gets an `InputRequiredResult` and retries
+//! (a *multi-round-trip* request in the 2026-07-28 revision's terms).
 //!
 //! The lease stays open while the proxy waits for the retry: the process is
 //! still inside the original request, blocked on its question. The retry
