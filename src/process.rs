@@ -483,6 +483,11 @@ async fn reap(
     };
     tracing::debug!(pool = %worker.pool, pid = worker.pid, %reason, "process ended");
     *worker.exit_reason.lock().expect("lock") = Some(reason.clone());
+    // Exited before the leases in flight hear of it: one that ends on the
+    // failure gives the process back, and the pool must by then see it as
+    // gone, or it hands the dead process to a request waiting in the queue.
+    worker.close_stdin.cancel();
+    worker.exited.cancel();
     let actions = worker.router.lock().expect("lock").fail_all(&format!(
         "the server process {} {reason} while handling this request",
         worker.pid
@@ -490,6 +495,4 @@ async fn reap(
     for a in actions {
         worker.perform(a);
     }
-    worker.close_stdin.cancel();
-    worker.exited.cancel();
 }

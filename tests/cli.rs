@@ -1,9 +1,13 @@
 //! The `mcp-broker` binary as a user runs it: `check`, `serve` with SIGTERM,
 //! and flag errors.
 
+#[path = "support/harness.rs"]
+mod harness;
+
+use harness::{poll_blocking, procs_with_tag, TAG_VAR};
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mcp-broker");
 const FIXTURE: &str = env!("CARGO_BIN_EXE_mcp-fixture");
@@ -88,10 +92,11 @@ fn up_rejects_bad_flags() {
 fn serve_runs_until_sigterm_and_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("b.sock");
+    let tag = uuid::Uuid::new_v4().simple().to_string();
     let c = config(
         dir.path(),
         &format!(
-            "[broker]\nsocket = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\ndrain_timeout = \"2s\"\n[[pool]]\nname = \"fx\"\ncommand = \"{FIXTURE}\"\nmin_idle = 2\n",
+            "[broker]\nsocket = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\ndrain_timeout = \"2s\"\n[[pool]]\nname = \"fx\"\ncommand = \"{FIXTURE}\"\nmin_idle = 2\nenv = {{ {TAG_VAR} = \"{tag}\" }}\n",
             sock.display()
         ),
     );
@@ -102,14 +107,10 @@ fn serve_runs_until_sigterm_and_cleans_up() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "socket never appeared"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        poll_blocking(Duration::from_secs(10), || sock.exists()),
+        "socket never appeared"
+    );
     // A second broker on the same socket refuses to start.
     let out = Command::new(BIN)
         .args(["serve", "--config"])
@@ -120,19 +121,26 @@ fn serve_runs_until_sigterm_and_cleans_up() {
     assert!(String::from_utf8(out.stderr)
         .unwrap()
         .contains("already listening"));
-    std::thread::sleep(Duration::from_millis(500));
+    // SIGTERM with the pool's processes running: they go with the broker.
+    assert!(
+        poll_blocking(Duration::from_secs(10), || procs_with_tag(&tag).len() == 2),
+        "the pool never started: {:?}",
+        procs_with_tag(&tag)
+    );
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "broker did not exit on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success());
+    let mut status = None;
+    assert!(
+        poll_blocking(Duration::from_secs(15), || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        }),
+        "broker did not exit on SIGTERM"
+    );
+    assert!(status.unwrap().success());
     assert!(!sock.exists(), "socket removed");
+    assert_eq!(
+        procs_with_tag(&tag),
+        Vec::<u32>::new(),
+        "processes left behind"
+    );
 }

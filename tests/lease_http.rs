@@ -12,22 +12,113 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-/// Reads until the broker closes or goes quiet for `quiet`.
-async fn read_all(s: &mut UnixStream, quiet: Duration) -> String {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 8192];
+/// How long one response may take: a failure bound, not a quiet period.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
+/// The length of the first whole HTTP/1.x response in `buf` (framed by its
+/// content-length or chunked encoding; `head_only` for a HEAD request), or
+/// `None` while it is incomplete or runs until the connection closes.
+fn response_len(buf: &[u8], head_only: bool) -> Option<usize> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut r = httparse::Response::new(&mut headers);
+    let head = match r.parse(buf).expect("a well-formed response head") {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => return None,
+    };
+    let code = r.code.unwrap_or(0);
+    if head_only || code < 200 || code == 204 || code == 304 {
+        return Some(head);
+    }
+    let header = |name: &str| {
+        r.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
+    };
+    if let Some(len) = header("content-length") {
+        let end = head + len.trim().parse::<usize>().expect("numeric content-length");
+        return (buf.len() >= end).then_some(end);
+    }
+    if !header("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+        return None;
+    }
+    let mut at = head;
     loop {
-        match tokio::time::timeout(quiet, s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return String::from_utf8_lossy(&out).into_owned(),
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        let line = buf[at..].windows(2).position(|w| w == b"\r\n")?;
+        let size = std::str::from_utf8(&buf[at..at + line]).expect("chunk size");
+        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16)
+            .expect("hex chunk size");
+        at += line + 2 + size + 2;
+        if buf.len() < at {
+            return None;
+        }
+        if size == 0 {
+            return Some(at);
         }
     }
 }
 
+/// A connection to the lease API and what it has sent but was not read yet.
+struct Conn {
+    s: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(b: &TestBroker) -> Conn {
+        Conn {
+            s: UnixStream::connect(&b.socket).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads one more byte chunk; false at end of stream.
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 8192];
+        let n = tokio::time::timeout(ANSWER_WITHIN, self.s.read(&mut chunk))
+            .await
+            .expect("the broker answers in time")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    /// The next whole response (to a HEAD request when `head_only`).
+    async fn response(&mut self, head_only: bool) -> String {
+        loop {
+            if let Some(n) = response_len(&self.buf, head_only) {
+                let r: Vec<u8> = self.buf.drain(..n).collect();
+                return String::from_utf8_lossy(&r).into_owned();
+            }
+            if !self.fill().await {
+                // Framed by the end of the connection.
+                assert!(!self.buf.is_empty(), "the broker closed without answering");
+                let r = std::mem::take(&mut self.buf);
+                return String::from_utf8_lossy(&r).into_owned();
+            }
+        }
+    }
+
+    /// Asserts that the broker closes the connection with nothing more.
+    async fn closed(&mut self) {
+        while self.fill().await {}
+        assert!(
+            self.buf.is_empty(),
+            "more after the response: {}",
+            String::from_utf8_lossy(&self.buf)
+        );
+    }
+}
+
+/// Sends `bytes` on a fresh connection and returns the one response.
 async fn exchange(b: &TestBroker, bytes: &[u8]) -> String {
-    let mut s = UnixStream::connect(&b.socket).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    read_all(&mut s, Duration::from_millis(1500)).await
+    let mut c = Conn::open(b).await;
+    c.send(bytes).await;
+    c.response(bytes.starts_with(b"HEAD ")).await
 }
 
 fn post(pool: &str, body: &str, extra: &str) -> String {
@@ -54,15 +145,16 @@ fn answers(reply: &str) -> Vec<Value> {
 async fn keep_alive_and_pipelined_requests_are_answered_in_order() {
     let b = TestBroker::start(vec![fixture_pool("fx", &[])]).await;
     b.wait_idle("fx", 1).await;
-    let mut s = UnixStream::connect(&b.socket).await.unwrap();
+    let mut s = Conn::open(&b).await;
     // Two requests in one write, then a third on the same connection.
     let two = format!(
         "{}{}",
         post("fx", &echo(1, "a"), ""),
         post("fx", &echo(2, "b"), "")
     );
-    s.write_all(two.as_bytes()).await.unwrap();
-    let reply = read_all(&mut s, Duration::from_millis(500)).await;
+    s.send(two.as_bytes()).await;
+    let mut reply = s.response(false).await;
+    reply += &s.response(false).await;
     assert_eq!(reply.matches("HTTP/1.1 200 OK").count(), 2, "{reply}");
     assert!(
         reply.contains("content-length: "),
@@ -74,18 +166,16 @@ async fn keep_alive_and_pipelined_requests_are_answered_in_order() {
         (text_of(&got[0]), text_of(&got[1])),
         ("a".into(), "b".into())
     );
-    s.write_all(post("fx", &echo(3, "c"), "").as_bytes())
-        .await
-        .unwrap();
-    let reply = read_all(&mut s, Duration::from_millis(500)).await;
+    s.send(post("fx", &echo(3, "c"), "").as_bytes()).await;
+    let reply = s.response(false).await;
     assert_eq!(text_of(&answers(&reply)[0]), "c");
     // `connection: close` is honoured.
-    s.write_all(post("fx", &echo(4, "d"), "connection: close\r\n").as_bytes())
-        .await
-        .unwrap();
-    let reply = read_all(&mut s, Duration::from_secs(5)).await;
+    s.send(post("fx", &echo(4, "d"), "connection: close\r\n").as_bytes())
+        .await;
+    let reply = s.response(false).await;
     assert!(reply.contains("connection: close"), "{reply}");
     assert_eq!(text_of(&answers(&reply)[0]), "d");
+    s.closed().await;
     b.stop().await;
 }
 
@@ -167,11 +257,9 @@ async fn hanging_up_while_queued_leaves_the_queue() {
     let b = TestBroker::start(vec![p]).await;
     b.wait_idle("fx", 1).await;
     let pool = b.broker.pool("fx").unwrap().clone();
-    let hold = tokio::spawn({
-        let c = b.client("fx");
-        async move { lease(&c, &tool(1, "sleep", json!({"ms": 3000})), None).await }
-    });
-    wait_until(Duration::from_secs(5), || pool.status().busy == 1).await;
+    // The only process stays busy until the end of the test.
+    let c = b.client("fx");
+    let hold = Held::start(&c, 1).await;
     let mut waiting = Vec::new();
     for i in 0..3 {
         let mut s = UnixStream::connect(&b.socket).await.unwrap();
@@ -184,8 +272,8 @@ async fn hanging_up_while_queued_leaves_the_queue() {
     drop(waiting);
     // Gone from the queue at once, not when the process comes free.
     wait_until(Duration::from_secs(1), || pool.status().waiting == 0).await;
-    assert!(!hold.is_finished(), "the hold ended early");
-    let (_, msgs) = hold.await.unwrap();
-    assert_eq!(msgs.last().unwrap()["id"], 1);
+    assert_eq!(pool.status().busy, 1, "the process is still held");
+    let fin = hold.finish(&c, "held").await;
+    assert_eq!(fin["id"], 1);
     b.stop().await;
 }

@@ -378,6 +378,11 @@ proptest! {
 /// Sends raw bytes to the lease API; returns whatever came back until the
 /// broker closed the connection or went quiet. (The write side stays open:
 /// a peer that half-closes may lose its answer, which is HTTP/1.1's rule.)
+///
+/// Going quiet is a legitimate end here, not a stand-in for some state: an
+/// arbitrary input may be an incomplete request (the broker rightly waits
+/// for the rest) or open an endless stream (`/events`), and no answer is
+/// owed for either. The properties are about what did arrive.
 async fn raw_exchange(socket: &std::path::Path, bytes: &[u8]) -> Vec<u8> {
     const QUIET: Duration = Duration::from_millis(150);
     let mut s = tokio::net::UnixStream::connect(socket)

@@ -184,7 +184,8 @@ async fn cancellation_frees_the_process() {
         let (url, s) = (px.url.clone(), s.clone());
         async move { post(&url, &s, &tool(1, "sleep", json!({"ms": 60_000}))).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // On the process (the proxy tracks a request before it sends it).
+    b.wait_status("fx", |st| st.busy == 1).await;
     let cancel = json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1,"reason":"user"}});
     assert_eq!(post(&px.url, &s, &cancel).await.status, 202);
     let started = Instant::now();
@@ -210,7 +211,12 @@ async fn get_stream_carries_list_changed() {
         .unwrap();
     let resp = client.request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The proxy answers only once the broker's event stream is open (and
+    // the broker subscribes before it answers): nothing to wait for.
+    assert_eq!(
+        px.metrics.sse_streams.with_label_values(&["listen"]).get(),
+        1
+    );
     let r = post(&px.url, &s, &tool(1, "list_changed", json!({}))).await;
     assert_eq!(text_of(&r.json()), "ok");
     use http_body_util::BodyExt;
@@ -341,21 +347,22 @@ async fn broker_errors_map_to_clear_answers() {
     b.wait_idle("fx", 1).await;
     let px = TestProxy::start(&b, "fx").await;
     let s = initialize(&px.url, "2025-06-18", json!({})).await;
-    let busy: Vec<_> = (0..2)
-        .map(|i| {
-            let (url, s) = (px.url.clone(), s.clone());
-            tokio::spawn(async move { post(&url, &s, &tool(i, "sleep", json!({"ms": 800}))).await })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The only process is held (straight at the broker), one call queues
+    // behind it, and the queue is full.
+    let direct = b.client("fx");
+    let hold = Held::start(&direct, 1).await;
+    let queued = tokio::spawn({
+        let (url, s) = (px.url.clone(), s.clone());
+        async move { post(&url, &s, &tool(4, "echo", json!({"text":"queued"}))).await }
+    });
+    b.wait_status("fx", |st| st.waiting == 1).await;
     let r = post(&px.url, &s, &tool(5, "echo", json!({"text":"x"}))).await;
     assert_eq!(r.status, 503);
     assert_eq!(r.header("retry-after").as_deref(), Some("1"));
     assert_eq!(r.json()["id"], 5);
     assert_eq!(code_of(&r.json()), mcp_broker::jsonrpc::codes::QUEUE_FULL);
-    for t in busy {
-        assert_eq!(text_of(&t.await.unwrap().json()), "slept 800");
-    }
+    hold.finish(&direct, "done").await;
+    assert_eq!(text_of(&queued.await.unwrap().json()), "queued");
     let r = post(&px.url, &s, &tool(6, "crash", json!({}))).await;
     assert_eq!(r.status, 200);
     assert_eq!(

@@ -39,14 +39,11 @@ async fn pools_reconcile_and_in_flight_leases_finish() {
     .await;
     assert_eq!(text_of(&m[0]), "new pool");
 
-    // Change `a` while a lease runs on the old one: it finishes, and the
-    // replacement serves new leases from other processes.
+    // Change `a` while a lease runs on the old one (until the test answers
+    // its server's request): it finishes, and the replacement serves new
+    // leases from other processes.
     let ca = b.client("a");
-    let slow = tokio::spawn({
-        let ca = ca.clone();
-        async move { lease(&ca, &tool(2, "sleep", json!({"ms": 800})), None).await }
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let held = Held::start(&ca, 2).await;
     let (_, m) = lease(&ca, &tool(3, "whoami", json!({})), None).await;
     let old_pid = text_of(&m[0]);
     let text = format!("{}{}", pool_toml("a", &tag, 3), pool_toml("b", &tag, 2));
@@ -59,11 +56,11 @@ async fn pools_reconcile_and_in_flight_leases_finish() {
         old_pid.split(' ').next(),
         "served by the new pool"
     );
-    let (status, m) = slow.await.unwrap();
-    assert_eq!(status, 200);
+    let fin = held.finish(&ca, "across").await;
+    assert_eq!(fin["id"], 2);
     assert_eq!(
-        text_of(&m[0]),
-        "slept 800",
+        text_of(&fin),
+        "across",
         "in-flight lease finished across the reload"
     );
 

@@ -18,7 +18,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mcp-broker");
 const FIXTURE: &str = env!("CARGO_BIN_EXE_mcp-fixture");
@@ -44,17 +44,30 @@ fn require_tool(name: &str) -> PathBuf {
 
 /// Waits (up to `limit`) for `child` to exit.
 fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("process {} did not exit within {limit:?}", child.id());
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let mut status = None;
+    if !poll_blocking(limit, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    }) {
+        let _ = child.kill();
+        panic!("process {} did not exit within {limit:?}", child.id());
     }
+    status.unwrap()
+}
+
+/// Connections waiting in the accept queue of the listening socket at
+/// `path`: Linux lists each in `/proc/net/unix` under the listener's path,
+/// in state 02 (connecting: no socket has accepted it yet).
+fn backlog(path: &Path) -> usize {
+    let path = path.display().to_string();
+    std::fs::read_to_string("/proc/net/unix")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() == 8 && f[5] == "02" && f[7] == path
+        })
+        .count()
 }
 
 /// The `socket:[inode]` link of `pid`'s fd `fd`.
@@ -106,15 +119,11 @@ async fn leases_through_a_socket_passed_by_systemd_socket_activate() {
         .spawn()
         .unwrap();
     let pid = child.id();
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "systemd-socket-activate never created {}",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        poll_blocking(Duration::from_secs(10), || sock.exists()),
+        "systemd-socket-activate never created {}",
+        sock.display()
+    );
 
     // The first connection queues in the backlog while the broker starts and
     // warms its pool; the lease then goes through.
@@ -255,7 +264,8 @@ async fn connections_wait_in_the_backlog_while_the_broker_restarts() {
         let client = client.clone();
         async move { lease(&client, &tool(2, "echo", json!({"text": "queued"})), None).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Connected and waiting in the listener's backlog, not merely spawned.
+    wait_until(Duration::from_secs(10), || backlog(&sock) == 1).await;
     assert!(!waiting.is_finished(), "answered with no broker running");
 
     let mut second = start_activated(&listener, &cfg, &log);

@@ -147,6 +147,7 @@ async fn wait_for_ready(base: &str) {
             start.elapsed() < Duration::from_secs(20),
             "up never became ready"
         );
+        // The poll interval of this bounded wait.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -470,6 +470,11 @@ fn call_tool(state: &State, id: &Value, params: &Value, n: u64) -> Option<RpcRes
             let Some(code) = code else {
                 return Some(Err(bad("crash: `code` must be a 32-bit integer")));
             };
+            if args.get("ask").and_then(Value::as_bool) == Some(true) {
+                // Ask the client first and die once it answers: the test
+                // decides when the process exits while this request is in flight.
+                let _ = state.client_request("roots/list", json!({}));
+            }
             log(&format!("crash: exiting with code {code}"));
             std::process::exit(code);
         }

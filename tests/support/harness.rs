@@ -9,6 +9,7 @@ use http_body_util::{BodyExt, Full};
 use mcp_broker::broker::{listen, Broker};
 use mcp_broker::config::{BrokerSettings, Config, PoolConfig};
 use mcp_broker::metrics::Metrics;
+use mcp_broker::pool::PoolStatus;
 use mcp_broker::proxy::backend::Backend;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -116,6 +117,8 @@ impl TestBroker {
             .expect("broker shut down in time")
             .unwrap();
         assert_no_procs(&self.tag).await;
+        // The scenario's downtime, not synchronisation: callers test what
+        // happens while no broker runs.
         tokio::time::sleep(gap).await;
         Self::launch(self.pools, self.settings, self.tag, self._dir)
     }
@@ -132,8 +135,13 @@ impl TestBroker {
 
     /// Waits until `pool` has at least `n` idle processes.
     pub async fn wait_idle(&self, pool: &str, n: usize) {
+        self.wait_status(pool, |s| s.idle >= n).await;
+    }
+
+    /// Waits (up to 20 s) until the status of `pool` satisfies `cond`.
+    pub async fn wait_status(&self, pool: &str, cond: impl Fn(&PoolStatus) -> bool) {
         let p = self.broker.pool(pool).unwrap().clone();
-        wait_until(Duration::from_secs(20), || p.status().idle >= n).await;
+        wait_until(Duration::from_secs(20), || cond(&p.status())).await;
     }
 
     /// Shuts down, then asserts no process the test started is left.
@@ -154,14 +162,41 @@ impl TestBroker {
 }
 
 /// Polls `cond` every 20 ms until it holds, panicking after `limit`.
-pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) {
+pub async fn wait_until(limit: Duration, cond: impl FnMut() -> bool) {
+    assert!(
+        poll_until(limit, cond).await,
+        "condition not reached within {limit:?}"
+    );
+}
+
+/// Polls `cond` every 20 ms until it holds (true) or `limit` passes (false).
+pub async fn poll_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < limit,
-            "condition not reached within {limit:?}"
-        );
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
+        // The poll interval of this bounded wait.
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// [`poll_until`] for synchronous tests: polls `cond` every 20 ms until it
+/// holds (true) or `limit` passes (false), blocking the thread.
+pub fn poll_blocking(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
+        // The poll interval of this bounded wait.
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -193,17 +228,8 @@ pub fn procs_with_tag(tag: &str) -> Vec<u32> {
 
 /// Asserts (waiting up to 5 s) that no process carries `tag`.
 pub async fn assert_no_procs(tag: &str) {
-    let start = Instant::now();
-    loop {
-        let left = procs_with_tag(tag);
-        if left.is_empty() {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "processes left behind: {left:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if !poll_until(Duration::from_secs(5), || procs_with_tag(tag).is_empty()).await {
+        panic!("processes left behind: {:?}", procs_with_tag(tag));
     }
 }
 
@@ -223,6 +249,68 @@ pub async fn lease(c: &Backend, msg: &Value, session: Option<&str>) -> (u16, Vec
         out.push(m.expect("valid line"));
     }
     (l.status.as_u16(), out)
+}
+
+/// A request that keeps its process busy until the test says so: the
+/// fixture's `sample` tool, waiting for the caller's answer to its
+/// `sampling/createMessage` (handshake-era pools; a stateless fixture
+/// answers `sample` at once with an `InputRequiredResult`).
+pub struct Held {
+    pub lease: mcp_broker::proxy::backend::Lease,
+    /// The server's request, proof that the call is on a process.
+    pub ask: Value,
+}
+
+impl Held {
+    /// Starts `sample` (request `id`) and returns once it runs on a process.
+    pub async fn start(c: &Backend, id: u64) -> Held {
+        let mut lease = c
+            .lease(
+                &tool(id, "sample", json!({"prompt": "hold"})),
+                None,
+                &mcp_broker::proxy::backend::new_lease_id(),
+            )
+            .await
+            .expect("broker reachable");
+        let ask = lease
+            .lines
+            .next()
+            .await
+            .expect("the server asks")
+            .expect("valid line");
+        assert_eq!(ask["method"], "sampling/createMessage", "{}", short(&ask));
+        Held { lease, ask }
+    }
+
+    /// Answers the server with `text`; returns the call's response (the
+    /// tool echoes the answer) after checking nothing follows it.
+    pub async fn finish(mut self, c: &Backend, text: &str) -> Value {
+        let token = self.lease.token.clone().expect("lease token");
+        let answer = json!({"jsonrpc": "2.0", "id": self.ask["id"], "result": {
+            "role": "assistant", "content": {"type": "text", "text": text}, "model": "m"}});
+        c.deliver(&token, &answer).await.expect("answer delivered");
+        let fin = self
+            .lease
+            .lines
+            .next()
+            .await
+            .expect("a response")
+            .expect("valid line");
+        assert!(
+            self.lease.lines.next().await.is_none(),
+            "nothing after the response"
+        );
+        fin
+    }
+}
+
+/// The pid a fixture `whoami` answer (`pid=N calls=M`) names.
+pub fn pid_of(whoami: &str) -> u32 {
+    whoami
+        .strip_prefix("pid=")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("not a whoami answer: {whoami}"))
 }
 
 /// The text of a tool result's first content item.
