@@ -34,7 +34,7 @@ fn example(name: &str) -> PathBuf {
         .join(name);
     assert!(
         p.exists(),
-        "{} missing: build it with `cargo build --examples` (cargo test --all-targets does)",
+        "{} missing: build it with `cargo build --examples` (scripts/test does)",
         p.display()
     );
     p
