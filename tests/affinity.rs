@@ -74,11 +74,22 @@ async fn a_retry_waits_for_its_busy_process_instead_of_taking_another() {
     // for it although the other process is idle.
     let busy = {
         let c = c.clone();
-        tokio::spawn(async move { lease(&c, &tool(2, "sleep", json!({"ms": 400})), None).await })
+        tokio::spawn(async move { lease(&c, &tool(2, "sleep", json!({"ms": 3000})), None).await })
     };
     let pool = b.broker.pool("s").unwrap();
     wait_until(Duration::from_secs(5), || pool.status().busy == 1).await;
-    let (_, msgs) = lease(&c, &retry(3, &state, "late"), None).await;
+    let waiting = {
+        let c = c.clone();
+        tokio::spawn(async move { lease(&c, &retry(3, &state, "late"), None).await })
+    };
+    // Observable: the retry queues for its busy process while the other
+    // process stays idle.
+    wait_until(Duration::from_secs(5), || {
+        let s = pool.status();
+        s.waiting == 1 && s.idle == 1
+    })
+    .await;
+    let (_, msgs) = waiting.await.unwrap();
     assert_eq!(text_of(msgs.last().unwrap()), "late", "{msgs:?}");
     let (_, slept) = busy.await.unwrap();
     assert!(slept.last().unwrap().get("result").is_some());
