@@ -15,6 +15,7 @@ use crate::framing::{sniff_id, Frame, LineSplitter};
 use crate::jsonrpc::{self, codes};
 use crate::metrics::Metrics;
 use bytes::Bytes;
+use nix::sys::signal::Signal;
 use router::{Action, LeaseEvent, LeaseSink, Router};
 use serde_json::Value;
 use std::process::Stdio;
@@ -55,6 +56,8 @@ pub struct Worker {
     pub id: u64,
     /// OS process id, which is also the process group id.
     pub pid: u32,
+    /// Its process group: every signal to the process goes through it.
+    group: group::Group,
     pool: String,
     max_message_size: usize,
     /// Written directly by [`Worker::send`] (no task hop on the request
@@ -111,6 +114,7 @@ impl Worker {
         })?;
         drop(sandbox);
         let pid = child.id().unwrap_or(0);
+        let group = group::Group::leader(&child);
         let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
         let stdin = Arc::new(tokio::sync::Mutex::new(Some(
             child.stdin.take().expect("piped"),
@@ -119,6 +123,7 @@ impl Worker {
         let worker = Arc::new(Worker {
             id,
             pid,
+            group,
             pool: cfg.name.clone(),
             max_message_size: cfg.max_message_size,
             stdin: stdin.clone(),
@@ -288,10 +293,10 @@ impl Worker {
             return;
         }
         self.close_stdin.cancel();
-        group::kill_group(self.pid, libc::SIGTERM);
+        self.group.signal(Signal::SIGTERM);
         if tokio::time::timeout(grace, self.wait_exit()).await.is_err() {
             tracing::warn!(pool = %self.pool, pid = self.pid, "did not stop within {grace:?}; killing");
-            group::kill_group(self.pid, libc::SIGKILL);
+            self.group.signal(Signal::SIGKILL);
             // The reaper fires within DRAIN_AFTER_EXIT of the kill.
             let _ = tokio::time::timeout(DRAIN_AFTER_EXIT * 5, self.wait_exit()).await;
         }
@@ -299,7 +304,7 @@ impl Worker {
 
     /// Kills the whole group at once (for a process that is stuck).
     pub fn kill(&self) {
-        group::kill_group(self.pid, libc::SIGKILL);
+        self.group.signal(Signal::SIGKILL);
     }
 
     fn perform(&self, action: Action) {
@@ -462,16 +467,15 @@ async fn reap(
     mut child: tokio::process::Child,
     stdout_done: CancellationToken,
 ) {
-    let watch = group::ExitWatch::new(worker.pid);
     // Wait for the leader to exit (pidfd, not reaped) or stdout to close.
     tokio::select! {
-        _ = watch.wait() => {}
+        _ = worker.group.exited() => {}
         _ = stdout_done.cancelled() => {}
     }
     // The leader is not reaped yet, so its group id cannot have been reused:
-    // kill the stragglers (npx's node, shells' children) before reaping.
-    group::kill_group(worker.pid, libc::SIGKILL);
-    let status = child.wait().await;
+    // `reap` kills the stragglers (npx's node, shells' children) before it
+    // reaps, and no signal reaches the group after that.
+    let status = worker.group.reap(&mut child).await;
     let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, stdout_done.cancelled()).await;
     let reason = match status {
         Ok(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {

@@ -332,8 +332,9 @@ async fn chaos_soak() {
             continue;
         }
         let pid = pids[rng.gen_range(0..pids.len())];
-        // SAFETY: kill(2) on a pid of a process this test started.
-        if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } == 0 {
+        // A pid of a process this test started (it may have just exited).
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok() {
             t.kills.fetch_add(1, Ordering::Relaxed);
         }
     }

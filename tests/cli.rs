@@ -127,7 +127,8 @@ fn serve_runs_until_sigterm_and_cleans_up() {
         "the pool never started: {:?}",
         procs_with_tag(&tag)
     );
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let mut status = None;
     assert!(
         poll_blocking(Duration::from_secs(15), || {

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use std::time::Duration;
 
 fn my_uid() -> u32 {
-    unsafe { libc::getuid() }
+    nix::unistd::getuid().as_raw()
 }
 
 async fn call(px: &TestProxy, text: &str) -> Value {

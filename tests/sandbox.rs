@@ -17,8 +17,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 fn is_root() -> bool {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 /// Calls a tool through a fresh lease; returns the final message.
@@ -274,6 +273,33 @@ async fn network_none_leaves_only_loopback() {
     assert_ne!(ours, theirs, "a separate network namespace");
     let echo = call(&b, "echo", json!({"text": "offline"})).await;
     assert_eq!(text_of(&echo), "offline");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_step_that_fails_in_the_child_is_named_with_its_errno() {
+    // Above fs.nr_open even root may not raise RLIMIT_NOFILE: setrlimit
+    // fails in the child, which reports step and errno through the pipe.
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let b = TestBroker::start(vec![pool(SandboxConfig {
+        max_open_files: Some(nr_open + 1),
+        ..SandboxConfig::default()
+    })])
+    .await;
+    let e = start_failure(&b).await;
+    assert!(
+        e.contains("max_open_files (setrlimit RLIMIT_NOFILE) failed in the child")
+            && e.contains("Operation not permitted"),
+        "{e}"
+    );
+    assert!(
+        procs_with_tag(&b.tag).is_empty(),
+        "nothing ran unrestricted"
+    );
     b.stop().await;
 }
 

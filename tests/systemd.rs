@@ -182,18 +182,23 @@ async fn leases_through_a_socket_passed_by_systemd_socket_activate() {
 
     // SIGTERM: drain and exit cleanly; the socket belongs to the activator
     // (systemd) and stays.
-    // SAFETY: signalling the child we spawned.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    sigterm(pid);
     let status = wait_exit(&mut child, Duration::from_secs(20));
     assert!(status.success(), "exit {status:?}:\n{}", broker_log());
     assert!(sock.exists(), "an inherited socket must not be removed");
     assert_no_procs(&tag).await;
 }
 
+/// Sends SIGTERM to the child `pid` (spawned by this test, not reaped yet).
+fn sigterm(pid: u32) {
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+}
+
 /// Starts `mcp-broker serve` with `listener` as fd 3 and LISTEN_FDS=1 /
 /// LISTEN_PID=<its pid>, as systemd does for each start of the service.
 fn start_activated(listener: &std::os::unix::net::UnixListener, cfg: &Path, log: &Path) -> Child {
-    use std::os::fd::AsRawFd;
+    use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd};
     use std::os::unix::process::CommandExt;
     let fd = listener.as_raw_fd();
     let log = std::fs::OpenOptions::new()
@@ -214,12 +219,13 @@ fn start_activated(listener: &std::os::unix::net::UnixListener, cfg: &Path, log:
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(log);
-    // SAFETY: dup2 is async-signal-safe; it only rearranges fds in the child.
+    // SAFETY: dup2 is async-signal-safe; it only rearranges fds in the
+    // child. `fd` (the listener) stays open until `spawn` returns, and fd 3
+    // is handed to the broker across exec, so the OwnedFd nix returns for
+    // it is released, not closed.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            let _fd3 = nix::unistd::dup2_raw(BorrowedFd::borrow_raw(fd), 3)?.into_raw_fd();
             Ok(())
         });
     }
@@ -247,8 +253,7 @@ async fn connections_wait_in_the_backlog_while_the_broker_restarts() {
     let (status, msgs) = lease(&client, &echo("first"), None).await;
     assert_eq!(status, 200, "{}", broker_log());
     assert_eq!(text_of(msgs.last().unwrap()), "first");
-    // SAFETY: signalling the child we spawned.
-    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    sigterm(first.id());
     assert!(
         wait_exit(&mut first, Duration::from_secs(20)).success(),
         "{}",
@@ -275,8 +280,7 @@ async fn connections_wait_in_the_backlog_while_the_broker_restarts() {
         .unwrap();
     assert_eq!(status, 200, "{}", broker_log());
     assert_eq!(text_of(msgs.last().unwrap()), "queued");
-    // SAFETY: as above.
-    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    sigterm(second.id());
     assert!(
         wait_exit(&mut second, Duration::from_secs(20)).success(),
         "{}",

@@ -126,7 +126,8 @@ async fn env_cwd_and_protocol_reach_the_server() {
         metrics.contains(r#"mcp_broker_pool_era{era="legacy",pool="default"} 1"#),
         "{metrics}"
     );
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = child.wait().unwrap();
     assert!(status.success());
 }

@@ -7,35 +7,27 @@
 //! files in the output directory and inherit this process's rlimits (see
 //! [`raise_nofile`]).
 
+use crate::process::group::Group;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use nix::sys::resource::{getrlimit, rlim_t, setrlimit, Resource};
+use nix::sys::signal::Signal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Raises this process's soft RLIMIT_NOFILE to its hard limit (children
 /// started afterwards inherit it). Returns the soft limit now in force.
-pub fn raise_nofile() -> libc::rlim_t {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+pub fn raise_nofile() -> rlim_t {
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return 0;
+    };
+    // Raising soft to hard needs no privilege.
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
     }
-    if lim.rlim_cur < lim.rlim_max {
-        let want = libc::rlimit {
-            rlim_cur: lim.rlim_max,
-            rlim_max: lim.rlim_max,
-        };
-        // SAFETY: setrlimit reads the struct we own; raising soft to hard is allowed.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
-            lim.rlim_cur = lim.rlim_max;
-        }
-    }
-    lim.rlim_cur
+    soft
 }
 
 /// A free loopback port (bound and released; a race with other programs is
@@ -90,6 +82,7 @@ pub struct Daemon {
     /// Its log file.
     pub log: PathBuf,
     child: tokio::process::Child,
+    group: Group,
 }
 
 impl Daemon {
@@ -112,11 +105,13 @@ impl Daemon {
         let pid = child
             .id()
             .ok_or_else(|| anyhow::anyhow!("{name} exited at once; see {}", log.display()))?;
+        let group = Group::leader(&child);
         Ok(Daemon {
             name: name.to_string(),
             pid,
             log,
             child,
+            group,
         })
     }
 
@@ -129,7 +124,7 @@ impl Daemon {
         let start = Instant::now();
         let mut last = String::from("not tried");
         while start.elapsed() < limit {
-            if let Ok(Some(st)) = self.child.try_wait() {
+            if let Ok(Some(st)) = self.group.try_reap(&mut self.child) {
                 anyhow::bail!(
                     "{} exited at start ({st}); see {}",
                     self.name,
@@ -149,11 +144,11 @@ impl Daemon {
         )
     }
 
-    /// SIGTERM, up to `grace` to exit, then SIGKILL to its process group.
+    /// SIGTERM, up to `grace` to exit, then SIGKILL to its process group
+    /// (before the child is reaped, so the group id is still its own).
     pub async fn stop(mut self, grace: Duration) {
-        // SAFETY: signalling the child we started (still unreaped, so the pid is ours).
-        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
-        if tokio::time::timeout(grace, self.child.wait())
+        self.group.signal_leader(Signal::SIGTERM);
+        if tokio::time::timeout(grace, self.group.exited())
             .await
             .is_err()
         {
@@ -162,9 +157,9 @@ impl Daemon {
                 self.name
             );
         }
-        // SAFETY: the process group we created; ends stragglers.
-        unsafe { libc::kill(-(self.pid as i32), libc::SIGKILL) };
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        // Ends stragglers in the group, then reaps.
+        let reap = self.group.reap(&mut self.child);
+        let _ = tokio::time::timeout(Duration::from_secs(5), reap).await;
     }
 }
 

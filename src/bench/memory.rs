@@ -126,7 +126,7 @@ async fn measure(
     socket: &Path,
     broker: &Daemon,
     queued: usize,
-    nofile: libc::rlim_t,
+    nofile: nix::sys::resource::rlim_t,
     start_timeout: Duration,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Vec<MemRow>> {

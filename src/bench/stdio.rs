@@ -7,6 +7,7 @@
 //! and the process runs in its own group, killed whole at [`StdioServer::stop`].
 
 use super::client::{check, Outcome, PROTOCOL_VERSION};
+use crate::process::group::Group;
 use bytes::Bytes;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -20,6 +21,7 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
 /// One stdio server process spoken to directly, requests pipelined.
 pub struct StdioServer {
     child: tokio::sync::Mutex<tokio::process::Child>,
+    group: Group,
     /// The process id.
     pub pid: u32,
     tx: mpsc::Sender<Bytes>,
@@ -43,6 +45,7 @@ impl StdioServer {
             .spawn()
             .map_err(|e| anyhow::anyhow!("cannot start {prog}: {e}"))?;
         let pid = child.id().unwrap_or(0);
+        let group = Group::leader(&child);
         let (stdin, stdout) = match (child.stdin.take(), child.stdout.take()) {
             (Some(i), Some(o)) => (i, o),
             _ => anyhow::bail!("no pipes to {prog}"),
@@ -90,6 +93,7 @@ impl StdioServer {
         });
         let s = Self {
             child: tokio::sync::Mutex::new(child),
+            group,
             pid,
             tx,
             pending,
@@ -145,16 +149,10 @@ impl StdioServer {
         }
     }
 
-    /// Kills the process group and reaps the process (bounded).
+    /// Kills the process group and reaps the process (bounded); the group
+    /// is killed before the reap, and never after it.
     pub async fn stop(&self) {
-        if self.pid > 0 {
-            // SAFETY: signalling our own child's process group.
-            unsafe {
-                libc::kill(-(self.pid as i32), libc::SIGKILL);
-            }
-        }
         let mut c = self.child.lock().await;
-        let _ = c.start_kill();
-        let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.group.reap(&mut c)).await;
     }
 }

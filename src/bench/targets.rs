@@ -10,10 +10,12 @@ use super::client::HttpSession;
 use crate::broker::{listen, Broker};
 use crate::config::{BrokerSettings, Config, PoolConfig};
 use crate::metrics::Metrics;
+use crate::process::group::Group;
 use crate::proxy::{self, ProxySettings};
 use crate::web;
 use ::http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
+use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -183,6 +185,7 @@ pub struct Peer {
     /// Its process id (the group leader).
     pub pid: u32,
     child: tokio::process::Child,
+    group: Group,
 }
 
 impl Peer {
@@ -215,12 +218,18 @@ impl Peer {
             .spawn()
             .map_err(|e| anyhow::anyhow!("cannot start peer {line:?}: {e}"))?;
         let pid = child.id().unwrap_or(0);
+        let group = Group::leader(&child);
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let mut peer = Peer { addr, pid, child };
+        let mut peer = Peer {
+            addr,
+            pid,
+            child,
+            group,
+        };
         let start = Instant::now();
         let mut last = String::new();
         while start.elapsed() < limit {
-            if let Ok(Some(st)) = peer.child.try_wait() {
+            if let Ok(Some(st)) = peer.group.try_reap(&mut peer.child) {
                 anyhow::bail!("peer {line:?} exited at start ({st}); see its log");
             }
             match HttpSession::open(addr, path, Duration::from_secs(5)).await {
@@ -236,21 +245,14 @@ impl Peer {
         anyhow::bail!("peer {line:?} did not serve MCP at {addr}{path} within {limit:?}: {last}")
     }
 
-    /// Stops the peer's whole process group: TERM, then KILL after 2 s.
+    /// Stops the peer's whole process group: TERM, then KILL after 2 s
+    /// (before the leader is reaped, so the group id is still the peer's).
     pub async fn stop(&mut self) {
-        if self.pid > 0 {
-            // SAFETY: signalling the process group we created.
-            unsafe { libc::kill(-(self.pid as i32), libc::SIGTERM) };
-            if tokio::time::timeout(Duration::from_secs(2), self.child.wait())
-                .await
-                .is_err()
-            {
-                unsafe { libc::kill(-(self.pid as i32), libc::SIGKILL) };
-            }
-            // SAFETY: as above; ends stragglers that ignored TERM.
-            unsafe { libc::kill(-(self.pid as i32), libc::SIGKILL) };
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        self.group.signal(Signal::SIGTERM);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.group.exited()).await;
+        // Ends stragglers that ignored TERM, then reaps.
+        let reap = self.group.reap(&mut self.child);
+        let _ = tokio::time::timeout(Duration::from_secs(5), reap).await;
     }
 }
 

@@ -204,8 +204,11 @@ fn main() {
         std::process::exit(1);
     }
     if opts.ignore_sigterm {
-        // SAFETY: installing SIG_IGN has no handler code and no preconditions.
-        unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+        use nix::sys::signal::{signal, SigHandler, Signal};
+        // SAFETY: nix marks `signal` unsafe because a handler function runs
+        // in signal context; SIG_IGN runs no code, and no other SIGTERM
+        // disposition is installed in this program.
+        let _ = unsafe { signal(Signal::SIGTERM, SigHandler::SigIgn) };
     }
     let state = Arc::new(State {
         opts,

@@ -7,8 +7,11 @@
 //! by systemd with the unit's `SocketMode=`/`SocketGroup=`; the broker leaves
 //! it as it is and never removes it.
 
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::sys::socket::{getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrLike};
+use nix::sys::stat::{umask, Mode};
 use std::io;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use tokio::net::UnixListener;
@@ -45,11 +48,9 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener,
         }
         std::fs::remove_file(path).map_err(io_err)?;
     }
-    // SAFETY: umask only changes this process's file-creation mask.
-    let old = unsafe { libc::umask(0o177) };
+    let old = umask(Mode::from_bits_truncate(0o177));
     let bound = UnixListener::bind(path);
-    // SAFETY: as above; restores the previous mask.
-    unsafe { libc::umask(old) };
+    umask(old);
     let listener = bound.map_err(io_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
     if let Some(g) = group {
@@ -63,15 +64,9 @@ fn group_id(name: &str) -> Option<u32> {
     if let Ok(n) = name.parse::<u32>() {
         return Some(n);
     }
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: getgrnam reads a NUL-terminated string; the result is read at once.
-    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
-    if gr.is_null() {
-        None
-    } else {
-        // SAFETY: non-null pointer to a valid group entry.
-        Some(unsafe { (*gr).gr_gid })
-    }
+    // getgrnam_r: reentrant, unlike getgrnam's static buffer.
+    let g = nix::unistd::Group::from_name(name).ok()??;
+    Some(g.gid.as_raw())
 }
 
 /// The first file descriptor passed by systemd (`SD_LISTEN_FDS_START`).
@@ -98,7 +93,7 @@ pub fn inherited() -> Result<Option<UnixListener>, ListenError> {
     }
     match passed_fds(pid.as_deref(), fds.as_deref(), std::process::id())? {
         0 => Ok(None),
-        1 => adopt(LISTEN_FDS_START).map(Some),
+        1 => adopt_passed().map(Some),
         n => Err(ListenError::Inherited(format!(
             "systemd passed {n} sockets; the broker serves exactly one \
              (one ListenStream= in mcp-broker.socket)"
@@ -138,66 +133,66 @@ fn passed_fds(
     Ok(n)
 }
 
-/// Checks that `fd` is a listening Unix stream socket and wraps it.
-fn adopt(fd: RawFd) -> Result<UnixListener, ListenError> {
-    let bad = |what: String| ListenError::Inherited(format!("fd {fd}: {what}"));
-    let domain = sockopt(fd, libc::SO_DOMAIN).map_err(|e| bad(format!("not a socket ({e})")))?;
-    if domain != libc::AF_UNIX {
-        return Err(bad(format!(
-            "address family {domain}, not AF_UNIX (use ListenStream=/path in the .socket unit)"
-        )));
-    }
-    let ty = sockopt(fd, libc::SO_TYPE).map_err(|e| bad(e.to_string()))?;
-    if ty != libc::SOCK_STREAM {
-        return Err(bad(format!(
-            "socket type {ty}, not SOCK_STREAM (use ListenStream=)"
-        )));
-    }
-    if sockopt(fd, libc::SO_ACCEPTCONN).map_err(|e| bad(e.to_string()))? == 0 {
-        return Err(bad("not listening (Accept=no is required)".into()));
-    }
-    // SAFETY: fcntl on an fd we checked is an open socket; flags only.
-    let ok = unsafe {
-        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) == 0
-            && libc::fcntl(
-                fd,
-                libc::F_SETFL,
-                libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK,
-            ) == 0
-    };
-    if !ok {
-        return Err(bad(format!("fcntl: {}", io::Error::last_os_error())));
-    }
-    // SAFETY: the fd is an open listening socket passed to this process by
-    // its activator and owned by nothing else here; the listener takes it.
-    let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
-    UnixListener::from_std(std_listener).map_err(|e| bad(e.to_string()))
+/// Takes over fd 3: checks it while only borrowing it, then owns it.
+fn adopt_passed() -> Result<UnixListener, ListenError> {
+    // SAFETY: `inherited` found LISTEN_PID naming this process and
+    // LISTEN_FDS=1, so by sd_listen_fds(3) the activator passed fd 3 open
+    // to this process; nothing in the broker opens, closes or claims it
+    // (the variables are gone, so this runs once). The borrow ends before
+    // ownership is taken below; if the activator broke the protocol and
+    // fd 3 is closed, the checks fail with EBADF and nothing is owned.
+    let fd = unsafe { BorrowedFd::borrow_raw(LISTEN_FDS_START) };
+    check_listener(fd)?;
+    // SAFETY: as above, and fd 3 is now known to be an open listening
+    // socket that nothing else owns: the listener takes sole ownership.
+    let owned = unsafe { OwnedFd::from_raw_fd(LISTEN_FDS_START) };
+    into_listener(owned)
 }
 
-/// An integer `SOL_SOCKET` option of `fd`.
-fn sockopt(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
-    let mut val: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: val/len point to a c_int-sized buffer and its length.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&mut val as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r == 0 {
-        Ok(val)
-    } else {
-        Err(io::Error::last_os_error())
+/// Checks that `fd` is a listening Unix stream socket and gives it
+/// `FD_CLOEXEC` and `O_NONBLOCK`.
+fn check_listener(fd: BorrowedFd<'_>) -> Result<(), ListenError> {
+    let raw = fd.as_raw_fd();
+    let bad = |what: String| ListenError::Inherited(format!("fd {raw}: {what}"));
+    // SO_DOMAIN is not in nix; the bound address's family is the same thing.
+    let domain = getsockname::<nix::sys::socket::SockaddrStorage>(raw)
+        .map(|a| a.family())
+        .map_err(|e| bad(format!("not a socket ({e})")))?;
+    if domain != Some(AddressFamily::Unix) {
+        let family = domain.map_or_else(|| "unknown".into(), |f| format!("{f:?}"));
+        return Err(bad(format!(
+            "address family {family}, not AF_UNIX (use ListenStream=/path in the .socket unit)"
+        )));
     }
+    let ty = getsockopt(&fd, sockopt::SockType).map_err(|e| bad(e.to_string()))?;
+    if ty != SockType::Stream {
+        return Err(bad(format!(
+            "socket type {ty:?}, not SOCK_STREAM (use ListenStream=)"
+        )));
+    }
+    if !getsockopt(&fd, sockopt::AcceptConn).map_err(|e| bad(e.to_string()))? {
+        return Err(bad("not listening (Accept=no is required)".into()));
+    }
+    let set_flags = || -> nix::Result<()> {
+        fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+        let fl = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+        fcntl(fd, FcntlArg::F_SETFL(fl | OFlag::O_NONBLOCK))?;
+        Ok(())
+    };
+    set_flags().map_err(|e| bad(format!("fcntl: {}", io::Error::from(e))))
+}
+
+/// Wraps a socket that passed [`check_listener`].
+fn into_listener(fd: OwnedFd) -> Result<UnixListener, ListenError> {
+    let raw = fd.as_raw_fd();
+    UnixListener::from_std(std::os::unix::net::UnixListener::from(fd))
+        .map_err(|e| ListenError::Inherited(format!("fd {raw}: {e}")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn absent_or_foreign_variables_pass_nothing() {
@@ -224,39 +219,42 @@ mod tests {
     }
 
     #[test]
-    fn adopt_refuses_what_is_not_a_listening_unix_socket() {
-        use std::os::fd::AsRawFd;
+    fn socket_group_by_name_or_number() {
+        assert_eq!(group_id("root"), Some(0));
+        assert_eq!(group_id("4242"), Some(4242));
+        assert_eq!(group_id("no-such-group-mcpb"), None);
+    }
+
+    #[test]
+    fn check_refuses_what_is_not_a_listening_unix_socket() {
         let file = std::fs::File::open("/dev/null").unwrap();
-        assert!(adopt(file.as_raw_fd())
+        assert!(check_listener(file.as_fd())
             .unwrap_err()
             .to_string()
             .contains("not a socket"));
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        assert!(adopt(tcp.as_raw_fd())
+        assert!(check_listener(tcp.as_fd())
             .unwrap_err()
             .to_string()
             .contains("AF_UNIX"));
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        assert!(adopt(a.as_raw_fd())
+        assert!(check_listener(a.as_fd())
             .unwrap_err()
             .to_string()
             .contains("not listening"));
     }
 
     #[tokio::test]
-    async fn adopt_takes_a_listening_unix_socket_and_sets_cloexec() {
-        use std::os::fd::IntoRawFd;
+    async fn a_listening_unix_socket_is_taken_with_cloexec() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sock");
-        let fd = std::os::unix::net::UnixListener::bind(&path)
-            .unwrap()
-            .into_raw_fd();
-        // SAFETY: clearing FD_CLOEXEC on our own fd, as an activator leaves it.
-        unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
-        let l = adopt(fd).unwrap();
-        // SAFETY: reading the flags of an open fd.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-        assert_ne!(flags & libc::FD_CLOEXEC, 0);
+        let std_listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // Clear FD_CLOEXEC, as an activator leaves it.
+        fcntl(&std_listener, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+        check_listener(std_listener.as_fd()).unwrap();
+        let flags = fcntl(&std_listener, FcntlArg::F_GETFD).unwrap();
+        assert!(FdFlag::from_bits_retain(flags).contains(FdFlag::FD_CLOEXEC));
+        let l = into_listener(OwnedFd::from(std_listener)).unwrap();
         let c = tokio::net::UnixStream::connect(&path).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
         drop((c, s));

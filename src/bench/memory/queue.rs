@@ -125,7 +125,7 @@ pub(super) async fn queue(
     socket: &Path,
     pid: u32,
     n: usize,
-    nofile: libc::rlim_t,
+    nofile: nix::sys::resource::rlim_t,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<MemRow> {
     let metrics = Arc::new(Metrics::new());
