@@ -107,7 +107,7 @@ pub struct BenchArgs {
     /// 2, 1000 queued calls.
     #[arg(long)]
     pub quick: bool,
-    /// Worker threads of the runtime the broker and proxy run on (as
+    /// Process threads of the runtime the broker and proxy run on (as
     /// `mcp-broker up --threads`).
     #[arg(long, default_value_t = crate::runtime::DEFAULT_LEAN_THREADS as u16,
           value_parser = clap::value_parser!(u16).range(1..=1024))]

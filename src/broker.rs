@@ -12,14 +12,14 @@ pub mod api;
 mod conn;
 mod error;
 pub mod lease;
-pub mod listen;
 pub mod reload;
+pub mod socket;
 
 use crate::config::{BrokerSettings, Config};
 use crate::metrics::Metrics;
 use crate::policy::{PodLookup, TokenVerifier};
 use crate::pool::Pool;
-use crate::process::Worker;
+use crate::process::Process;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -39,7 +39,7 @@ const STOP_TASKS_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct LeaseRef {
     /// The process serving the lease and the lease's id inside its router;
     /// `None` while the request still waits for a process.
-    pub process: Option<(Arc<Worker>, u64)>,
+    pub process: Option<(Arc<Process>, u64)>,
     /// Fired when the client cancels the request.
     pub cancel: CancellationToken,
 }

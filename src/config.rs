@@ -45,7 +45,7 @@ pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default cap on server→client requests (sampling, elicitation, roots)
 /// waiting for the client per lease; more are refused to the server.
-pub const DEFAULT_MAX_SERVER_REQUESTS: usize = crate::process::router::DEFAULT_MAX_SERVER_REQUESTS;
+pub const DEFAULT_MAX_SERVER_REQUESTS: usize = 64;
 /// Default audience of the projected ServiceAccount tokens proxies present.
 pub const DEFAULT_TOKEN_AUDIENCE: &str = "mcp-broker";
 /// Default longest reuse of a token verdict.

@@ -6,7 +6,7 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use mcp_broker::broker::{listen, Broker};
+use mcp_broker::broker::{socket, Broker};
 use mcp_broker::config::raw::RawPool;
 use mcp_broker::config::{self, Config, Mode, Protocol};
 use mcp_broker::metrics::Metrics;
@@ -307,7 +307,7 @@ async fn serve(
     let mut socket = cfg.broker.socket.clone();
     // Socket activation: systemd owns the socket (path, mode, group) and
     // keeps it listening across restarts, so it is never removed here.
-    let (listener, remove_at_exit) = match listen::inherited()? {
+    let (listener, remove_at_exit) = match socket::inherited()? {
         Some(l) => {
             if let Some(p) = l
                 .local_addr()
@@ -320,7 +320,7 @@ async fn serve(
             (l, None)
         }
         None => {
-            let l = listen::bind(
+            let l = socket::bind(
                 &socket,
                 cfg.broker.socket_mode,
                 cfg.broker.socket_group.as_deref(),

@@ -14,7 +14,7 @@ pub mod warm;
 
 use crate::config::{Mode, PoolConfig};
 use crate::metrics::Metrics;
-use crate::process::Worker;
+use crate::process::Process;
 use crate::protocol::Era;
 pub use guard::LeaseGuard;
 use guard::Queued;
@@ -163,7 +163,7 @@ impl Pool {
     }
 
     /// The process bound to an exclusive session, if any.
-    pub fn bound_worker(&self, session: &str) -> Option<Arc<Worker>> {
+    pub fn bound_process(&self, session: &str) -> Option<Arc<Process>> {
         let st = self.inner.state.lock().expect("lock");
         let (id, _) = st.bound.get(session)?;
         st.slots.get(id).map(|s| s.worker.clone())
@@ -308,7 +308,7 @@ impl Pool {
             .set(st.waiters.len() as i64);
     }
 
-    fn guard(&self, worker: Arc<Worker>, session: Option<&str>) -> LeaseGuard {
+    fn guard(&self, worker: Arc<Process>, session: Option<&str>) -> LeaseGuard {
         LeaseGuard {
             inner: self.inner.clone(),
             worker,
@@ -457,7 +457,7 @@ impl Pool {
         self.inner.wake.notify_one();
     }
 
-    fn retire(&self, w: Arc<Worker>, reason: &'static str) {
+    fn retire(&self, w: Arc<Process>, reason: &'static str) {
         self.inner
             .metrics
             .exits

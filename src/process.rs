@@ -1,6 +1,6 @@
 //! One stdio MCP server process: spawn, I/O tasks, routing, stop and reap.
 //!
-//! A [`Worker`] owns three tasks: a writer (stdin replies), a reader (stdout, routed
+//! A [`Process`] owns three tasks: a writer (stdin replies), a reader (stdout, routed
 //! through [`router::Router`]) and a stderr logger, plus a reaper that
 //! notices the exit, kills the rest of the process group, reaps the leader and
 //! fails whatever was still in flight. Nothing here decides *when* a process is
@@ -37,7 +37,7 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
 
 /// Failures of one process.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum WorkerError {
+pub enum ProcessError {
     #[error("cannot start `{command}`: {reason}")]
     Spawn { command: String, reason: String },
     #[error("the process has exited: {0}")]
@@ -51,7 +51,7 @@ pub enum WorkerError {
 }
 
 /// A running server process.
-pub struct Worker {
+pub struct Process {
     /// Broker-unique id (for logs and routing ids).
     pub id: u64,
     /// OS process id, which is also the process group id.
@@ -60,7 +60,7 @@ pub struct Worker {
     group: group::Group,
     pool: String,
     max_message_size: usize,
-    /// Written directly by [`Worker::send`] (no task hop on the request
+    /// Written directly by [`Process::send`] (no task hop on the request
     /// path); `None` once closed.
     stdin: Arc<tokio::sync::Mutex<Option<tokio::process::ChildStdin>>>,
     /// Courtesy replies from the reader (which cannot await) go through the
@@ -76,15 +76,15 @@ pub struct Worker {
     metrics: Arc<Metrics>,
 }
 
-impl Worker {
+impl Process {
     /// Starts the process in its own group with piped stdio and its tasks.
     pub fn spawn(
         cfg: &PoolConfig,
         id: u64,
         metrics: Arc<Metrics>,
         tracker: &TaskTracker,
-    ) -> Result<Arc<Worker>, WorkerError> {
-        let spawn_err = |reason: String| WorkerError::Spawn {
+    ) -> Result<Arc<Process>, ProcessError> {
+        let spawn_err = |reason: String| ProcessError::Spawn {
             command: cfg.command.clone(),
             reason,
         };
@@ -120,7 +120,7 @@ impl Worker {
             child.stdin.take().expect("piped"),
         )));
         let (events, _) = broadcast::channel(64);
-        let worker = Arc::new(Worker {
+        let worker = Arc::new(Process {
             id,
             pid,
             group,
@@ -193,25 +193,25 @@ impl Worker {
     }
 
     /// Writes one message to stdin.
-    pub async fn send(&self, msg: &Value) -> Result<(), WorkerError> {
+    pub async fn send(&self, msg: &Value) -> Result<(), ProcessError> {
         let mut line = serde_json::to_vec(msg).expect("Value serializes");
         if line.len() > self.max_message_size {
-            return Err(WorkerError::TooLarge {
+            return Err(ProcessError::TooLarge {
                 size: line.len(),
                 limit: self.max_message_size,
             });
         }
         line.push(b'\n');
         if self.is_exited() {
-            return Err(WorkerError::Exited(self.exit_reason()));
+            return Err(ProcessError::Exited(self.exit_reason()));
         }
         let mut stdin = self.stdin.lock().await;
         let Some(w) = stdin.as_mut() else {
-            return Err(WorkerError::Exited("stdin closed".into()));
+            return Err(ProcessError::Exited("stdin closed".into()));
         };
         if w.write_all(&line).await.is_err() {
             *stdin = None;
-            return Err(WorkerError::Exited("stdin closed".into()));
+            return Err(ProcessError::Exited("stdin closed".into()));
         }
         Ok(())
     }
@@ -222,7 +222,7 @@ impl Worker {
         method: &str,
         params: Value,
         timeout: Duration,
-    ) -> Result<Value, WorkerError> {
+    ) -> Result<Value, ProcessError> {
         let (tx, rx) = oneshot::channel();
         let msg = self
             .router
@@ -235,22 +235,22 @@ impl Worker {
         match tokio::time::timeout_at(deadline, self.send(&msg)).await {
             Ok(r) => r?,
             Err(_) => {
-                return Err(WorkerError::Timeout {
+                return Err(ProcessError::Timeout {
                     method: method.into(),
                     after: timeout,
                 })
             }
         }
         tokio::select! {
-            r = rx => r.map_err(|_| WorkerError::Exited(self.exit_reason())),
-            _ = tokio::time::sleep_until(deadline) => Err(WorkerError::Timeout { method: method.into(), after: timeout }),
-            _ = self.exited.cancelled() => Err(WorkerError::Exited(self.exit_reason())),
+            r = rx => r.map_err(|_| ProcessError::Exited(self.exit_reason())),
+            _ = tokio::time::sleep_until(deadline) => Err(ProcessError::Timeout { method: method.into(), after: timeout }),
+            _ = self.exited.cancelled() => Err(ProcessError::Exited(self.exit_reason())),
         }
     }
 
     /// Starts a client request on this process; events go to `sink`.
     /// Returns the lease id for [`Self::deliver`] and [`Self::end`].
-    pub async fn begin(&self, mut msg: Value, sink: LeaseSink) -> Result<u64, WorkerError> {
+    pub async fn begin(&self, mut msg: Value, sink: LeaseSink) -> Result<u64, ProcessError> {
         self.leased
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let lid = self.router.lock().expect("lock").begin(&mut msg, sink);
@@ -267,7 +267,7 @@ impl Worker {
     }
 
     /// Sends a client's answer or notification into lease `lid`.
-    pub async fn deliver(&self, lid: u64, msg: Value) -> Result<(), WorkerError> {
+    pub async fn deliver(&self, lid: u64, msg: Value) -> Result<(), ProcessError> {
         let msg = self.router.lock().expect("lock").deliver(lid, msg)?;
         self.send(&msg).await
     }
@@ -384,7 +384,11 @@ async fn write_stdin(
     }
 }
 
-async fn read_stdout(worker: Arc<Worker>, stdout: impl AsyncRead + Unpin, done: CancellationToken) {
+async fn read_stdout(
+    worker: Arc<Process>,
+    stdout: impl AsyncRead + Unpin,
+    done: CancellationToken,
+) {
     read_lines(stdout, worker.max_message_size, |frame| match frame {
         Frame::Line(line) => {
             if line.iter().all(u8::is_ascii_whitespace) {
@@ -463,7 +467,7 @@ async fn log_stderr(pool: String, pid: u32, stderr: tokio::process::ChildStderr)
 }
 
 async fn reap(
-    worker: Arc<Worker>,
+    worker: Arc<Process>,
     mut child: tokio::process::Child,
     stdout_done: CancellationToken,
 ) {

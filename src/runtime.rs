@@ -13,7 +13,7 @@
 use std::io;
 use tokio::runtime::{Builder, Runtime};
 
-/// Worker threads of `proxy` and `up` unless `--threads` says otherwise.
+/// Process threads of `proxy` and `up` unless `--threads` says otherwise.
 pub const DEFAULT_LEAN_THREADS: usize = 1;
 
 /// How many workers a command gets.

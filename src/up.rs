@@ -4,7 +4,7 @@
 //! the proxy reaches it exactly as a sidecar would, so `up` exercises the
 //! same code paths as a node deployment.
 
-use crate::broker::{listen, Broker};
+use crate::broker::{socket, Broker};
 use crate::config::{BrokerSettings, Config, PoolConfig};
 use crate::metrics::Metrics;
 use crate::proxy::{self, ProxySettings};
@@ -37,7 +37,7 @@ pub async fn run(
         },
         metrics.clone(),
     );
-    let listener = listen::bind(&socket, 0o600, None)?;
+    let listener = socket::bind(&socket, 0o600, None)?;
     let broker_done = CancellationToken::new();
     let serve = tokio::spawn(broker.serve(listener, Some(socket.clone()), broker_done.clone()));
     proxy.socket = socket;

@@ -7,7 +7,7 @@
 //! process group, which is killed whole at stop.
 
 use super::client::HttpSession;
-use crate::broker::{listen, Broker};
+use crate::broker::{socket, Broker};
 use crate::config::{BrokerSettings, Config, PoolConfig};
 use crate::metrics::Metrics;
 use crate::process::group::Group;
@@ -96,7 +96,7 @@ impl Stack {
             },
             metrics.clone(),
         );
-        let listener = listen::bind(&socket, 0o600, None)?;
+        let listener = socket::bind(&socket, 0o600, None)?;
         let broker_done = CancellationToken::new();
         let broker_task = rt.spawn(broker.clone().serve(
             listener,

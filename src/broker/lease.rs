@@ -92,7 +92,7 @@ impl Registration {
         Ok((reg, cancel))
     }
 
-    fn attach(&self, worker: &Arc<crate::process::Worker>, lid: u64) {
+    fn attach(&self, worker: &Arc<crate::process::Process>, lid: u64) {
         if let Some(r) = self.broker.leases.lock().expect("lock").get_mut(&self.id) {
             r.process = Some((worker.clone(), lid));
         }
@@ -200,7 +200,7 @@ pub async fn run(
     // every waiting request's state larger.
     let begun = tokio::time::timeout(
         pool.config().request_timeout,
-        Box::pin(guard.worker().begin(msg, sink)),
+        Box::pin(guard.process().begin(msg, sink)),
     )
     .await;
     let lid = match begun {
@@ -217,13 +217,13 @@ pub async fn run(
             outcome("timeout");
             let mut guard = guard;
             guard.discard();
-            guard.worker().kill();
+            guard.process().kill();
             return Err(ApiError::Process(
                 "the server process stopped reading its input; it is being replaced".into(),
             ));
         }
     };
-    reg.attach(guard.worker(), lid);
+    reg.attach(guard.process(), lid);
     broker.lease_started();
     let timeout = pool.config().request_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
@@ -364,7 +364,7 @@ impl Lease {
     /// `requestState` is sealed so the retry finds this process, which is
     /// kept until the state expires.
     fn final_line(&mut self, mut m: Value) -> Bytes {
-        let process = self.guard.worker().id;
+        let process = self.guard.process().id;
         let sealer = &self.broker.sealer;
         if let Some(until) =
             sealer.seal_response(&mut m, &self.pool, &self.caller, process, self.state_ttl)
@@ -434,7 +434,7 @@ impl Lease {
             .observe(self.started.elapsed().as_secs_f64());
         let (owed, settle) = match end {
             End::Answered { .. } => {
-                self.guard.worker().end(self.lid);
+                self.guard.process().end(self.lid);
                 drop(self);
                 broker.lease_ended();
                 return None;
@@ -474,7 +474,7 @@ impl Lease {
                 });
             }
             _ => {
-                self.guard.worker().end(self.lid);
+                self.guard.process().end(self.lid);
                 drop(self);
                 broker.lease_ended();
             }
@@ -485,7 +485,7 @@ impl Lease {
     /// Cancels the abandoned request and makes sure the process is healthy
     /// before it goes back to the pool.
     async fn settle(mut self, reason: &str, send_cancel: bool) {
-        let w = self.guard.worker().clone();
+        let w = self.guard.process().clone();
         if send_cancel {
             w.cancel(self.lid, reason).await;
         }
@@ -507,7 +507,7 @@ impl Lease {
 /// the session, so it is dropped and counted.
 pub async fn notify(pool: &Pool, session: Option<&str>, msg: Value) {
     let bound = match (pool.config().mode, session) {
-        (Mode::Exclusive, Some(s)) => pool.bound_worker(s),
+        (Mode::Exclusive, Some(s)) => pool.bound_process(s),
         _ => None,
     };
     match bound {
@@ -533,7 +533,7 @@ pub fn events(broker: &Broker, pool: &Pool, session: Option<String>) -> Response
                 ev = rx.recv() => match ev {
                     Ok((wid, msg)) => {
                         if exclusive {
-                            let mine = session.as_deref().and_then(|s| pool.bound_worker(s)).map(|w| w.id);
+                            let mine = session.as_deref().and_then(|s| pool.bound_process(s)).map(|w| w.id);
                             if mine != Some(wid) { continue; }
                         }
                         if tx.send(line(&msg)).await.is_err() { break; }

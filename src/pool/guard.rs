@@ -3,7 +3,7 @@
 //! (a request's place in the queue).
 
 use super::{Inner, Pool};
-use crate::process::Worker;
+use crate::process::Process;
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
@@ -35,7 +35,7 @@ impl Drop for Queued<'_> {
 /// One request's claim on one process. Dropping it releases the process.
 pub struct LeaseGuard {
     pub(super) inner: Arc<Inner>,
-    pub(super) worker: Arc<Worker>,
+    pub(super) worker: Arc<Process>,
     /// Whether dropping it releases the process (off while in flight from
     /// the dispatcher to a waiter, which arms it on receipt).
     pub(super) armed: bool,
@@ -46,7 +46,7 @@ pub struct LeaseGuard {
 
 impl LeaseGuard {
     /// The process this lease runs on.
-    pub fn worker(&self) -> &Arc<Worker> {
+    pub fn process(&self) -> &Arc<Process> {
         &self.worker
     }
 

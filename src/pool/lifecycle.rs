@@ -7,7 +7,7 @@
 
 use super::state::{backoff, Slot, FAILING_THRESHOLD, STABLE_AFTER};
 use super::{warm, Pool, MAINTAIN_EVERY};
-use crate::process::Worker;
+use crate::process::Process;
 use crate::protocol::Era;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -66,7 +66,8 @@ impl Pool {
             timeout: cfg.init_timeout,
             probe_timeout: cfg.probe_timeout,
         };
-        let result = match Worker::spawn(cfg, id, self.inner.metrics.clone(), &self.inner.tracker) {
+        let result = match Process::spawn(cfg, id, self.inner.metrics.clone(), &self.inner.tracker)
+        {
             Err(e) => Err((None, e.to_string())),
             Ok(w) => {
                 let hs = tokio::select! {
@@ -98,7 +99,7 @@ impl Pool {
                 }
             }
         };
-        let to_stop: Option<Arc<Worker>> = {
+        let to_stop: Option<Arc<Process>> = {
             let mut st = self.inner.state.lock().expect("lock");
             st.starting -= 1;
             match result {
@@ -150,7 +151,7 @@ impl Pool {
     }
 
     /// Forwards a warm process's unsolicited notifications and notices its exit.
-    async fn watch(self, w: Arc<Worker>) {
+    async fn watch(self, w: Arc<Process>) {
         let mut events = w.subscribe();
         loop {
             tokio::select! {
@@ -210,7 +211,7 @@ impl Pool {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        let workers: Vec<Arc<Worker>> = {
+        let workers: Vec<Arc<Process>> = {
             let mut st = self.inner.state.lock().expect("lock");
             st.slots.drain().map(|(_, s)| s.worker).collect()
         };

@@ -13,7 +13,7 @@
 //! issued a state is *reserved* for the retry instead of being discarded.
 
 use crate::config::{Mode, PoolConfig};
-use crate::process::Worker;
+use crate::process::Process;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,7 +40,7 @@ pub fn backoff(failures: u32) -> Duration {
 
 /// One ready process.
 pub struct Slot {
-    pub worker: Arc<Worker>,
+    pub worker: Arc<Process>,
     pub inflight: usize,
     pub last_used: Instant,
     /// The exclusive session that owns this process.
@@ -57,7 +57,7 @@ pub struct Slot {
 
 impl Slot {
     /// A freshly warmed process, idle.
-    pub fn new(worker: Arc<Worker>) -> Self {
+    pub fn new(worker: Arc<Process>) -> Self {
         Self {
             worker,
             inflight: 0,
@@ -213,7 +213,7 @@ impl State {
     }
 
     /// Marks `id` as serving one more request for `session`.
-    pub fn take(&mut self, cfg: &PoolConfig, id: u64, session: Option<&str>) -> Arc<Worker> {
+    pub fn take(&mut self, cfg: &PoolConfig, id: u64, session: Option<&str>) -> Arc<Process> {
         let now = Instant::now();
         let slot = self.slots.get_mut(&id).expect("picked slot exists");
         slot.inflight += 1;
@@ -260,7 +260,7 @@ impl State {
 
     /// Removes and returns processes to retire: idle past `idle_timeout`
     /// beyond `min_idle`, and exclusive sessions idle past their timeout.
-    pub fn to_retire(&mut self, cfg: &PoolConfig, now: Instant) -> Vec<Arc<Worker>> {
+    pub fn to_retire(&mut self, cfg: &PoolConfig, now: Instant) -> Vec<Arc<Process>> {
         let mut out = Vec::new();
         // Exclusive sessions that went quiet: their process is discarded.
         let expired: Vec<String> = self
@@ -309,7 +309,7 @@ impl State {
 
     /// Forgets a session; returns an exclusive process to discard (if idle;
     /// a busy one is discarded when its lease ends).
-    pub fn end_session(&mut self, cfg: &PoolConfig, session: &str) -> Option<Arc<Worker>> {
+    pub fn end_session(&mut self, cfg: &PoolConfig, session: &str) -> Option<Arc<Process>> {
         self.sticky.remove(session);
         let (id, _) = self.bound.remove(session)?;
         let slot = self.slots.get_mut(&id)?;
@@ -365,7 +365,7 @@ mod tests {
     struct Cats {
         tracker: TaskTracker,
         metrics: Arc<Metrics>,
-        started: Vec<Arc<Worker>>,
+        started: Vec<Arc<Process>>,
     }
 
     impl Cats {
@@ -377,10 +377,10 @@ mod tests {
             }
         }
 
-        fn worker(&mut self, id: u64) -> Arc<Worker> {
+        fn process(&mut self, id: u64) -> Arc<Process> {
             let cfg = PoolConfig::new("cats", "/bin/cat", vec![]);
             let w =
-                Worker::spawn(&cfg, id, self.metrics.clone(), &self.tracker).expect("cat starts");
+                Process::spawn(&cfg, id, self.metrics.clone(), &self.tracker).expect("cat starts");
             self.started.push(w.clone());
             w
         }
@@ -389,7 +389,7 @@ mod tests {
         fn state(&mut self, ids: &[u64], at: &[Instant]) -> State {
             let mut st = State::new();
             for (i, &id) in ids.iter().enumerate() {
-                let mut slot = Slot::new(self.worker(id));
+                let mut slot = Slot::new(self.process(id));
                 slot.last_used = at[i];
                 st.slots.insert(id, slot);
             }
@@ -414,7 +414,7 @@ mod tests {
         (t0, (0..n).map(|k| t0 + Duration::from_secs(k)).collect())
     }
 
-    fn ids(ws: Vec<Arc<Worker>>) -> Vec<u64> {
+    fn ids(ws: Vec<Arc<Process>>) -> Vec<u64> {
         let mut v: Vec<u64> = ws.iter().map(|w| w.id).collect();
         v.sort();
         v
@@ -553,7 +553,7 @@ mod tests {
         // Full: the session waits for its own process, not another.
         slot(&mut st, 2).inflight = 4;
         let (_, later) = times(1);
-        let mut extra = Slot::new(cats.worker(3));
+        let mut extra = Slot::new(cats.process(3));
         extra.last_used = later[0];
         st.slots.insert(3, extra);
         assert_eq!(st.pick(&c, Some("a")), None);

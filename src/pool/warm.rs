@@ -18,7 +18,7 @@
 //! processes skip the probe.
 
 use crate::config::Protocol;
-use crate::process::{Worker, WorkerError};
+use crate::process::{Process, ProcessError};
 use crate::protocol::{self, Era};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -30,7 +30,7 @@ pub use crate::lease_api::Handshake;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WarmError {
     #[error("{0}")]
-    Worker(#[from] WorkerError),
+    Process(#[from] ProcessError),
     #[error("the server refused {method}: {error}")]
     Refused { method: &'static str, error: Value },
     #[error("the server's {method} result is malformed: {why}")]
@@ -58,7 +58,7 @@ pub struct Plan {
 
 /// Runs the handshake `plan` asks for on `w`.
 pub async fn handshake(
-    w: &Worker,
+    w: &Process,
     plan: Plan,
     capabilities: &Value,
 ) -> Result<Handshake, WarmError> {
@@ -82,7 +82,7 @@ pub async fn handshake(
 /// `server/discover` first; `initialize` on the same process when the probe
 /// is refused or unanswered after `probe_timeout`.
 async fn probe(
-    w: &Worker,
+    w: &Process,
     capabilities: &Value,
     probe_timeout: Duration,
     timeout: Duration,
@@ -93,7 +93,7 @@ async fn probe(
     tokio::pin!(disc);
     match tokio::time::timeout(probe_timeout.min(timeout), &mut disc).await {
         Ok(Ok(h)) => return Ok(h),
-        Ok(Err(WarmError::Worker(WorkerError::Exited(why)))) => {
+        Ok(Err(WarmError::Process(ProcessError::Exited(why)))) => {
             return Err(WarmError::ProbeKilled(why))
         }
         Ok(Err(e)) => {
@@ -123,13 +123,13 @@ async fn probe(
     };
     match outcome {
         // Gone before answering either: the probe is what it could not take.
-        Err(WarmError::Worker(WorkerError::Exited(why))) => Err(WarmError::ProbeKilled(why)),
+        Err(WarmError::Process(ProcessError::Exited(why))) => Err(WarmError::ProbeKilled(why)),
         other => other,
     }
 }
 
 async fn discover(
-    w: &Worker,
+    w: &Process,
     capabilities: &Value,
     timeout: Duration,
 ) -> Result<Handshake, WarmError> {
@@ -154,7 +154,7 @@ async fn discover(
 }
 
 async fn initialize(
-    w: &Worker,
+    w: &Process,
     capabilities: &Value,
     timeout: Duration,
 ) -> Result<Handshake, WarmError> {

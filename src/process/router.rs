@@ -64,7 +64,7 @@ struct LeaseRoute {
 }
 
 /// Default cap on server→client requests waiting per lease.
-pub const DEFAULT_MAX_SERVER_REQUESTS: usize = 64;
+pub const DEFAULT_MAX_SERVER_REQUESTS: usize = crate::config::DEFAULT_MAX_SERVER_REQUESTS;
 
 /// Routing state for one process.
 pub struct Router {

@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use mcp_broker::broker::{listen, Broker};
+use mcp_broker::broker::{socket, Broker};
 use mcp_broker::config::{BrokerSettings, Config, PoolConfig};
 use mcp_broker::metrics::Metrics;
 use mcp_broker::pool::PoolStatus;
@@ -87,7 +87,7 @@ impl TestBroker {
             },
             metrics.clone(),
         );
-        let listener = listen::bind(&socket, 0o600, None).unwrap();
+        let listener = socket::bind(&socket, 0o600, None).unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(broker.clone().serve(
             listener,
