@@ -80,8 +80,9 @@ pub fn messages_path(pool: &str) -> String {
     format!("{POOLS_PATH}/{pool}/messages")
 }
 
-/// `/v1/pools/{pool}/events`: notifications not tied to a request.
-pub fn events_path(pool: &str) -> String {
+/// `/v1/pools/{pool}/events`: server notifications not tied to a request
+/// (the wire path keeps the name it shipped with).
+pub fn notifications_path(pool: &str) -> String {
     format!("{POOLS_PATH}/{pool}/events")
 }
 

@@ -58,7 +58,7 @@ struct Inner {
     /// probe): later processes skip the `server/discover` probe.
     learned: Mutex<Option<Era>>,
     wake: Notify,
-    events: broadcast::Sender<(u64, Value)>,
+    notifications: broadcast::Sender<(u64, Value)>,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -84,7 +84,7 @@ impl Pool {
         shutdown: CancellationToken,
         ids: Arc<AtomicU64>,
     ) -> Pool {
-        let (events, _) = broadcast::channel(256);
+        let (notifications, _) = broadcast::channel(256);
         let pool = Pool {
             inner: Arc::new(Inner {
                 cfg,
@@ -92,7 +92,7 @@ impl Pool {
                 handshake: Mutex::new(None),
                 learned: Mutex::new(None),
                 wake: Notify::new(),
-                events,
+                notifications,
                 metrics,
                 tracker: tracker.clone(),
                 shutdown,
@@ -159,7 +159,7 @@ impl Pool {
 
     /// Notifications not tied to a request, tagged with the process id.
     pub fn subscribe(&self) -> broadcast::Receiver<(u64, Value)> {
-        self.inner.events.subscribe()
+        self.inner.notifications.subscribe()
     }
 
     /// The process bound to an exclusive session, if any.

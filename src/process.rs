@@ -72,7 +72,7 @@ pub struct Process {
     exit_reason: Mutex<Option<String>>,
     spawned_at: Instant,
     leased: std::sync::atomic::AtomicBool,
-    events: broadcast::Sender<Value>,
+    notifications: broadcast::Sender<Value>,
     metrics: Arc<Metrics>,
 }
 
@@ -119,7 +119,7 @@ impl Process {
         let stdin = Arc::new(tokio::sync::Mutex::new(Some(
             child.stdin.take().expect("piped"),
         )));
-        let (events, _) = broadcast::channel(64);
+        let (notifications, _) = broadcast::channel(64);
         let worker = Arc::new(Process {
             id,
             pid,
@@ -138,7 +138,7 @@ impl Process {
             exit_reason: Mutex::new(None),
             spawned_at: Instant::now(),
             leased: std::sync::atomic::AtomicBool::new(false),
-            events,
+            notifications,
             metrics,
         });
         let stdout = child.stdout.take().expect("piped");
@@ -184,7 +184,7 @@ impl Process {
 
     /// Notifications not tied to a request (list_changed, resource updates).
     pub fn subscribe(&self) -> broadcast::Receiver<Value> {
-        self.events.subscribe()
+        self.notifications.subscribe()
     }
 
     /// Requests written and not yet answered.
@@ -321,7 +321,7 @@ impl Process {
                 let _ = tx.send(msg);
             }
             Action::Event(msg) => {
-                let _ = self.events.send(msg);
+                let _ = self.notifications.send(msg);
             }
             Action::Drop(kind) => {
                 if kind == "late_response" {

@@ -253,8 +253,9 @@ where
         }
         (&Method::GET, ["v1", "pools", name, "events"]) => {
             let who = who.take().unwrap_or_default();
-            resolve(&broker, name, &who)
-                .and_then(|p| session_of(req.headers()).map(|s| lease::events(&broker, &p, s)))
+            resolve(&broker, name, &who).and_then(|p| {
+                session_of(req.headers()).map(|s| lease::notifications(&broker, &p, s))
+            })
         }
         (_, ["v1", ..]) | (_, ["livez" | "readyz" | "metrics"]) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),

@@ -522,7 +522,7 @@ pub async fn notify(pool: &Pool, session: Option<&str>, msg: Value) {
 
 /// `GET /v1/pools/{pool}/events`: server notifications not tied to a request,
 /// from the session's own process in exclusive pools, else from every process.
-pub fn events(broker: &Broker, pool: &Pool, session: Option<String>) -> Response<Body> {
+pub fn notifications(broker: &Broker, pool: &Pool, session: Option<String>) -> Response<Body> {
     let mut rx = pool.subscribe();
     let (tx, body) = web::channel_body(BODY_LINES);
     let pool = pool.clone();

@@ -156,7 +156,7 @@ impl Pool {
         loop {
             tokio::select! {
                 ev = events.recv() => match ev {
-                    Ok(ev) => { let _ = self.inner.events.send((w.id, ev)); }
+                    Ok(ev) => { let _ = self.inner.notifications.send((w.id, ev)); }
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => { w.wait_exit().await; break; }
                 },

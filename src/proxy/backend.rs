@@ -431,8 +431,8 @@ impl Backend {
     }
 
     /// The pool's stream of server notifications not tied to a request.
-    pub async fn events(&self, session: Option<&str>) -> Result<Lines, BackendError> {
-        let path = lease_api::events_path(&self.pool);
+    pub async fn notifications(&self, session: Option<&str>) -> Result<Lines, BackendError> {
+        let path = lease_api::notifications_path(&self.pool);
         let r = self
             .send(Method::GET, &path, session, None, Bytes::new())
             .await?;

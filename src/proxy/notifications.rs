@@ -65,7 +65,7 @@ pub async fn get(proxy: &Arc<Proxy>, headers: &HeaderMap, accept_sse: bool) -> R
         Ok(s) => s,
         Err(e) => return e.into_response(Value::Null),
     };
-    match proxy.backend.events(Some(&s.id)).await {
+    match proxy.backend.notifications(Some(&s.id)).await {
         Ok(events) => sse::response(pump(proxy, "listen", events, None, Some)),
         Err(e) => ProxyError::Backend(e).into_response(Value::Null),
     }
@@ -83,7 +83,7 @@ pub async fn modern(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body
         flag("promptsListChanged"),
         flag("resourcesListChanged"),
     );
-    let events = match proxy.backend.events(None).await {
+    let events = match proxy.backend.notifications(None).await {
         Ok(e) => e,
         Err(e) => return ProxyError::Backend(e).into_response(id),
     };
