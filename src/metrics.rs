@@ -201,12 +201,13 @@ impl Metrics {
     }
 
     /// Reasons of [`Self::rejections`].
-    pub const REJECTION_REASONS: [&'static str; 5] = [
+    pub const REJECTION_REASONS: [&'static str; 6] = [
         "queue_full",
         "queue_timeout",
         "pool_failing",
         "draining",
         "too_large",
+        "process_gone",
     ];
 
     /// Makes a pool's counters visible at zero before anything happens, so

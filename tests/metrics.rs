@@ -304,3 +304,45 @@ async fn counters_and_histograms_follow_traffic() {
     px.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn every_pool_series_exists_before_the_first_request() {
+    let mut p = fixture_pool("cold", &[]);
+    p.min_idle = 0;
+    let b = TestBroker::start(vec![p]).await;
+    let text = scrape_broker(&b).await;
+    for (name, labels) in [
+        (
+            "mcp_broker_lease_wait_seconds_count",
+            vec![("pool", "cold")],
+        ),
+        (
+            "mcp_broker_request_duration_seconds_count",
+            vec![("pool", "cold"), ("method", "tools/call")],
+        ),
+        (
+            "mcp_broker_request_duration_seconds_count",
+            vec![("pool", "cold"), ("method", "other")],
+        ),
+        (
+            "mcp_broker_requests_total",
+            vec![("pool", "cold"), ("outcome", "ok")],
+        ),
+        ("mcp_broker_spawns_total", vec![("pool", "cold")]),
+    ] {
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .find(|l| {
+                labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+            });
+        assert_eq!(
+            series.and_then(|l| l.rsplit_once(' ')).map(|(_, v)| v),
+            Some("0"),
+            "{name}{labels:?} missing or not zero"
+        );
+    }
+    b.stop().await;
+}
