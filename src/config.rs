@@ -19,10 +19,15 @@ use std::time::Duration;
 pub const DEFAULT_SOCKET: &str = "/run/mcp-broker/broker.sock";
 /// Default permission bits of the socket file.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
-/// Default metrics/health listener (the port ToolHive's diagnostics use).
-pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9464";
+/// Default metrics/health listener (the port ToolHive's diagnostics use), on
+/// loopback: exposing it beyond the node is a choice (the DaemonSet's
+/// config makes it, for the scraper and the kubelet's probes).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 /// Default time to let in-flight leases finish on shutdown.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a lease API connection has to send a complete request: a
+/// minute, like common servers' header timeouts (nginx 60 s).
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default largest JSON-RPC message, in bytes, in either direction.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 /// Default warm idle processes per pool.
@@ -139,6 +144,10 @@ pub struct BrokerSettings {
     pub drain_timeout: Duration,
     /// Largest message accepted from a client or a process.
     pub max_message_size: usize,
+    /// Longest a lease API connection may take to send a complete request
+    /// (head and body), counted from connecting or from the previous
+    /// answer; then it is closed. Bounds slow and idle connections.
+    pub read_timeout: Duration,
     /// Kubernetes token verification; `None` when callers are identified by
     /// socket peer credentials only.
     pub kubernetes: Option<KubeSettings>,
@@ -166,6 +175,7 @@ impl Default for BrokerSettings {
             metrics_listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            read_timeout: DEFAULT_READ_TIMEOUT,
             kubernetes: None,
         }
     }
@@ -374,6 +384,7 @@ impl Config {
             socket_group: b.socket_group,
             metrics_listen,
             drain_timeout: b.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            read_timeout: b.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT),
             max_message_size,
             kubernetes: match b.identity {
                 None | Some(raw::IdentityKind::None) if b.peer_identity == Some(true) => {

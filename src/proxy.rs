@@ -358,9 +358,22 @@ async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
     proxy
         .metrics
         .http_requests
-        .with_label_values(&[method.as_str(), r.status().as_str()])
+        .with_label_values(&[http_method_label(&method), r.status().as_str()])
         .inc();
     r
+}
+
+/// The metric label of an HTTP method: the methods MCP uses, else `other`,
+/// so a client cannot mint label values (series) at will.
+fn http_method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::HEAD => "HEAD",
+        _ => "other",
+    }
 }
 
 async fn mcp(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {

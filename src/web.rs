@@ -92,6 +92,9 @@ pub fn text(status: StatusCode, s: impl Into<String>) -> Response<Body> {
     response(status, "text/plain; charset=utf-8", full(s.into()))
 }
 
+/// Longest wait for a complete request head on a hyper connection (the
+/// proxy, the health endpoints, the lease API's fallback path).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// The smallest head limit hyper accepts.
 pub const MIN_HEADER_BYTES: usize = 8192;
 /// Pause after a failed `accept` (EMFILE and friends), so the loop backs
@@ -157,6 +160,8 @@ where
     S::Future: Send + 'static,
 {
     let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(max_head.max(MIN_HEADER_BYTES))
         .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
     tokio::pin!(conn);

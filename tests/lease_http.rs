@@ -277,3 +277,51 @@ async fn hanging_up_while_queued_leaves_the_queue() {
     assert_eq!(fin["id"], 1);
     b.stop().await;
 }
+
+/// Reads until the broker closes the connection (EOF or reset); panics if
+/// it is still open after `within`.
+async fn closed_within(s: &mut UnixStream, within: Duration) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(within, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return got,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the connection is still open after {within:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_heads_and_idle_connections_are_closed_after_read_timeout() {
+    let b = TestBroker::start_with(vec![fixture_pool("fx", &[])], |s| {
+        s.read_timeout = Duration::from_millis(300)
+    })
+    .await;
+    // A head that never completes.
+    let mut slow = UnixStream::connect(&b.socket).await.unwrap();
+    slow.write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let got = closed_within(&mut slow, ANSWER_WITHIN).await;
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    // A body that never arrives whole.
+    let mut partial = UnixStream::connect(&b.socket).await.unwrap();
+    partial
+        .write_all(b"POST /v1/pools/fx/messages HTTP/1.1\r\ncontent-length: 100\r\n\r\n{")
+        .await
+        .unwrap();
+    closed_within(&mut partial, ANSWER_WITHIN).await;
+    // A kept-alive connection is answered, then closed once idle.
+    let mut idle = UnixStream::connect(&b.socket).await.unwrap();
+    idle.write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let got = closed_within(&mut idle, ANSWER_WITHIN).await;
+    assert!(
+        String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    b.stop().await;
+}

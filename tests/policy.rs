@@ -171,3 +171,101 @@ async fn service_accounts_are_allowed_denied_and_isolated() {
     }
     b.stop().await;
 }
+
+/// Knows `token-<ns>` as `<ns>/agent` (a TokenReview stand-in).
+struct Tokens;
+
+impl mcp_broker::policy::TokenVerifier for Tokens {
+    fn verify<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<mcp_broker::policy::KubeIdentity, String>>
+                + Send
+                + 'a,
+        >,
+    > {
+        Box::pin(async move {
+            token
+                .strip_prefix("token-")
+                .map(|ns| mcp_broker::policy::KubeIdentity {
+                    namespace: ns.into(),
+                    service_account: "agent".into(),
+                })
+                .ok_or_else(|| "unknown token".to_string())
+        })
+    }
+}
+
+#[tokio::test]
+async fn lease_ids_and_session_keys_belong_to_their_caller() {
+    let mut p = fixture_pool("x", &[]);
+    p.mode = mcp_broker::config::Mode::Exclusive;
+    p.min_idle = 2;
+    p.max = 4;
+    let b = TestBroker::start(vec![p]).await;
+    b.broker.set_token_reviewer(Tokens);
+    b.wait_idle("x", 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = |token: &str| {
+        let path = dir.path().join(token);
+        std::fs::write(&path, token).unwrap();
+        b.client("x").with_token_file(path)
+    };
+    let (a, other) = (client("token-a"), client("token-b"));
+    let id = mcp_broker::lease_api::new_lease_id();
+    let running = {
+        let (a, id) = (a.clone(), id.clone());
+        tokio::spawn(async move {
+            let msg = tool(1, "sleep", json!({"ms": 1500}));
+            let mut l = a.lease(&msg, Some("s"), &id).await.unwrap();
+            let mut last = Value::Null;
+            while let Some(m) = l.lines.next().await {
+                last = m.unwrap();
+            }
+            last
+        })
+    };
+    let pool = b.broker.pool("x").unwrap();
+    wait_until(Duration::from_secs(5), || pool.status().busy == 1).await;
+    // Another caller who learned the id cannot cancel the lease: to it the
+    // lease does not exist.
+    let cancel = json!({"jsonrpc":"2.0","method":"notifications/cancelled",
+        "params":{"requestId":1,"reason":"hijack"}});
+    match other.deliver(&id, &cancel).await {
+        Err(mcp_broker::proxy::backend::BackendError::Status { status, .. }) => {
+            assert_eq!(status, 404)
+        }
+        r => panic!("another caller reached the lease: {r:?}"),
+    }
+    // It may use the same lease id and session key for its own lease: they
+    // are its own, and its session gets a process of its own.
+    let (status, msgs) = {
+        let mut l = other
+            .lease(&tool(2, "whoami", json!({})), Some("s"), &id)
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        while let Some(m) = l.lines.next().await {
+            out.push(m.unwrap());
+        }
+        (l.status, out)
+    };
+    assert_eq!(status, 200, "{msgs:?}");
+    let theirs = text_of(msgs.last().unwrap());
+    let done = running.await.unwrap();
+    assert!(
+        done.get("result").is_some(),
+        "the lease ran to its end: {done}"
+    );
+    let (_, mine) = lease(&a, &tool(3, "whoami", json!({})), Some("s")).await;
+    let mine = text_of(mine.last().unwrap());
+    let pid = |s: &str| s.split_whitespace().next().unwrap().to_string();
+    assert_ne!(
+        pid(&mine),
+        pid(&theirs),
+        "same session key, different callers"
+    );
+    b.stop().await;
+}

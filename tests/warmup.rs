@@ -87,7 +87,9 @@ async fn rmcp_08_dies_on_the_probe_then_warms_with_initialize() {
     assert_eq!(pool.learned_era(), Some(Era::Legacy));
     assert_eq!(pool.handshake().unwrap().era, Era::Legacy);
     // The processes started before the era was known died on the probe
-    // (the first, and the one the waiting request asked for), then none.
+    // (the first, and the one the waiting request asked for), then none:
+    // once nothing is starting, every later process gets initialize.
+    wait_until(Duration::from_secs(10), || pool.status().starting == 0).await;
     let killed = probe_refusals(&b, "r08");
     assert!((1..=2).contains(&killed), "{killed} died on the probe");
     // Later processes go straight to initialize: grow the pool and check

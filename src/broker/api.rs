@@ -177,6 +177,7 @@ where
     // is part of every waiting request's state).
     let mut who = match (&method, parts.as_slice()) {
         (&Method::POST, ["v1", "pools", _, "messages"])
+        | (&Method::POST, ["v1", "leases", _])
         | (&Method::DELETE, ["v1", "pools", _, "sessions", _])
         | (&Method::GET, ["v1", "pools", _, "events"]) => Some(caller(&broker, &req, peer).await),
         _ => None,
@@ -205,9 +206,11 @@ where
             .ok_or_else(|| ApiError::UnknownPool(name.to_string())),
         (&Method::POST, ["v1", "pools", name, "messages"]) => {
             let who = who.take().unwrap_or_default();
+            let caller = super::affinity::caller_key(&who);
             // Boxed, sized exactly: inline, the copies rustc keeps of async
             // arguments made every waiting connection's task ~2 KiB larger.
-            let head = session_of(req.headers()).and_then(|s| Ok((s, lease_id_of(req.headers())?)));
+            let head = session_of(req.headers(), &caller)
+                .and_then(|s| Ok((s, lease_id_of(req.headers())?)));
             let (session, lease_id) = match head {
                 Ok(h) => h,
                 Err(e) => return e.into_response(Value::Null),
@@ -224,7 +227,6 @@ where
                     // Boxed and sized exactly: this is the state a waiting
                     // request keeps (inline, every connection's task would
                     // carry room for it, and rustc's copies of its arguments).
-                    let caller = super::affinity::caller_key(&who);
                     let run =
                         lease::run(broker.clone(), pool, session, msg, method, lease_id, caller);
                     match Box::pin(run).await {
@@ -242,19 +244,22 @@ where
         // Boxed: a rare path whose write future would make every waiting
         // request's state larger.
         (&Method::POST, ["v1", "leases", id]) => {
-            Box::pin(deliver(&broker, id.to_string(), req)).await
+            let caller = super::affinity::caller_key(&who.take().unwrap_or_default());
+            Box::pin(deliver(&broker, &caller, id.to_string(), req)).await
         }
         (&Method::DELETE, ["v1", "pools", name, "sessions", session]) => {
             let who = who.take().unwrap_or_default();
+            let session = lease::scoped(&super::affinity::caller_key(&who), session);
             resolve(&broker, name, &who).map(|p| {
-                p.end_session(session);
+                p.end_session(&session);
                 web::response(StatusCode::NO_CONTENT, "text/plain", web::empty())
             })
         }
         (&Method::GET, ["v1", "pools", name, "events"]) => {
             let who = who.take().unwrap_or_default();
+            let caller = super::affinity::caller_key(&who);
             resolve(&broker, name, &who).and_then(|p| {
-                session_of(req.headers()).map(|s| lease::notifications(&broker, &p, s))
+                session_of(req.headers(), &caller).map(|s| lease::notifications(&broker, &p, s))
             })
         }
         (_, ["v1", ..]) | (_, ["livez" | "readyz" | "metrics"]) => Err(ApiError::MethodNotAllowed),
@@ -280,7 +285,9 @@ fn readyz(broker: &Broker) -> Response<Body> {
     }
 }
 
-fn session_of(headers: &::http::HeaderMap) -> Result<Option<String>, ApiError> {
+/// The session a message belongs to, scoped to its caller: another caller
+/// naming the same key reaches a different session (see [`lease::scoped`]).
+fn session_of(headers: &::http::HeaderMap, caller: &str) -> Result<Option<String>, ApiError> {
     match headers.get(SESSION_HEADER) {
         None => Ok(None),
         Some(v) => {
@@ -292,7 +299,7 @@ fn session_of(headers: &::http::HeaderMap) -> Result<Option<String>, ApiError> {
                     "{SESSION_HEADER} must be 1 to {MAX_SESSION_KEY} visible ASCII bytes"
                 )));
             }
-            Ok(Some(s.to_string()))
+            Ok(Some(lease::scoped(caller, s)))
         }
     }
 }
@@ -407,6 +414,7 @@ fn reject(broker: &Broker, pool: &str, reason: &str) {
 /// `POST /v1/leases/{lease}`.
 async fn deliver<B>(
     broker: &Broker,
+    caller: &str,
     lease: String,
     req: Request<B>,
 ) -> Result<Response<Body>, ApiError>
@@ -414,7 +422,9 @@ where
     B: web::ReadableBody,
 {
     let msg = read_message(broker, req).await?;
-    let found = broker.leases.lock().expect("lock").get(&lease).cloned();
+    // Another caller's lease is not found, exactly like one that ended.
+    let key = lease::scoped(caller, &lease);
+    let found = broker.leases.lock().expect("lock").get(&key).cloned();
     let Some(l) = found else {
         return Err(ApiError::UnknownLease(lease));
     };

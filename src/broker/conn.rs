@@ -17,7 +17,9 @@
 //! so is the body (the broker's message limit, else `413`), after which the
 //! connection closes; while a request waits or streams, the socket is
 //! watched, and a peer that hangs up drops the request (the lease then
-//! cancels it at the process); bytes pipelined meanwhile are kept, bounded.
+//! cancels it at the process); bytes pipelined meanwhile are kept, bounded;
+//! a request must arrive whole within `[broker] read_timeout` of connecting
+//! or of the previous answer, else the connection closes.
 
 mod rewind;
 
@@ -76,13 +78,20 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let limit = broker.settings().max_message_size;
+    let read_timeout = broker.settings().read_timeout;
     let mut conn = Conn {
         stream,
         buf: BytesMut::new(),
     };
     loop {
+        // A complete request within `read_timeout` of connecting or of the
+        // previous answer, or the connection closes: no slow head, slow
+        // body or idle keep-alive holds it forever.
         let next = tokio::select! {
-            n = conn.next_request(limit) => n,
+            n = tokio::time::timeout(read_timeout, conn.next_request(limit)) => match n {
+                Ok(n) => n,
+                Err(_) => return,
+            },
             _ = shutdown.cancelled(), if conn.buf.is_empty() => return,
         };
         let (req, keep_alive) = match next {

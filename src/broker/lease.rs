@@ -62,6 +62,14 @@ enum End {
     Cancelled,
 }
 
+/// A lease id or session key as the broker keeps it: scoped to the caller
+/// that chose it, so a caller that learns another's id or key finds nothing
+/// (the same answer as for an id that never existed), and two callers
+/// choosing the same key never meet.
+pub fn scoped(caller: &str, key: &str) -> String {
+    format!("{caller}\n{key}")
+}
+
 /// A lease's entry in the broker's table, removed when dropped: while it is
 /// there, `POST /v1/leases/{id}` reaches the lease (a cancellation even
 /// while the request still waits for a process).
@@ -71,11 +79,16 @@ struct Registration {
 }
 
 impl Registration {
-    fn new(broker: &Arc<Broker>, id: String) -> Result<(Self, CancellationToken), ApiError> {
+    /// Registers lease `shown` of a caller under its scoped key `id`.
+    fn new(
+        broker: &Arc<Broker>,
+        id: String,
+        shown: &str,
+    ) -> Result<(Self, CancellationToken), ApiError> {
         let cancel = CancellationToken::new();
         let mut table = broker.leases.lock().expect("lock");
         if table.contains_key(&id) {
-            return Err(ApiError::LeaseConflict(id));
+            return Err(ApiError::LeaseConflict(shown.to_string()));
         }
         table.insert(
             id.clone(),
@@ -142,7 +155,7 @@ pub async fn run(
         }
     };
     let token = id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-    let (reg, cancel) = Registration::new(&broker, token.clone())?;
+    let (reg, cancel) = Registration::new(&broker, scoped(&caller, &token), &token)?;
     let client_id = msg.get("id").cloned().unwrap_or(Value::Null);
     let (acquired, msg) = match pool.try_acquire(session.as_deref(), target) {
         Some(g) => (Ok(g), msg),

@@ -44,6 +44,9 @@ pub struct RawBroker {
     #[serde(default, with = "humantime_serde")]
     pub drain_timeout: Option<Duration>,
     pub max_message_size: Option<usize>,
+    /// Longest time a lease API connection may take to send a request.
+    #[serde(default, with = "humantime_serde")]
+    pub read_timeout: Option<Duration>,
     /// `none` or `kubernetes` (verify ServiceAccount tokens with TokenReview).
     pub identity: Option<IdentityKind>,
     /// Audience the proxies' projected tokens are minted for.

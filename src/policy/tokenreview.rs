@@ -25,6 +25,9 @@ pub use crate::config::{
 const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
 /// Cached verdicts at most.
 const MAX_CACHED: usize = 10_000;
+/// How long a denied token is answered from the cache: a caller retrying a
+/// bad token costs the API server one review per this, not one per request.
+const DENIED_TTL: Duration = Duration::from_secs(30);
 
 /// Why a token gives no identity.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -42,7 +45,7 @@ pub struct TokenReviewer {
     client: kube::Client,
     audience: String,
     ttl: Duration,
-    cache: Mutex<HashMap<[u8; 32], (KubeIdentity, Instant)>>,
+    cache: Mutex<HashMap<[u8; 32], (Result<KubeIdentity, VerifyError>, Instant)>>,
 }
 
 impl TokenReviewer {
@@ -60,9 +63,9 @@ impl TokenReviewer {
     pub async fn verify(&self, token: &str) -> Result<KubeIdentity, VerifyError> {
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = Instant::now();
-        if let Some((id, until)) = self.cache.lock().expect("lock").get(&key) {
+        if let Some((verdict, until)) = self.cache.lock().expect("lock").get(&key) {
             if *until > now {
-                return Ok(id.clone());
+                return verdict.clone();
             }
         }
         let exp = jwt_expiry(token);
@@ -78,7 +81,14 @@ impl TokenReviewer {
             }
             None => self.ttl,
         };
-        let id = self.review(token).await?;
+        let verdict = self.review(token).await;
+        let keep = match &verdict {
+            Ok(_) => left,
+            // Denials are cached briefly; an unavailable API server is not
+            // an answer about the token.
+            Err(VerifyError::Denied(_)) => left.min(DENIED_TTL),
+            Err(_) => return verdict,
+        };
         let mut cache = self.cache.lock().expect("lock");
         if cache.len() >= MAX_CACHED {
             cache.retain(|_, (_, until)| *until > now);
@@ -86,8 +96,8 @@ impl TokenReviewer {
                 cache.clear();
             }
         }
-        cache.insert(key, (id.clone(), now + left));
-        Ok(id)
+        cache.insert(key, (verdict.clone(), now + keep));
+        verdict
     }
 
     async fn review(&self, token: &str) -> Result<KubeIdentity, VerifyError> {
@@ -112,13 +122,18 @@ impl TokenReviewer {
                 status.error.unwrap_or_else(|| "not authenticated".into()),
             ));
         }
-        if let Some(auds) = &status.audiences {
-            if !auds.contains(&self.audience) {
-                return Err(VerifyError::Denied(format!(
-                    "the token is not for audience {:?}",
-                    self.audience
-                )));
-            }
+        // The audience must be confirmed: a verdict without `audiences`
+        // (an authenticator that ignored the requested audience) could be
+        // a token minted for another service.
+        let audience_ok = status
+            .audiences
+            .as_ref()
+            .is_some_and(|auds| auds.contains(&self.audience));
+        if !audience_ok {
+            return Err(VerifyError::Denied(format!(
+                "the token review did not confirm audience {:?}",
+                self.audience
+            )));
         }
         let user = status.user.and_then(|u| u.username).unwrap_or_default();
         parse_service_account(&user)

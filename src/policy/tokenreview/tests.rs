@@ -101,7 +101,11 @@ async fn denied_tokens_and_non_service_accounts_are_refused() {
         r.verify(&jwt(3600)).await,
         Err(VerifyError::Denied(_))
     ));
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "denials are not cached");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "a denial is answered from the cache for a while: retrying a bad token costs no review"
+    );
     let (r, _) = reviewer(Some(review(true, "jane@example.com", &["mcp-broker"])));
     assert!(matches!(
         r.verify(&jwt(3600)).await,
@@ -114,6 +118,33 @@ async fn denied_tokens_and_non_service_accounts_are_refused() {
     )));
     assert!(
         matches!(r.verify(&jwt(3600)).await, Err(VerifyError::Denied(m)) if m.contains("audience"))
+    );
+    // A verdict that does not confirm the audience at all is refused too.
+    let mut silent = review(true, "system:serviceaccount:a:b", &[]);
+    silent["status"]
+        .as_object_mut()
+        .unwrap()
+        .remove("audiences");
+    let (r, _) = reviewer(Some(silent));
+    assert!(
+        matches!(r.verify(&jwt(3600)).await, Err(VerifyError::Denied(m)) if m.contains("audience"))
+    );
+}
+
+#[tokio::test]
+async fn an_unavailable_api_is_not_cached() {
+    let (r, calls) = reviewer(None);
+    let t = jwt(3600);
+    for _ in 0..2 {
+        assert!(matches!(
+            r.verify(&t).await,
+            Err(VerifyError::Unavailable(_))
+        ));
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "an outage says nothing about the token"
     );
 }
 
