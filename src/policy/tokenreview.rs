@@ -45,8 +45,11 @@ pub struct TokenReviewer {
     client: kube::Client,
     audience: String,
     ttl: Duration,
-    cache: Mutex<HashMap<[u8; 32], (Result<KubeIdentity, VerifyError>, Instant)>>,
+    cache: Mutex<HashMap<[u8; 32], Cached>>,
 }
+
+/// A verdict (an identity or a denial) and until when it is reused.
+type Cached = (Result<KubeIdentity, VerifyError>, Instant);
 
 impl TokenReviewer {
     /// A reviewer using `client` for tokens minted for `audience`.
