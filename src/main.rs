@@ -139,6 +139,12 @@ struct HttpFlags {
     /// Open MCP sessions at most.
     #[arg(long, default_value_t = proxy::DEFAULT_MAX_SESSIONS)]
     max_sessions: usize,
+    /// Open notification streams (GET /mcp, subscriptions/listen) at most.
+    #[arg(long, default_value_t = proxy::DEFAULT_MAX_STREAMS)]
+    max_streams: usize,
+    /// Open GET /mcp streams of one session at most.
+    #[arg(long, default_value_t = proxy::DEFAULT_MAX_STREAMS_PER_SESSION)]
+    max_streams_per_session: usize,
     /// Largest request body in bytes (beyond: 413).
     #[arg(long, default_value_t = proxy::DEFAULT_MAX_BODY as u64, value_parser = clap::value_parser!(u64).range(1024..))]
     max_body_bytes: u64,
@@ -156,6 +162,8 @@ impl HttpFlags {
             pool,
             allow_origins: self.allow_origins,
             max_sessions: self.max_sessions,
+            max_streams: self.max_streams,
+            max_streams_per_session: self.max_streams_per_session,
             max_body: usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
             max_header_bytes: usize::try_from(self.max_header_bytes).unwrap_or(usize::MAX),
             ..ProxySettings::default()

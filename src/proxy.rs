@@ -47,6 +47,11 @@ pub const DEFAULT_MAX_BODY: usize = crate::config::DEFAULT_MAX_MESSAGE_SIZE;
 /// Default largest request head (request line plus headers); beyond it the
 /// client gets `431 Request Header Fields Too Large`.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Default cap on open notification streams (`GET /mcp` and
+/// `subscriptions/listen`) in all.
+pub const DEFAULT_MAX_STREAMS: usize = 1024;
+/// Default cap on open `GET /mcp` streams of one session.
+pub const DEFAULT_MAX_STREAMS_PER_SESSION: usize = 4;
 /// Default time a request waits for the pool's first warm process.
 pub const DEFAULT_WARM_WAIT: Duration = Duration::from_secs(30);
 /// Default time in-flight exchanges get to finish at shutdown.
@@ -79,6 +84,10 @@ pub struct ProxySettings {
     pub drain_timeout: Duration,
     /// A projected ServiceAccount token presented to the broker.
     pub token_file: Option<PathBuf>,
+    /// Open notification streams at most, in all.
+    pub max_streams: usize,
+    /// Open `GET /mcp` streams of one session at most.
+    pub max_streams_per_session: usize,
 }
 
 impl Default for ProxySettings {
@@ -94,6 +103,8 @@ impl Default for ProxySettings {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             warm_wait: DEFAULT_WARM_WAIT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            max_streams: DEFAULT_MAX_STREAMS,
+            max_streams_per_session: DEFAULT_MAX_STREAMS_PER_SESSION,
             token_file: None,
         }
     }
@@ -108,6 +119,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub tracker: TaskTracker,
     pub shutdown: CancellationToken,
+    /// Notification streams open now (bounded by `max_streams`).
+    pub streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Serves until `shutdown`, then drains.
@@ -148,6 +161,7 @@ pub async fn serve(
         metrics,
         tracker: TaskTracker::new(),
         shutdown: shutdown.clone(),
+        streams: Arc::default(),
     });
     proxy.tracker.spawn(sweeper(proxy.clone()));
     let conns = TaskTracker::new();

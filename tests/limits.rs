@@ -189,3 +189,50 @@ fn pool_limit_config_is_validated() {
         mcp_broker::config::Config::from_toml("[[pool]]\nname = \"p\"\ncommand = \"x\"\n").unwrap();
     assert_eq!(ok.pools[0].max_server_requests, 64);
 }
+
+#[tokio::test]
+async fn notification_streams_are_capped_per_session_and_in_all() {
+    let b = TestBroker::start(vec![fixture_pool("fx", &[])]).await;
+    b.wait_idle("fx", 1).await;
+    let px = TestProxy::start_with(&b.socket, "fx", |s| {
+        s.max_streams = 2;
+        s.max_streams_per_session = 1;
+    })
+    .await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let open = |session: String| {
+        let client = client.clone();
+        let url = px.url.clone();
+        async move {
+            let req = http::Request::get(&url)
+                .header("accept", "text/event-stream")
+                .header("mcp-session-id", session)
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            client.request(req).await.unwrap()
+        }
+    };
+    let (s1, s2, s3) = (
+        initialize(&px.url, "2025-06-18", json!({})).await,
+        initialize(&px.url, "2025-06-18", json!({})).await,
+        initialize(&px.url, "2025-06-18", json!({})).await,
+    );
+    let first = open(s1.clone()).await;
+    assert_eq!(first.status(), 200);
+    let again = open(s1.clone()).await;
+    assert_eq!(again.status(), 429, "a second stream of one session");
+    let second = open(s2).await;
+    assert_eq!(second.status(), 200);
+    let third = open(s3).await;
+    assert_eq!(third.status(), 429, "over the proxy's total");
+    // Closing a stream gives its place back.
+    drop(first);
+    let gauge = px.metrics.sse_streams.with_label_values(&["listen"]);
+    wait_until(std::time::Duration::from_secs(5), || gauge.get() == 1).await;
+    let reopened = open(s1).await;
+    assert_eq!(reopened.status(), 200);
+    drop((second, reopened));
+    px.stop().await;
+    b.stop().await;
+}

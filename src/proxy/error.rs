@@ -41,6 +41,8 @@ pub enum ProxyError {
     TooLarge(usize),
     #[error("{0}")]
     Busy(String),
+    #[error("too many notification streams: {0}")]
+    TooManyStreams(String),
     #[error("{0}")]
     Backend(#[from] BackendError),
     #[error("not found")]
@@ -63,6 +65,7 @@ impl ProxyError {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
             Backend(BackendError::Unreachable { .. } | BackendError::NotWarm(_)) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -86,7 +89,7 @@ impl ProxyError {
                 )
             }
             MethodNotFound(_) => jsonrpc::error(id, codes::METHOD_NOT_FOUND, self.to_string()),
-            Busy(_) => jsonrpc::error(id, codes::QUEUE_FULL, self.to_string()),
+            Busy(_) | TooManyStreams(_) => jsonrpc::error(id, codes::QUEUE_FULL, self.to_string()),
             Backend(e) => super::backend::error_response(id, e),
             _ => jsonrpc::error(id, codes::INVALID_REQUEST, self.to_string()),
         }

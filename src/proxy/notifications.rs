@@ -13,13 +13,49 @@ use crate::jsonrpc;
 use crate::web::{self, Body};
 use ::http::{HeaderMap, Response};
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 const BUFFER: usize = 16;
+
+/// One open stream's places in the counters it is bounded by; dropping it
+/// (the stream ended) gives them back.
+struct Slots(Vec<Arc<AtomicUsize>>);
+
+impl Slots {
+    /// Takes a place in each `(counter, cap)`, or none if any is full.
+    fn take(limits: &[(&Arc<AtomicUsize>, usize, &str)]) -> Result<Slots, ProxyError> {
+        let mut held = Slots(Vec::new());
+        for (counter, cap, what) in limits {
+            let ok = counter
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < *cap).then_some(n + 1)
+                })
+                .is_ok();
+            if !ok {
+                return Err(ProxyError::TooManyStreams(format!(
+                    "{cap} open {what} at most; close one first"
+                )));
+            }
+            held.0.push(Arc::clone(counter));
+        }
+        Ok(held)
+    }
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
 /// Pumps broker events through `map` into an SSE body until either side ends.
 fn pump(
     proxy: &Arc<Proxy>,
     kind: &str,
+    slots: Slots,
     mut events: super::backend::Lines,
     first: Option<Value>,
     map: impl Fn(Value) -> Option<Value> + Send + 'static,
@@ -30,6 +66,7 @@ fn pump(
         crate::metrics::GaugeGuard::new(proxy.metrics.sse_streams.with_label_values(&[kind]));
     proxy.tracker.spawn(async move {
         let _open = open;
+        let _slots = slots;
         if let Some(f) = first {
             if tx.send(sse::event(&f)).await.is_err() {
                 return;
@@ -65,8 +102,24 @@ pub async fn get(proxy: &Arc<Proxy>, headers: &HeaderMap, accept_sse: bool) -> R
         Ok(s) => s,
         Err(e) => return e.into_response(Value::Null),
     };
+    let limits = [
+        (
+            &proxy.streams,
+            proxy.settings.max_streams,
+            "streams in this proxy",
+        ),
+        (
+            &s.streams,
+            proxy.settings.max_streams_per_session,
+            "streams per session",
+        ),
+    ];
+    let slots = match Slots::take(&limits) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(Value::Null),
+    };
     match proxy.backend.notifications(Some(&s.id)).await {
-        Ok(events) => sse::response(pump(proxy, "listen", events, None, Some)),
+        Ok(events) => sse::response(pump(proxy, "listen", slots, events, None, Some)),
         Err(e) => ProxyError::Backend(e).into_response(Value::Null),
     }
 }
@@ -83,6 +136,15 @@ pub async fn modern(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body
         flag("promptsListChanged"),
         flag("resourcesListChanged"),
     );
+    let limits = [(
+        &proxy.streams,
+        proxy.settings.max_streams,
+        "streams in this proxy",
+    )];
+    let slots = match Slots::take(&limits) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(id),
+    };
     let events = match proxy.backend.notifications(None).await {
         Ok(e) => e,
         Err(e) => return ProxyError::Backend(e).into_response(id),
@@ -121,5 +183,5 @@ pub async fn modern(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body
         }
         Some(m)
     };
-    sse::response(pump(proxy, "subscription", events, Some(ack), map))
+    sse::response(pump(proxy, "subscription", slots, events, Some(ack), map))
 }

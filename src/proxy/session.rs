@@ -27,6 +27,8 @@ pub struct Session {
     /// The client's `clientInfo`.
     pub client_info: Value,
     state: Mutex<SessionState>,
+    /// `GET /mcp` streams of this session open now.
+    pub streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[derive(Default)]
@@ -181,6 +183,7 @@ impl Sessions {
             capabilities,
             client_info,
             state: Mutex::new(SessionState::default()),
+            streams: Arc::default(),
         });
         s.touch();
         map.insert(s.id.clone(), s.clone());
