@@ -12,6 +12,8 @@
 //! * [`broker`]: the daemon: pools plus the lease API served on a Unix socket.
 //! * [`proxy`]: MCP Streamable HTTP for clients of either protocol era,
 //!   turning each request into one lease.
+//! * [`shim`]: `mcp-broker connect`, a stdio MCP server for hosts that
+//!   spawn one, leasing from a pool per request.
 //! * [`up`]: broker and proxy in one process for a laptop.
 //! * [`bench`]: the node-local benchmark (`mcp-broker bench`).
 
@@ -31,6 +33,7 @@ pub mod process;
 pub mod protocol;
 pub mod proxy;
 pub mod runtime;
+pub mod shim;
 pub mod shutdown;
 pub mod up;
 pub mod web;

@@ -1,4 +1,4 @@
-//! The `mcp-broker` command line: `serve`, `proxy`, `up`, `check`.
+//! The `mcp-broker` command line: `serve`, `proxy`, `connect`, `up`, `check`.
 //!
 //! Only startup lives here: parse flags, load config, install logging and
 //! signal handling, then hand over to the library. Errors here are `anyhow`
@@ -63,6 +63,29 @@ enum Command {
         token_file: Option<PathBuf>,
         #[command(flatten)]
         http: HttpFlags,
+    },
+    /// Speak MCP over stdin/stdout like a stdio server, leasing from a
+    /// broker's pool per request: put it in an MCP host's config in place
+    /// of the server's own command.
+    Connect {
+        /// The pool to lease from.
+        #[arg(long)]
+        pool: String,
+        /// The broker's lease API socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// A token file to present to the broker (`Authorization: Bearer`).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Largest JSON-RPC message in bytes, either direction (beyond: a
+        /// clear -31005 error).
+        #[arg(long, default_value_t = config::DEFAULT_MAX_MESSAGE_SIZE as u64,
+              value_parser = clap::value_parser!(u64).range(1024..))]
+        max_message_bytes: u64,
+        /// Requests leased at once; more wait.
+        #[arg(long, default_value_t = mcp_broker::shim::DEFAULT_MAX_INFLIGHT,
+              value_parser = clap::value_parser!(usize))]
+        max_inflight: usize,
     },
     /// Broker and proxy in one process: any stdio server becomes a pooled
     /// Streamable HTTP server.
@@ -198,7 +221,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let threads = match (cli.threads, &cli.command) {
         (Some(n), _) => Threads::Fixed(n.into()),
-        (None, Command::Proxy { .. } | Command::Up { .. }) => {
+        (None, Command::Proxy { .. } | Command::Up { .. } | Command::Connect { .. }) => {
             Threads::Fixed(runtime::DEFAULT_LEAN_THREADS)
         }
         // The bench's own load generator; its broker and proxy get a
@@ -212,13 +235,20 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli.command)) {
+    // The shim reads stdin on a blocking thread that cannot be interrupted:
+    // it must not hold up the exit after SIGTERM.
+    let shim = matches!(cli.command, Command::Connect { .. });
+    let code = match rt.block_on(run(cli.command)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mcp-broker: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    };
+    if shim {
+        rt.shutdown_background();
     }
+    code
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -253,6 +283,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let mut settings = http.settings(socket, pool);
             settings.token_file = token_file;
             proxy::run(settings, metrics, shutdown).await
+        }
+        Command::Connect {
+            pool,
+            socket,
+            token_file,
+            max_message_bytes,
+            max_inflight,
+        } => {
+            let settings = mcp_broker::shim::ShimSettings {
+                socket,
+                pool,
+                token_file,
+                max_message: usize::try_from(max_message_bytes).unwrap_or(usize::MAX),
+                max_inflight: max_inflight.max(1),
+                ..Default::default()
+            };
+            match mcp_broker::shim::run(settings, shutdown).await {
+                mcp_broker::shim::Ended::ReadError(e) => {
+                    anyhow::bail!("cannot read MCP messages from stdin: {e}")
+                }
+                _ => Ok(()),
+            }
         }
         Command::Up {
             min_idle,

@@ -386,6 +386,35 @@ impl Backend {
         })
     }
 
+    /// Submits a client notification to the pool (`202`: forwarded to the
+    /// session's process in exclusive pools, else dropped by the broker).
+    /// Bounded by the call timeout.
+    pub async fn notify(&self, msg: &Value, session: Option<&str>) -> Result<(), BackendError> {
+        let body = Bytes::from(serde_json::to_vec(msg).expect("Value serializes"));
+        let path = lease_api::messages_path(&self.pool);
+        let fut = async {
+            let r = self.send(Method::POST, &path, session, None, body).await?;
+            let status = r.status();
+            let body = http_body_util::Limited::new(r.into_body(), self.max_message)
+                .collect()
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                .unwrap_or_default();
+            if status == StatusCode::ACCEPTED {
+                Ok(())
+            } else {
+                Err(BackendError::Status { status, body })
+            }
+        };
+        tokio::time::timeout(CALL_TIMEOUT, fut)
+            .await
+            .unwrap_or_else(|_| {
+                Err(BackendError::Malformed(
+                    "the broker did not answer in time".into(),
+                ))
+            })
+    }
+
     fn lines(&self, body: Incoming) -> Lines {
         Lines {
             body,

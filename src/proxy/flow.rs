@@ -94,7 +94,7 @@ pub fn is_safe_to_replay(method: &str) -> bool {
 }
 
 /// Which client capability a server→client request needs.
-fn capability_for(method: &str) -> Option<&'static str> {
+pub fn capability_for(method: &str) -> Option<&'static str> {
     match method {
         "sampling/createMessage" => Some("sampling"),
         "elicitation/create" => Some("elicitation"),

@@ -6,6 +6,7 @@
 //! pools keep their affinity). Notifications and answers to server requests
 //! get `202`. `DELETE` ends the session and, in exclusive pools, its process.
 
+use super::backend::PoolInfo;
 use super::error::ProxyError;
 use super::flow::{self, Accept, ClientSide};
 use super::session::Session;
@@ -46,12 +47,12 @@ fn check_version_header(headers: &HeaderMap) -> Result<(), ProxyError> {
     }
 }
 
-async fn initialize(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body> {
-    let info = match proxy.backend.pool_info_wait(proxy.settings.warm_wait).await {
-        Ok(i) => i,
-        Err(e) => return ProxyError::Backend(e).into_response(id),
-    };
-    let params = msg.get("params").cloned().unwrap_or(json!({}));
+/// The `InitializeResult` a handshake-era client gets, from the pool's
+/// cached handshake and the client's `initialize` params: the version
+/// negotiated by [`protocol::negotiate_legacy`], the server's capabilities,
+/// serverInfo and instructions (read from a discover result when the pool's
+/// server is stateless). Shared with the stdio shim ([`crate::shim`]).
+pub fn initialize_result(info: &PoolInfo, params: &Value) -> Value {
     let requested = params.get("protocolVersion").and_then(Value::as_str);
     let version = protocol::negotiate_legacy(requested, &info.protocol_version);
     let server_info = match info.era {
@@ -62,8 +63,30 @@ async fn initialize(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body
             .cloned(),
     }
     .unwrap_or(json!({"name": "mcp-broker", "version": env!("CARGO_PKG_VERSION")}));
+    let mut result = json!({
+        "protocolVersion": version,
+        "capabilities": info.result.get("capabilities").cloned().unwrap_or(json!({})),
+        "serverInfo": server_info,
+    });
+    if let Some(i) = info.result.get("instructions") {
+        result["instructions"] = i.clone();
+    }
+    result
+}
+
+async fn initialize(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body> {
+    let info = match proxy.backend.pool_info_wait(proxy.settings.warm_wait).await {
+        Ok(i) => i,
+        Err(e) => return ProxyError::Backend(e).into_response(id),
+    };
+    let params = msg.get("params").cloned().unwrap_or(json!({}));
+    let result = initialize_result(&info, &params);
+    let version = result["protocolVersion"]
+        .as_str()
+        .unwrap_or(protocol::LATEST_LEGACY)
+        .to_string();
     let session = match proxy.sessions.create(
-        version.clone(),
+        version,
         params.get("capabilities").cloned().unwrap_or(json!({})),
         params.get("clientInfo").cloned().unwrap_or(json!({})),
     ) {
@@ -75,14 +98,6 @@ async fn initialize(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body
         .sessions
         .with_label_values(&[proxy.backend.pool()])
         .inc();
-    let mut result = json!({
-        "protocolVersion": version,
-        "capabilities": info.result.get("capabilities").cloned().unwrap_or(json!({})),
-        "serverInfo": server_info,
-    });
-    if let Some(i) = info.result.get("instructions") {
-        result["instructions"] = i.clone();
-    }
     let mut r = web::json(StatusCode::OK, &jsonrpc::result(id, result));
     r.headers_mut().insert(
         SESSION_ID,
@@ -155,8 +170,7 @@ pub async fn post(
                 }
                 _ => {
                     // Exclusive pools hand it to the session's process.
-                    let id = super::backend::new_lease_id();
-                    if let Err(e) = proxy.backend.lease(&msg, Some(&session.id), &id).await {
+                    if let Err(e) = proxy.backend.notify(&msg, Some(&session.id)).await {
                         tracing::debug!("client notification not delivered: {e}");
                     }
                 }

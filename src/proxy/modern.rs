@@ -147,7 +147,7 @@ pub fn discover_result(info: &PoolInfo) -> Value {
 
 /// Removes the stateless `_meta` keys before a request reaches a
 /// handshake-era server, which learned all of it at `initialize`.
-fn strip_modern_meta(msg: &mut Value) {
+pub fn strip_modern_meta(msg: &mut Value) {
     if let Some(meta) = msg
         .get_mut("params")
         .and_then(|p| p.get_mut("_meta"))

@@ -99,6 +99,8 @@ class Broker:
     argv: list[str]
     standin: bool = False
     exit_code: int | None = field(default=None)
+    # `mcp-broker serve` (run_serve): its lease API socket.
+    socket: Path | None = None
 
     @property
     def url(self) -> str:
@@ -171,6 +173,70 @@ def run_broker(
                     break
                 if time.monotonic() > deadline:
                     raise HarnessError(f"broker not ready within {ready_timeout}s\n{broker.describe()}")
+                time.sleep(0.1)
+        yield broker
+    finally:
+        try:
+            _stop(broker)
+        finally:
+            log.close()
+
+
+def _toml_str(s: str) -> str:
+    import json
+
+    return json.dumps(s)  # a JSON string is a valid TOML basic string
+
+
+def _pool_warm(client: httpx.Client, pool: str) -> bool:
+    try:
+        r = client.get(f"http://broker/v1/pools/{pool}", timeout=1.0)
+    except httpx.HTTPError:
+        return False
+    return r.status_code == 200 and r.json().get("handshake") is not None
+
+
+@contextlib.contextmanager
+def run_serve(pools: dict[str, list[str]], *, ready_timeout: float = READY_TIMEOUT) -> Iterator[Broker]:
+    """Start `mcp-broker serve --config broker.toml` with one pool per entry of `pools` (name → stdio
+    command) on a socket in a temp dir, wait until every pool has a warm process (its cached
+    handshake), yield (`broker.socket` is the lease API socket), then SIGTERM and require a clean
+    exit, as run_broker does."""
+    work = Path(tempfile.mkdtemp(prefix="mcp-interop-serve-"))
+    sock = work / "broker.sock"
+    lines = ["[broker]", f"socket = {_toml_str(str(sock))}", ""]
+    for name, cmd in pools.items():
+        lines += [
+            "[[pool]]",
+            f"name = {_toml_str(name)}",
+            f"command = {_toml_str(cmd[0])}",
+            "args = [" + ", ".join(_toml_str(a) for a in cmd[1:]) + "]",
+            "min_idle = 1",
+            "max = 4",
+            "",
+        ]
+    config = work / "broker.toml"
+    config.write_text("\n".join(lines))
+    argv = [str(broker_bin()), "serve", "--config", str(config)]
+    log_path = work / "broker.log"
+    log = log_path.open("wb")
+    env = dict(os.environ)
+    env.setdefault("NO_COLOR", "1")
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    broker = Broker(proc=proc, base=f"unix:{sock}", log_path=log_path, argv=argv, socket=sock)
+    TOUCHED.append(broker)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock))) as client:
+            while True:
+                if proc.poll() is not None:
+                    raise HarnessError(f"broker exited with {proc.returncode} before its pools warmed\n{broker.describe()}")
+                if sock.exists() and all(_pool_warm(client, name) for name in pools):
+                    break
+                if time.monotonic() > deadline:
+                    raise HarnessError(f"pools not warm within {ready_timeout}s\n{broker.describe()}")
                 time.sleep(0.1)
         yield broker
     finally:
