@@ -141,8 +141,16 @@ enum Command {
         max_server_requests: usize,
         #[command(flatten)]
         http: HttpFlags,
+        /// Serve every pool of this config file instead of one command: each
+        /// at /servers/NAME/mcp (and /mcp when there is exactly one).
+        #[arg(long, short, conflicts_with_all = [
+            "min_idle", "max", "max_inflight", "mode", "request_timeout", "queue_timeout",
+            "queue_limit", "protocol", "env", "cwd", "init_timeout", "probe_timeout",
+            "client_capabilities", "max_message_bytes", "max_server_requests", "command",
+        ])]
+        config: Option<PathBuf>,
         /// The stdio server command and its arguments.
-        #[arg(last = true, required = true, num_args = 1..)]
+        #[arg(last = true, required_unless_present = "config", num_args = 1..)]
         command: Vec<String>,
     },
     /// Benchmark direct stdio, the broker's modes, spawn-per-request and
@@ -307,6 +315,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Up {
+            http,
+            config: Some(path),
+            ..
+        } => {
+            let cfg = Config::load(&path).with_context(|| format!("in {}", path.display()))?;
+            if cfg.pools.is_empty() {
+                anyhow::bail!("{} has no [[pool]]", path.display());
+            }
+            let settings = http.settings(PathBuf::new(), String::new());
+            mcp_broker::up::run(cfg.pools, cfg.broker, settings, shutdown).await
+        }
+        Command::Up {
             min_idle,
             max,
             max_inflight,
@@ -324,6 +344,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             max_server_requests,
             http,
             command,
+            config: None,
         } => {
             // The flags go through the config file's own validation (the
             // cross-field checks, defaults and messages of `[[pool]]`).
@@ -352,7 +373,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 pool.client_capabilities = c;
             }
             let settings = http.settings(PathBuf::new(), String::new());
-            mcp_broker::up::run(pool, settings, shutdown).await
+            let broker = config::BrokerSettings {
+                max_message_size: pool.max_message_size,
+                ..config::BrokerSettings::default()
+            };
+            mcp_broker::up::run(vec![pool], broker, settings, shutdown).await
         }
     }
 }

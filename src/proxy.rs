@@ -27,7 +27,7 @@ use backend::Backend;
 use error::ProxyError;
 use flow::{Accept, ClientSide, Flow};
 use hyper::body::Incoming;
-use serde_json::Value;
+use serde_json::{json, Value};
 use session::{Session, Sessions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -129,11 +129,31 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let pool = settings.pool.clone();
+    run_many(settings, vec![pool], metrics, shutdown).await
+}
+
+/// Serves every pool in `pools` on one listener until `shutdown`: each at
+/// `/servers/NAME/mcp`, and at `/mcp` when there is exactly one; `GET
+/// /servers` lists them.
+pub async fn run_many(
+    settings: ProxySettings,
+    pools: Vec<String>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
-    tracing::info!(listen = %settings.listen, pool = %settings.pool, socket = %settings.socket.display(), "proxy serving MCP at /mcp");
-    serve(listener, settings, metrics, shutdown).await;
+    match pools.as_slice() {
+        [one] => {
+            tracing::info!(listen = %settings.listen, pool = %one, socket = %settings.socket.display(), "proxy serving MCP at /mcp")
+        }
+        _ => {
+            tracing::info!(listen = %settings.listen, pools = ?pools, socket = %settings.socket.display(), "proxy serving MCP at /servers/NAME/mcp")
+        }
+    }
+    serve_many(listener, settings, pools, metrics, shutdown).await;
     Ok(())
 }
 
@@ -144,48 +164,62 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut backend = Backend::new(
-        settings.socket.clone(),
-        settings.pool.clone(),
-        settings.max_body,
-        metrics.clone(),
-    );
-    if let Some(path) = &settings.token_file {
-        backend = backend.with_token_file(path.clone());
-    }
-    let proxy = Arc::new(Proxy {
-        sessions: Sessions::new(settings.max_sessions, settings.session_idle_timeout),
-        held: held::Held::new(held::DEFAULT_MAX_HELD, held::DEFAULT_HOLD_TIMEOUT),
-        backend,
-        settings,
-        metrics,
-        tracker: TaskTracker::new(),
-        shutdown: shutdown.clone(),
-        streams: Arc::default(),
-    });
-    proxy.tracker.spawn(sweeper(proxy.clone()));
+    let pool = settings.pool.clone();
+    serve_many(listener, settings, vec![pool], metrics, shutdown).await
+}
+
+/// The pools one listener serves, by name.
+pub struct Gateway {
+    proxies: std::collections::BTreeMap<String, Arc<Proxy>>,
+    metrics: Arc<Metrics>,
+}
+
+/// [`serve`] for several pools of one broker.
+pub async fn serve_many(
+    listener: tokio::net::TcpListener,
+    settings: ProxySettings,
+    pools: Vec<String>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let proxies = pools
+        .into_iter()
+        .map(|pool| {
+            let settings = ProxySettings {
+                pool: pool.clone(),
+                ..settings.clone()
+            };
+            (
+                pool,
+                Proxy::start(settings, metrics.clone(), shutdown.clone()),
+            )
+        })
+        .collect();
+    let gw = Arc::new(Gateway { proxies, metrics });
     let conns = TaskTracker::new();
     web::accept_until(&listener, &shutdown, "MCP", |(stream, _)| {
         let _ = stream.set_nodelay(true);
-        let p = proxy.clone();
+        let gw = gw.clone();
         let svc = hyper::service::service_fn(move |req| {
-            let p = p.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(p, req).await) }
+            let gw = gw.clone();
+            async move { Ok::<_, std::convert::Infallible>(handle(gw, req).await) }
         });
         conns.spawn(web::serve_io(
             stream,
             svc,
             shutdown.clone(),
-            proxy.settings.max_header_bytes,
+            settings.max_header_bytes,
         ));
     })
     .await;
     drop(listener);
     conns.close();
-    proxy.tracker.close();
-    let drain = proxy.settings.drain_timeout;
-    if tokio::time::timeout(drain, async {
-        tokio::join!(conns.wait(), proxy.tracker.wait())
+    for p in gw.proxies.values() {
+        p.tracker.close();
+    }
+    let trackers = futures::future::join_all(gw.proxies.values().map(|p| p.tracker.wait()));
+    if tokio::time::timeout(settings.drain_timeout, async {
+        tokio::join!(conns.wait(), trackers)
     })
     .await
     .is_err()
@@ -209,6 +243,35 @@ async fn sweeper(proxy: Arc<Proxy>) {
 }
 
 impl Proxy {
+    /// The proxy of one pool, with its session sweeper running.
+    pub fn start(
+        settings: ProxySettings,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Arc<Proxy> {
+        let mut backend = Backend::new(
+            settings.socket.clone(),
+            settings.pool.clone(),
+            settings.max_body,
+            metrics.clone(),
+        );
+        if let Some(path) = &settings.token_file {
+            backend = backend.with_token_file(path.clone());
+        }
+        let proxy = Arc::new(Proxy {
+            sessions: Sessions::new(settings.max_sessions, settings.session_idle_timeout),
+            held: held::Held::new(held::DEFAULT_MAX_HELD, held::DEFAULT_HOLD_TIMEOUT),
+            backend,
+            settings,
+            metrics,
+            tracker: TaskTracker::new(),
+            shutdown,
+            streams: Arc::default(),
+        });
+        proxy.tracker.spawn(sweeper(proxy.clone()));
+        proxy
+    }
+
     /// Ends a session here and at the broker.
     pub async fn end_session(&self, s: &Session) {
         if self.sessions.remove(&s.id).is_some() {
@@ -352,25 +415,59 @@ fn origin_allowed(settings: &ProxySettings, headers: &HeaderMap) -> Result<(), P
     }
 }
 
-async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let r = match path.as_str() {
-        "/mcp" => mcp(&proxy, req).await,
-        "/livez" => web::text(StatusCode::OK, "ok\n"),
-        "/readyz" => match proxy.backend.ready().await {
-            Ok(()) => web::text(StatusCode::OK, "ready\n"),
-            Err(e) => web::text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+    let pool = path
+        .strip_prefix("/servers/")
+        .and_then(|rest| rest.strip_suffix("/mcp"))
+        .filter(|name| !name.contains('/'));
+    let only = match gw.proxies.values().collect::<Vec<_>>().as_slice() {
+        [one] => Some((*one).clone()),
+        _ => None,
+    };
+    let r = match (path.as_str(), pool) {
+        (_, Some(name)) => match gw.proxies.get(name) {
+            Some(p) => mcp(p, req).await,
+            None => ProxyError::NotFound.into_response(Value::Null),
         },
-        "/metrics" => web::response(
+        ("/mcp", None) => match &only {
+            Some(p) => mcp(p, req).await,
+            None => ProxyError::NotFound.into_response(Value::Null),
+        },
+        ("/servers", None) if method == Method::GET => {
+            let list: Vec<Value> = gw
+                .proxies
+                .keys()
+                .map(|name| json!({"name": name, "path": format!("/servers/{name}/mcp")}))
+                .collect();
+            web::json(StatusCode::OK, &Value::Array(list))
+        }
+        ("/livez", None) => web::text(StatusCode::OK, "ok\n"),
+        ("/readyz", None) => {
+            let mut cold = Vec::new();
+            for (name, p) in &gw.proxies {
+                if let Err(e) = p.backend.ready().await {
+                    cold.push(format!("{name}: {e}"));
+                }
+            }
+            if cold.is_empty() {
+                web::text(StatusCode::OK, "ready\n")
+            } else {
+                web::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {}\n", cold.join("; ")),
+                )
+            }
+        }
+        ("/metrics", None) => web::response(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            web::full(proxy.metrics.render()),
+            web::full(gw.metrics.render()),
         ),
         _ => ProxyError::NotFound.into_response(Value::Null),
     };
-    proxy
-        .metrics
+    gw.metrics
         .http_requests
         .with_label_values(&[http_method_label(&method), r.status().as_str()])
         .inc();

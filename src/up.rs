@@ -1,4 +1,6 @@
-//! `mcp-broker up`: a broker and a proxy in one process, no config file.
+//! `mcp-broker up`: a broker and a proxy in one process: one command as a
+//! pool (`up -- CMD`), or every pool of a config file (`up --config FILE`,
+//! each at `/servers/NAME/mcp`).
 //!
 //! The broker listens on a private socket in a fresh temporary directory and
 //! the proxy reaches it exactly as a sidecar would, so `up` exercises the
@@ -14,26 +16,31 @@ use tokio_util::sync::CancellationToken;
 /// Name of the single pool `up` creates.
 pub const POOL_NAME: &str = "default";
 
-/// Runs broker and proxy until `shutdown`, then drains both.
+/// Runs broker and proxy for `pools` until `shutdown`, then drains both.
+/// Of `broker`, the socket and the metrics listener are replaced (a private
+/// socket; health and metrics are the proxy's).
 pub async fn run(
-    pool: PoolConfig,
+    pools: Vec<PoolConfig>,
+    broker: BrokerSettings,
     mut proxy: ProxySettings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    pool.check()?;
+    for p in &pools {
+        p.check()?;
+    }
+    let names: Vec<String> = pools.iter().map(|p| p.name.clone()).collect();
     let dir = tempfile_dir()?;
     let socket = dir.join("broker.sock");
     let metrics = Arc::new(Metrics::new());
     let settings = BrokerSettings {
         socket: socket.clone(),
         metrics_listen: None,
-        max_message_size: pool.max_message_size,
-        ..BrokerSettings::default()
+        ..broker
     };
     let broker = Broker::start(
         Config {
             broker: settings,
-            pools: vec![pool],
+            pools,
         },
         metrics.clone(),
     );
@@ -41,8 +48,7 @@ pub async fn run(
     let broker_done = CancellationToken::new();
     let serve = tokio::spawn(broker.serve(listener, Some(socket.clone()), broker_done.clone()));
     proxy.socket = socket;
-    proxy.pool = POOL_NAME.to_string();
-    let result = proxy::run(proxy, metrics, shutdown.clone()).await;
+    let result = proxy::run_many(proxy, names, metrics, shutdown.clone()).await;
     // The proxy has drained its clients; now the broker drains its leases.
     broker_done.cancel();
     let _ = serve.await;

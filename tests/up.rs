@@ -152,3 +152,74 @@ async fn wait_for_ready(base: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn up_with_a_config_serves_every_pool_at_its_own_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("up.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[pool]]\nname = \"a\"\ncommand = \"{FIXTURE}\"\n\n[[pool]]\nname = \"b\"\ncommand = \"{FIXTURE}\"\nmode = \"sticky\"\n"
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new(BIN)
+        .args(["up", "--listen", &listen, "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://{listen}");
+    wait_for_ready(&base).await;
+    let list = send("GET", &format!("{base}/servers"), &[], "")
+        .await
+        .json();
+    assert_eq!(
+        list,
+        json!([{"name": "a", "path": "/servers/a/mcp"}, {"name": "b", "path": "/servers/b/mcp"}])
+    );
+    let mut pids = Vec::new();
+    for name in ["a", "b"] {
+        let url = format!("{base}/servers/{name}/mcp");
+        let session = initialize(&url, "2025-06-18", json!({})).await;
+        let r = send(
+            "POST",
+            &url,
+            &[JSON_SSE, CT_JSON, ("mcp-session-id", &session)],
+            &tool(1, "whoami", json!({})).to_string(),
+        )
+        .await;
+        pids.push(
+            text_of(&r.json())
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_ne!(pids[0], pids[1], "each pool has processes of its own");
+    // Two pools: no default endpoint, and unknown pools are not found.
+    let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+        "protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}});
+    for path in ["/mcp", "/servers/zzz/mcp"] {
+        let r = send(
+            "POST",
+            &format!("{base}{path}"),
+            &[JSON_SSE, CT_JSON],
+            &init.to_string(),
+        )
+        .await;
+        assert_eq!(r.status, 404, "{path}");
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+}
