@@ -33,6 +33,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at startup and matched once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the node daemon: pools plus the lease API on a Unix socket.
