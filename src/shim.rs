@@ -145,6 +145,10 @@ struct Shim {
     /// One permit per running lease.
     slots: Arc<Semaphore>,
     tasks: TaskTracker,
+    /// Set once the pool's notifications (`list_changed` and the like) are
+    /// relayed to the host; cancelled at stop.
+    relaying: CancellationToken,
+    relay_started: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -191,6 +195,8 @@ where
         asks: Mutex::new(HashMap::new()),
         next_ask: AtomicU64::new(1),
         tasks: TaskTracker::new(),
+        relaying: CancellationToken::new(),
+        relay_started: std::sync::atomic::AtomicBool::new(false),
     });
     tracing::debug!(pool = %shim.settings.pool, session = %shim.session, "shim reading stdin");
     let mut splitter = LineSplitter::new(shim.settings.max_message);
@@ -310,6 +316,11 @@ impl Shim {
                     let mut h = lock(&self.host);
                     h.capabilities = params.get("capabilities").cloned().unwrap_or(json!({}));
                     h.client_info = params.get("clientInfo").cloned().unwrap_or(json!({}));
+                }
+                if !self.relay_started.swap(true, Ordering::AcqRel) {
+                    // A handshake-era host hears the pool's notifications
+                    // not tied to a request, as it would from the server.
+                    self.tasks.spawn(self.clone().relay_notifications());
                 }
                 let shim = self.clone();
                 self.tasks.spawn(async move {
@@ -454,9 +465,37 @@ impl Shim {
         });
     }
 
+    /// Writes the pool's notifications not tied to a request (for this
+    /// session's process in exclusive pools) to the host until stop.
+    async fn relay_notifications(self: Arc<Self>) {
+        let mut lines = tokio::select! {
+            l = self.backend.notifications(Some(&self.session)) => match l {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::debug!("no notification stream from the broker: {e}");
+                    return;
+                }
+            },
+            _ = self.relaying.cancelled() => return,
+        };
+        loop {
+            tokio::select! {
+                m = lines.next() => match m {
+                    Some(Ok(msg)) if msg.get("id").is_none() && msg.get("method").is_some() => {
+                        self.out.send(msg).await;
+                    }
+                    Some(_) => {}
+                    None => return,
+                },
+                _ = self.relaying.cancelled() => return,
+            }
+        }
+    }
+
     /// Cancels everything in flight, waits (bounded) for it to settle, and
     /// ends the session at the broker.
     async fn stop(&self, why: &Ended) {
+        self.relaying.cancel();
         let reason = match why {
             Ended::Eof => "the host closed the connection",
             Ended::Signal => "mcp-broker connect is shutting down",

@@ -321,3 +321,32 @@ async fn unreachable_broker_is_a_clear_error() {
         .unwrap();
     assert!(status.success());
 }
+
+#[tokio::test]
+async fn list_changed_notifications_reach_a_handshake_era_host() {
+    let b = broker(2).await;
+    let mut host = Host::spawn(&b, "fx", &[]).await;
+    host.initialize(json!({})).await;
+    // The relay subscribes right after initialize; until it has, a
+    // notification is not there to relay, so call until one arrives
+    // (bounded: each round is a real call and answer).
+    let mut seen = false;
+    for i in 0..50 {
+        let (before, answer) = host
+            .call(&json!({"jsonrpc":"2.0","id":100 + i,"method":"tools/call",
+                "params":{"name":"list_changed","arguments":{}}}))
+            .await;
+        assert_eq!(answer["result"]["content"][0]["text"], "ok", "{answer}");
+        let is_it = |m: &Value| m["method"] == "notifications/tools/list_changed";
+        if before.iter().any(is_it) {
+            seen = true;
+            break;
+        }
+        // It may also come right after the answer: the next call's
+        // `before` then holds it.
+    }
+    assert!(seen, "no notifications/tools/list_changed reached the host");
+    let status = host.close(Duration::from_secs(5)).await;
+    assert!(status.success());
+    b.stop().await;
+}
