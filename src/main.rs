@@ -169,6 +169,10 @@ struct HttpFlags {
     /// Extra allowed `Origin` values (localhost origins are always allowed).
     #[arg(long = "allow-origin")]
     allow_origins: Vec<String>,
+    /// Extra allowed `Host` values (on a loopback listener localhost is
+    /// always allowed; on others, when given, only these are).
+    #[arg(long = "allow-host")]
+    allow_hosts: Vec<String>,
     /// Open MCP sessions at most.
     #[arg(long, default_value_t = proxy::DEFAULT_MAX_SESSIONS)]
     max_sessions: usize,
@@ -194,6 +198,7 @@ impl HttpFlags {
             socket,
             pool,
             allow_origins: self.allow_origins,
+            allow_hosts: self.allow_hosts,
             max_sessions: self.max_sessions,
             max_streams: self.max_streams,
             max_streams_per_session: self.max_streams_per_session,

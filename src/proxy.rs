@@ -10,6 +10,7 @@
 
 pub mod ask;
 pub mod backend;
+mod checks;
 pub mod error;
 pub mod flow;
 pub mod held;
@@ -84,6 +85,9 @@ pub struct ProxySettings {
     pub drain_timeout: Duration,
     /// A projected ServiceAccount token presented to the broker.
     pub token_file: Option<PathBuf>,
+    /// `Host` values accepted besides localhost (on a loopback listener);
+    /// on other listeners, when given, the only ones accepted.
+    pub allow_hosts: Vec<String>,
     /// Open notification streams at most, in all.
     pub max_streams: usize,
     /// Open `GET /mcp` streams of one session at most.
@@ -103,6 +107,7 @@ impl Default for ProxySettings {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             warm_wait: DEFAULT_WARM_WAIT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            allow_hosts: Vec::new(),
             max_streams: DEFAULT_MAX_STREAMS,
             max_streams_per_session: DEFAULT_MAX_STREAMS_PER_SESSION,
             token_file: None,
@@ -390,31 +395,6 @@ fn accept_of(headers: &HeaderMap) -> Accept {
     }
 }
 
-fn origin_allowed(settings: &ProxySettings, headers: &HeaderMap) -> Result<(), ProxyError> {
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return Ok(());
-    };
-    let o = origin.to_str().unwrap_or("");
-    if settings.allow_origins.iter().any(|a| a == o || a == "*") {
-        return Ok(());
-    }
-    let host = o
-        .split_once("://")
-        .map(|(_, rest)| rest)
-        .unwrap_or("")
-        .trim_end_matches('/');
-    let host = if let Some(h) = host.strip_prefix('[') {
-        h.split(']').next().unwrap_or("")
-    } else {
-        host.split(':').next().unwrap_or("")
-    };
-    if matches!(host, "localhost" | "127.0.0.1" | "::1") {
-        Ok(())
-    } else {
-        Err(ProxyError::Origin(o.to_string()))
-    }
-}
-
 async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -488,7 +468,7 @@ fn http_method_label(m: &Method) -> &'static str {
 }
 
 async fn mcp(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
-    if let Err(e) = origin_allowed(&proxy.settings, req.headers()) {
+    if let Err(e) = checks::origin_and_host(&proxy.settings, req.headers()) {
         return e.into_response(Value::Null);
     }
     let accept = accept_of(req.headers());
@@ -569,20 +549,6 @@ mod tests {
         let mut m = HeaderMap::new();
         m.insert(k, v.parse().unwrap());
         m
-    }
-
-    #[test]
-    fn origins() {
-        let s = ProxySettings {
-            allow_origins: vec!["https://app.example".into()],
-            ..ProxySettings::default()
-        };
-        assert!(origin_allowed(&s, &HeaderMap::new()).is_ok());
-        assert!(origin_allowed(&s, &h("origin", "http://localhost:3000")).is_ok());
-        assert!(origin_allowed(&s, &h("origin", "http://[::1]:3000")).is_ok());
-        assert!(origin_allowed(&s, &h("origin", "https://app.example")).is_ok());
-        assert!(origin_allowed(&s, &h("origin", "https://evil.example")).is_err());
-        assert!(origin_allowed(&s, &h("origin", "http://localhost.evil.example")).is_err());
     }
 
     #[test]

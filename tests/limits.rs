@@ -236,3 +236,26 @@ async fn notification_streams_are_capped_per_session_and_in_all() {
     px.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_foreign_host_on_a_loopback_listener_is_refused() {
+    let b = TestBroker::start(vec![fixture_pool("fx", &[])]).await;
+    b.wait_idle("fx", 1).await;
+    let px = TestProxy::start(&b, "fx").await;
+    let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+        "protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}});
+    // DNS rebinding: a page's own name resolving to 127.0.0.1.
+    let r = send(
+        "POST",
+        &px.url,
+        &[JSON_SSE, CT_JSON, ("host", "evil.example:8080")],
+        &init.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("evil.example"), "{}", r.body);
+    let ok = send("POST", &px.url, &[JSON_SSE, CT_JSON], &init.to_string()).await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    px.stop().await;
+    b.stop().await;
+}

@@ -35,6 +35,8 @@ pub enum ProxyError {
     UnknownSession,
     #[error("forbidden: origin {0:?} is not allowed")]
     Origin(String),
+    #[error("forbidden: host {0:?} is not allowed (--allow-host)")]
+    Host(String),
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("request body exceeds the {0}-byte limit")]
@@ -61,7 +63,7 @@ impl ProxyError {
             MethodNotFound(_) | UnknownSession | NotFound => StatusCode::NOT_FOUND,
             NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Origin(_) => StatusCode::FORBIDDEN,
+            Origin(_) | Host(_) => StatusCode::FORBIDDEN,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Busy(_) => StatusCode::SERVICE_UNAVAILABLE,

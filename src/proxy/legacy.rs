@@ -127,6 +127,9 @@ pub async fn post(
         Ok(s) => s,
         Err(e) => return e.into_response(id),
     };
+    if matches!(kind, Kind::Request { .. }) {
+        session.mark_used();
+    }
     match kind {
         Kind::Request { method, .. } if method == "ping" => {
             web::json(StatusCode::OK, &flow::empty_result(id))

@@ -102,6 +102,7 @@ pub async fn get(proxy: &Arc<Proxy>, headers: &HeaderMap, accept_sse: bool) -> R
         Ok(s) => s,
         Err(e) => return e.into_response(Value::Null),
     };
+    s.mark_used();
     let limits = [
         (
             &proxy.streams,

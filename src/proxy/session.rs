@@ -34,6 +34,8 @@ pub struct Session {
 #[derive(Default)]
 struct SessionState {
     last_seen: Option<Instant>,
+    /// Whether any request followed `initialize`.
+    used: bool,
     /// Client request id (key form) → lease token.
     inflight: HashMap<String, String>,
     /// Server request id sent to the client → lease token.
@@ -136,6 +138,16 @@ impl Session {
             .retain(|_, t| t != token);
     }
 
+    /// Marks that the client made a request (beyond `initialize` and its
+    /// notifications): the session now lives for the whole idle timeout.
+    pub fn mark_used(&self) {
+        self.state.lock().expect("lock").used = true;
+    }
+
+    fn used(&self) -> bool {
+        self.state.lock().expect("lock").used
+    }
+
     fn idle_for(&self, now: Instant) -> Duration {
         let st = self.state.lock().expect("lock");
         st.last_seen
@@ -143,6 +155,12 @@ impl Session {
             .unwrap_or_default()
     }
 }
+
+/// How long a session that made no request after `initialize` is kept: a
+/// bare `initialize` must not hold a place in the session table for the
+/// whole idle timeout (a client that comes back later gets `404` and, as
+/// the spec asks, initializes again).
+pub const UNUSED_SESSION_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Why a session could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +171,8 @@ pub struct TooManySessions(pub usize);
 pub struct Sessions {
     max: usize,
     idle_timeout: Duration,
+    /// A session that made no request after `initialize` goes after this.
+    unused_timeout: Duration,
     map: Mutex<HashMap<String, Arc<Session>>>,
 }
 
@@ -162,6 +182,7 @@ impl Sessions {
         Self {
             max,
             idle_timeout,
+            unused_timeout: idle_timeout.min(UNUSED_SESSION_TIMEOUT),
             map: Mutex::new(HashMap::new()),
         }
     }
@@ -220,7 +241,14 @@ impl Sessions {
         let mut map = self.map.lock().expect("lock");
         let expired: Vec<String> = map
             .iter()
-            .filter(|(_, s)| s.idle_for(now) >= self.idle_timeout)
+            .filter(|(_, s)| {
+                let limit = if s.used() {
+                    self.idle_timeout
+                } else {
+                    self.unused_timeout
+                };
+                s.idle_for(now) >= limit
+            })
             .map(|(k, _)| k.clone())
             .collect();
         expired.into_iter().filter_map(|k| map.remove(&k)).collect()
@@ -257,5 +285,17 @@ mod tests {
         s.track_server_request(&json!("srv-1"), "lease-a");
         s.forget_lease("lease-a");
         assert_eq!(s.take_server_request(&json!("srv-1")), None);
+    }
+
+    #[test]
+    fn unused_sessions_go_first() {
+        let mut t = Sessions::new(4, Duration::from_secs(3600));
+        t.unused_timeout = Duration::ZERO;
+        let bare = t.create("2025-11-25".into(), json!({}), json!({})).unwrap();
+        let busy = t.create("2025-11-25".into(), json!({}), json!({})).unwrap();
+        t.get(&busy.id).expect("open").mark_used();
+        let swept: Vec<String> = t.sweep().into_iter().map(|s| s.id.clone()).collect();
+        assert_eq!(swept, vec![bare.id.clone()]);
+        assert!(t.get(&busy.id).is_some());
     }
 }
