@@ -376,25 +376,6 @@ pub async fn forward(
     flow::respond(flow, accept).await
 }
 
-fn accept_of(headers: &HeaderMap) -> Accept {
-    let v = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join(",");
-    if v.trim().is_empty() || v.contains("*/*") {
-        return Accept {
-            json: true,
-            sse: true,
-        };
-    }
-    Accept {
-        json: v.contains("application/json") || v.contains("application/*"),
-        sse: v.contains("text/event-stream") || v.contains("text/*"),
-    }
-}
-
 async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -471,7 +452,7 @@ async fn mcp(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
     if let Err(e) = checks::origin_and_host(&proxy.settings, req.headers()) {
         return e.into_response(Value::Null);
     }
-    let accept = accept_of(req.headers());
+    let accept = checks::accept_of(req.headers());
     match *req.method() {
         Method::POST => {}
         Method::GET => {
@@ -539,27 +520,4 @@ fn legacy_headers(h: &HeaderMap) -> bool {
     h.get(legacy::SESSION_ID).is_some()
         && h.get("mcp-protocol-version").and_then(|v| v.to_str().ok())
             != Some(crate::protocol::STATELESS_VERSION)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn h(k: &'static str, v: &str) -> HeaderMap {
-        let mut m = HeaderMap::new();
-        m.insert(k, v.parse().unwrap());
-        m
-    }
-
-    #[test]
-    fn accept_negotiation() {
-        let a = accept_of(&h("accept", "application/json, text/event-stream"));
-        assert!(a.json && a.sse);
-        let j = accept_of(&h("accept", "application/json"));
-        assert!(j.json && !j.sse);
-        let any = accept_of(&HeaderMap::new());
-        assert!(any.json && any.sse);
-        let none = accept_of(&h("accept", "text/html"));
-        assert!(!none.json && !none.sse);
-    }
 }

@@ -1,5 +1,6 @@
-//! Who may talk to the proxy over HTTP at all: the `Origin` of browser
-//! requests and the `Host` they were sent to.
+//! What the proxy reads from a request's headers before anything else:
+//! who may talk to it at all (the `Origin` of browser requests, the `Host`
+//! they were sent to) and which answer shapes the client accepts.
 //!
 //! Both guard against a web page reaching a local MCP server: a foreign
 //! `Origin` is a cross-site request; a foreign `Host` on a loopback
@@ -7,6 +8,7 @@
 //! Localhost names are always allowed; others only when configured.
 
 use super::error::ProxyError;
+use super::flow::Accept;
 use super::ProxySettings;
 use ::http::{header, HeaderMap};
 
@@ -22,6 +24,26 @@ fn host_of(authority: &str) -> &str {
 
 fn is_localhost(host: &str) -> bool {
     matches!(host, "localhost" | "127.0.0.1" | "::1")
+}
+
+/// The answer shapes `Accept` allows (both when it is absent or `*/*`).
+pub(super) fn accept_of(headers: &HeaderMap) -> Accept {
+    let v = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    if v.trim().is_empty() || v.contains("*/*") {
+        return Accept {
+            json: true,
+            sse: true,
+        };
+    }
+    Accept {
+        json: v.contains("application/json") || v.contains("application/*"),
+        sse: v.contains("text/event-stream") || v.contains("text/*"),
+    }
 }
 
 /// Checks `Origin` (when present) and `Host` of a request to `/mcp`.
@@ -126,5 +148,17 @@ mod tests {
         };
         assert!(host_allowed(&pinned, &h("host", "mcp-agent.ns.svc:8080")).is_ok());
         assert!(host_allowed(&pinned, &h("host", "other:8080")).is_err());
+    }
+
+    #[test]
+    fn accept_negotiation() {
+        let a = accept_of(&h("accept", "application/json, text/event-stream"));
+        assert!(a.json && a.sse);
+        let j = accept_of(&h("accept", "application/json"));
+        assert!(j.json && !j.sse);
+        let any = accept_of(&HeaderMap::new());
+        assert!(any.json && any.sse);
+        let none = accept_of(&h("accept", "text/html"));
+        assert!(!none.json && !none.sse);
     }
 }
