@@ -89,25 +89,16 @@ async fn env_cwd_and_protocol_reach_the_server() {
     // if it runs there.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("marker"), b"").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
     let script = format!("test -f marker && exec {FIXTURE} --era both");
-    let mut child = Command::new(BIN)
-        .args(["up", "--listen", &listen, "--protocol", "legacy"])
-        .args(["--env", "GREETING=hello=world", "--env", "OTHER=2"])
-        .arg("--cwd")
-        .arg(dir.path())
-        .args(["--init-timeout", "20s", "--", "sh", "-c", &script])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let base = format!("http://{listen}");
-    wait_for_ready(&base).await;
+    let up = Up::start(|c| {
+        c.args(["--protocol", "legacy"])
+            .args(["--env", "GREETING=hello=world", "--env", "OTHER=2"])
+            .arg("--cwd")
+            .arg(dir.path())
+            .args(["--init-timeout", "20s", "--", "sh", "-c", &script]);
+    })
+    .await;
+    let base = up.base.clone();
     let url = format!("{base}/mcp");
     let session = initialize(&url, "2025-06-18", json!({})).await;
     let call = tool(1, "env", json!({"name": "GREETING"}));
@@ -126,10 +117,43 @@ async fn env_cwd_and_protocol_reach_the_server() {
         metrics.contains(r#"mcp_broker_pool_era{era="legacy",pool="default"} 1"#),
         "{metrics}"
     );
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success());
+    up.stop();
+}
+
+/// `mcp-broker up` on a free loopback port, ready (every pool warm).
+struct Up {
+    child: std::process::Child,
+    base: String,
+}
+
+impl Up {
+    /// Starts `up --listen …` with the arguments `args` adds.
+    async fn start(args: impl FnOnce(&mut Command)) -> Up {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["up", "--listen", &listen]);
+        args(&mut cmd);
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let base = format!("http://{listen}");
+        wait_for_ready(&base).await;
+        Up { child, base }
+    }
+
+    /// SIGTERM, then asserts a clean exit.
+    fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        assert!(self.child.wait().unwrap().success());
+    }
 }
 
 /// Polls `/readyz` (the pool has a warm process) for up to 20 s.
@@ -164,21 +188,11 @@ async fn up_with_a_config_serves_every_pool_at_its_own_path() {
         ),
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut child = Command::new(BIN)
-        .args(["up", "--listen", &listen, "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let base = format!("http://{listen}");
-    wait_for_ready(&base).await;
+    let up = Up::start(|c| {
+        c.arg("--config").arg(&cfg);
+    })
+    .await;
+    let base = up.base.clone();
     let list = send("GET", &format!("{base}/servers"), &[], "")
         .await
         .json();
@@ -219,7 +233,5 @@ async fn up_with_a_config_serves_every_pool_at_its_own_path() {
         .await;
         assert_eq!(r.status, 404, "{path}");
     }
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    assert!(child.wait().unwrap().success());
+    up.stop();
 }
