@@ -153,33 +153,46 @@ def run_broker(
         argv = [str(broker_bin()), "up", *(extra_args or []), "--listen", f"127.0.0.1:{port}", "--", *cmd]
 
     log_dir = Path(tempfile.mkdtemp(prefix="mcp-interop-"))
+    env = {"RUST_LOG": "info"}
+    base = f"http://127.0.0.1:{port}"
+    with _spawn(argv, log_dir, env, base=base, standin=bool(standin)) as broker:
+        with httpx.Client() as client:
+            _wait(broker, lambda: _ready(broker, client), "become ready", ready_timeout)
+        yield broker
+
+
+@contextlib.contextmanager
+def _spawn(argv: list[str], log_dir: Path, env: dict[str, str], **fields) -> Iterator[Broker]:
+    """Run `argv` in its own session, logging to log_dir/broker.log; always stop it (SIGTERM, and
+    require a clean exit) when the block ends."""
     log_path = log_dir / "broker.log"
     log = log_path.open("wb")
-    env = dict(os.environ)
-    env.setdefault("RUST_LOG", "info")
-    env.setdefault("NO_COLOR", "1")
+    full_env = dict(os.environ)
+    for k, v in {"NO_COLOR": "1", **env}.items():
+        full_env.setdefault(k, v)
     proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
     )
-    broker = Broker(proc=proc, base=f"http://127.0.0.1:{port}", log_path=log_path, argv=argv, standin=bool(standin))
+    broker = Broker(proc=proc, log_path=log_path, argv=argv, **fields)
     TOUCHED.append(broker)
     try:
-        deadline = time.monotonic() + ready_timeout
-        with httpx.Client() as client:
-            while True:
-                if proc.poll() is not None:
-                    raise HarnessError(f"broker exited with {proc.returncode} before becoming ready\n{broker.describe()}")
-                if _ready(broker, client):
-                    break
-                if time.monotonic() > deadline:
-                    raise HarnessError(f"broker not ready within {ready_timeout}s\n{broker.describe()}")
-                time.sleep(0.1)
         yield broker
     finally:
         try:
             _stop(broker)
         finally:
             log.close()
+
+
+def _wait(broker: Broker, ready, what: str, timeout: float) -> None:
+    """Poll `ready()` every 0.1 s until true; fail if the broker exits first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if broker.proc.poll() is not None:
+            raise HarnessError(f"broker exited with {broker.proc.returncode} before it could {what}\n{broker.describe()}")
+        if time.monotonic() > deadline:
+            raise HarnessError(f"broker did not {what} within {timeout}s\n{broker.describe()}")
+        time.sleep(0.1)
 
 
 def _toml_str(s: str) -> str:
@@ -218,32 +231,10 @@ def run_serve(pools: dict[str, list[str]], *, ready_timeout: float = READY_TIMEO
     config = work / "broker.toml"
     config.write_text("\n".join(lines))
     argv = [str(broker_bin()), "serve", "--config", str(config)]
-    log_path = work / "broker.log"
-    log = log_path.open("wb")
-    env = dict(os.environ)
-    env.setdefault("NO_COLOR", "1")
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-    broker = Broker(proc=proc, base=f"unix:{sock}", log_path=log_path, argv=argv, socket=sock)
-    TOUCHED.append(broker)
-    try:
-        deadline = time.monotonic() + ready_timeout
+    with _spawn(argv, work, {}, base=f"unix:{sock}", socket=sock) as broker:
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock))) as client:
-            while True:
-                if proc.poll() is not None:
-                    raise HarnessError(f"broker exited with {proc.returncode} before its pools warmed\n{broker.describe()}")
-                if sock.exists() and all(_pool_warm(client, name) for name in pools):
-                    break
-                if time.monotonic() > deadline:
-                    raise HarnessError(f"pools not warm within {ready_timeout}s\n{broker.describe()}")
-                time.sleep(0.1)
+            _wait(broker, lambda: sock.exists() and all(_pool_warm(client, n) for n in pools), "warm its pools", ready_timeout)
         yield broker
-    finally:
-        try:
-            _stop(broker)
-        finally:
-            log.close()
 
 
 def _descendants(pid: int) -> set[int]:
