@@ -45,29 +45,9 @@ const COUNT_MAX: u64 = 100_000;
 /// How long EOF on stdin waits for in-flight requests before exiting.
 const EOF_GRACE: Duration = Duration::from_millis(500);
 
-/// Which handshake(s) the fixture answers.
-#[derive(Clone, Copy, PartialEq, Debug, Default)]
-enum Era {
-    #[default]
-    Legacy,
-    Stateless,
-    Both,
-}
-
-/// Command-line options.
-#[derive(Debug, Default)]
-struct Opts {
-    era: Era,
-    fail_start: bool,
-    init_delay_ms: u64,
-    list_delay_ms: u64,
-    garbage_at_start: bool,
-    ignore_sigterm: bool,
-    exit_after: Option<u64>,
-    /// Leave every request before `initialize` unanswered (a server that
-    /// ignores the `server/discover` probe).
-    silent_before_init: bool,
-}
+#[path = "mcp-fixture/opts.rs"]
+mod opts;
+use opts::{parse_args, Era, Opts};
 
 /// A JSON-RPC error: code and message.
 type RpcError = (i64, String);
@@ -156,39 +136,6 @@ impl State {
         }
         Ok(resp.get("result").cloned().unwrap_or(Value::Null))
     }
-}
-
-fn parse_args() -> Result<Opts, String> {
-    let mut opts = Opts::default();
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = || inline.clone().or_else(|| args.next());
-        let mut value = || value().ok_or_else(|| format!("{flag} needs a value"));
-        let mut num = || value()?.parse().map_err(|e| format!("{flag}: {e}"));
-        match flag.as_str() {
-            "--era" => {
-                opts.era = match value()?.as_str() {
-                    "legacy" => Era::Legacy,
-                    "stateless" => Era::Stateless,
-                    "both" => Era::Both,
-                    other => return Err(format!("--era: unknown era {other:?}")),
-                }
-            }
-            "--fail-start" => opts.fail_start = true,
-            "--garbage-at-start" => opts.garbage_at_start = true,
-            "--ignore-sigterm" => opts.ignore_sigterm = true,
-            "--init-delay-ms" => opts.init_delay_ms = num()?,
-            "--list-delay-ms" => opts.list_delay_ms = num()?,
-            "--exit-after" => opts.exit_after = Some(num()?),
-            "--silent-before-init" => opts.silent_before_init = true,
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok(opts)
 }
 
 fn main() {
