@@ -36,6 +36,11 @@ fn acquire_release(c: &mut Criterion) {
             tracker.clone(),
             shutdown.clone(),
             Arc::new(AtomicU64::new(0)),
+            mcp_broker::node::Node::new(&mcp_broker::config::NodeSettings {
+                isolation: mcp_broker::config::raw::Isolation::Off,
+                cgroups: mcp_broker::config::raw::Isolation::Off,
+                ..Default::default()
+            }),
         );
         let start = Instant::now();
         while pool.status().idle < 2 {

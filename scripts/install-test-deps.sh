@@ -16,6 +16,12 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$ROOT/target/interop"
 TS_SRC="$ROOT/tests/interop/ts"
+# The venvs' servers run under the broker's pool users (a uid per pool when
+# the tests run as root), so their interpreter must be reachable by every
+# user: the system python, not one under a 0700 home such as pyenv's.
+if [[ -z "${PYTHON:-}" && -x /usr/bin/python3 ]] && /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null; then
+  PYTHON=/usr/bin/python3
+fi
 PYTHON="${PYTHON:-python3}"
 
 mkdir -p "$OUT"
@@ -40,6 +46,7 @@ EOF
 make_venv() {
   local dir="$1" specs="$2" check="$3"
   local marker="$dir/.interop-marker"
+  specs="$specs python=$(readlink -f "$(command -v "$PYTHON")")"
   if [[ -x "$dir/bin/python" && -f "$marker" && "$(cat "$marker")" == "$specs" ]] \
      && "$dir/bin/python" -c "$check" >/dev/null 2>&1; then
     log "$(basename "$dir"): up to date"
@@ -49,7 +56,7 @@ make_venv() {
   rm -rf "$dir"
   "$PYTHON" -m venv "$dir"
   # shellcheck disable=SC2086  # specs is a deliberate word list
-  "$dir/bin/python" -m pip install --quiet --disable-pip-version-check $specs
+  "$dir/bin/python" -m pip install --quiet --disable-pip-version-check ${specs% python=*}
   "$dir/bin/python" -c "$check"
   printf '%s' "$specs" >"$marker"
 }

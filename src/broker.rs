@@ -14,6 +14,7 @@ mod error;
 pub mod lease;
 pub mod reload;
 pub mod socket;
+mod tenants;
 
 use crate::config::{BrokerSettings, Config};
 use crate::metrics::Metrics;
@@ -29,8 +30,6 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Isolated tenants one pool serves at most.
-pub const MAX_TENANTS: usize = 256;
 /// How long to wait for pool tasks and reapers after processes were stopped.
 const STOP_TASKS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -54,6 +53,8 @@ pub struct Broker {
     reviewer: std::sync::OnceLock<Box<dyn TokenVerifier>>,
     pods: std::sync::OnceLock<Box<dyn PodLookup>>,
     ids: Arc<AtomicU64>,
+    /// Users, cgroups and the budget shared by every pool.
+    node: Arc<crate::node::Node>,
     leases: Mutex<HashMap<String, LeaseRef>>,
     /// Seals servers' `requestState`s so retries reach their process.
     sealer: affinity::Sealer,
@@ -71,6 +72,7 @@ impl Broker {
         let tracker = TaskTracker::new();
         let pools_shutdown = CancellationToken::new();
         let ids = Arc::new(AtomicU64::new(0));
+        let node = crate::node::Node::new(&config.broker.node);
         let broker = Arc::new(Broker {
             settings: config.broker,
             pools: RwLock::new(BTreeMap::new()),
@@ -78,6 +80,7 @@ impl Broker {
             reviewer: std::sync::OnceLock::new(),
             pods: std::sync::OnceLock::new(),
             ids,
+            node,
             leases: Mutex::new(HashMap::new()),
             sealer: affinity::Sealer::new(),
             metrics,
@@ -93,6 +96,10 @@ impl Broker {
             .map(|cfg| (cfg.name.clone(), broker.start_pool(cfg)))
             .collect();
         *broker.pools.write().expect("lock") = pools;
+        broker.tracker.spawn(tenants::upkeep(
+            Arc::downgrade(&broker),
+            broker.pools_shutdown.clone(),
+        ));
         broker
     }
 
@@ -107,7 +114,19 @@ impl Broker {
             self.tracker.clone(),
             self.pools_shutdown.child_token(),
             self.ids.clone(),
+            self.node.clone(),
         )
+    }
+
+    /// What the node gives this broker: isolation, cgroups, budget (one
+    /// line each, as logged at start).
+    pub fn node_description(&self) -> Vec<String> {
+        self.node.describe()
+    }
+
+    /// Whether `uid` belongs to the pool users this broker hands out.
+    pub fn is_pool_user(&self, uid: u32) -> bool {
+        self.node.isolates() && self.settings.node.uid_range.contains(&uid)
     }
 
     /// Daemon settings.
@@ -148,27 +167,6 @@ impl Broker {
     /// The token verifier, if identities are verified.
     pub fn token_reviewer(&self) -> Option<&dyn TokenVerifier> {
         self.reviewer.get().map(|b| &**b)
-    }
-
-    /// The pool of `base` reserved for `tenant` (an `isolate`d pool), started
-    /// on first use; at most [`MAX_TENANTS`] per pool.
-    pub fn tenant_pool(&self, base: &Pool, tenant: &str) -> Result<Pool, String> {
-        let name = &base.config().name;
-        let mut all = self.tenants.lock().expect("lock");
-        let mine = all.entry(name.clone()).or_default();
-        if let Some(p) = mine.get(tenant) {
-            return Ok(p.clone());
-        }
-        if mine.len() >= MAX_TENANTS {
-            return Err(format!(
-                "pool {name:?} already serves {MAX_TENANTS} isolated tenants"
-            ));
-        }
-        let mut cfg = base.config().clone();
-        cfg.name = format!("{name}@{tenant}");
-        let pool = self.start_pool(cfg);
-        mine.insert(tenant.to_string(), pool.clone());
-        Ok(pool)
     }
 
     /// Reconciles the pools with `configs`: new pools start warming, removed

@@ -5,10 +5,12 @@
 //! value or an unparsed duration. Every error names the pool and the field.
 
 mod describe;
+pub mod node;
 pub mod raw;
 pub mod sandbox;
 
 pub use describe::describe;
+pub use node::{NodeSettings, PoolLimits};
 use raw::{RawConfig, RawPool};
 pub use sandbox::SandboxConfig;
 use serde::{Deserialize, Serialize};
@@ -153,6 +155,8 @@ pub struct BrokerSettings {
     /// Kubernetes token verification; `None` when callers are identified by
     /// socket peer credentials only.
     pub kubernetes: Option<KubeSettings>,
+    /// Isolation between pools and the node-wide budget.
+    pub node: NodeSettings,
 }
 
 /// `[broker] identity = "kubernetes"`.
@@ -179,6 +183,7 @@ impl Default for BrokerSettings {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             read_timeout: DEFAULT_READ_TIMEOUT,
             kubernetes: None,
+            node: NodeSettings::default(),
         }
     }
 }
@@ -218,6 +223,8 @@ pub struct PoolConfig {
     pub max_server_requests: usize,
     /// Restrictions applied to every process (`[pool.sandbox]`).
     pub sandbox: SandboxConfig,
+    /// The pool's cgroup limits (`[pool.limits]`).
+    pub limits: PoolLimits,
 }
 
 impl PoolConfig {
@@ -249,6 +256,7 @@ impl PoolConfig {
             isolate: crate::policy::Isolate::None,
             max_server_requests: DEFAULT_MAX_SERVER_REQUESTS,
             sandbox: SandboxConfig::default(),
+            limits: PoolLimits::default(),
         }
     }
 
@@ -352,6 +360,11 @@ impl Config {
     fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
         let b = raw.broker;
         let at = || "[broker]".to_string();
+        let node = node::from_raw(&b).map_err(|(field, msg)| ConfigError::Invalid {
+            at: at(),
+            field,
+            msg,
+        })?;
         let socket_mode = match b.socket_mode {
             None => DEFAULT_SOCKET_MODE,
             Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
@@ -381,6 +394,7 @@ impl Config {
             });
         }
         let broker = BrokerSettings {
+            node,
             socket: PathBuf::from(b.socket.unwrap_or_else(|| DEFAULT_SOCKET.to_string())),
             socket_mode,
             socket_group: b.socket_group,
@@ -537,6 +551,9 @@ fn pool_from_raw(
     }
     if let Some(sb) = &p.sandbox {
         c.sandbox = sandbox::from_raw(sb).map_err(|(field, msg)| bad(field, msg))?;
+    }
+    if let Some(l) = &p.limits {
+        c.limits = node::limits_from_raw(l).map_err(|(field, msg)| bad(field, msg))?;
     }
     c.check()?;
     Ok(c)

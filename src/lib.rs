@@ -27,6 +27,7 @@ pub mod jsonrpc;
 pub mod kube_events;
 pub mod lease_api;
 pub mod metrics;
+pub mod node;
 pub mod policy;
 pub mod pool;
 pub mod process;

@@ -77,6 +77,14 @@ pub struct Metrics {
     pub sse_streams: IntGaugeVec,
     /// Proxy: connection attempts to the broker retried after a failure.
     pub broker_reconnects: IntCounterVec,
+    /// Node budget: `processes`, `max_processes`, `resident_bytes`,
+    /// `max_memory_bytes` (0 when unlimited), `tenant_pools`,
+    /// `max_tenant_pools`.
+    pub node: IntGaugeVec,
+    /// Idle processes stopped to make room for another pool.
+    pub evictions: IntCounterVec,
+    /// Tenant pools stopped, by reason (`idle`, `cap`).
+    pub tenant_reaped: IntCounterVec,
 }
 
 impl Metrics {
@@ -195,6 +203,21 @@ impl Metrics {
                 "mcp_proxy_broker_reconnects_total",
                 "Connection attempts to the broker retried after a failure.",
                 &["pool"],
+            ),
+            node: gauge(
+                "mcp_broker_node",
+                "Node budget: live and allowed processes and resident bytes across all pools, tenant pools.",
+                &["what"],
+            ),
+            evictions: counter(
+                "mcp_broker_node_evictions_total",
+                "Idle processes stopped to make room for another pool within the node budget.",
+                &[],
+            ),
+            tenant_reaped: counter(
+                "mcp_broker_tenant_pools_reaped_total",
+                "Tenant pools stopped, by reason (idle, cap).",
+                &["reason"],
             ),
             registry,
         }

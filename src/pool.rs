@@ -9,11 +9,13 @@
 
 mod guard;
 mod lifecycle;
+mod share;
 pub mod state;
 pub mod warm;
 
 use crate::config::{Mode, PoolConfig};
 use crate::metrics::Metrics;
+use crate::node::{Node, Placement};
 use crate::process::Process;
 use crate::protocol::Era;
 pub use guard::LeaseGuard;
@@ -65,6 +67,13 @@ struct Inner {
     /// Set when the pool is retired by a reload: in-flight leases finish first.
     graceful: std::sync::atomic::AtomicBool,
     ids: Arc<AtomicU64>,
+    /// The node's budget, users and cgroups.
+    node: Arc<Node>,
+    /// As whom and where processes run; an error keeps the pool failing.
+    placement: Result<Placement, String>,
+    /// This pool as the node budget sees it.
+    share: Arc<share::Share>,
+    started: Instant,
 }
 
 /// A handle to one pool; cheap to clone.
@@ -83,10 +92,18 @@ impl Pool {
         tracker: TaskTracker,
         shutdown: CancellationToken,
         ids: Arc<AtomicU64>,
+        node: Arc<Node>,
     ) -> Pool {
         let (notifications, _) = broadcast::channel(256);
+        let placement = node.place(&cfg);
+        if let Err(e) = &placement {
+            tracing::error!(pool = %cfg.name, "cannot place the pool's processes: {e}");
+        }
         let pool = Pool {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|weak| Inner {
+                share: share::share_for(&cfg.name, weak),
+                node,
+                placement,
                 cfg,
                 state: Mutex::new(State::new()),
                 handshake: Mutex::new(None),
@@ -98,8 +115,10 @@ impl Pool {
                 shutdown,
                 graceful: std::sync::atomic::AtomicBool::new(false),
                 ids,
+                started: Instant::now(),
             }),
         };
+        pool.join_budget();
         tracker.spawn(pool.clone().maintain());
         pool
     }
@@ -155,6 +174,21 @@ impl Pool {
             failures: st.failures,
             last_error: st.last_error.clone(),
         }
+    }
+
+    /// Since when the pool has served nothing: its last lease's end (or its
+    /// start). `None` while a lease, a waiter or an exclusive session is live.
+    pub fn idle_since(&self) -> Option<Instant> {
+        let st = self.inner.state.lock().expect("lock");
+        let in_use = !st.waiters.is_empty()
+            || !st.bound.is_empty()
+            || st.slots.values().any(|s| s.inflight > 0);
+        (!in_use).then(|| {
+            st.slots
+                .values()
+                .map(|s| s.last_used)
+                .fold(self.inner.started, Instant::max)
+        })
     }
 
     /// Notifications not tied to a request, tagged with the process id.
@@ -335,11 +369,17 @@ impl Pool {
             if let Some(slot) = st.slots.get_mut(&id) {
                 slot.inflight = slot.inflight.saturating_sub(1);
                 slot.last_used = Instant::now();
+                let give_back = !discard
+                    && !pinned
+                    && slot.session.is_none()
+                    && slot.inflight == 0
+                    && !slot.pinned(Instant::now())
+                    && self.should_yield();
                 if discard && pinned && !slot.retire && !slot.worker.is_exited() {
                     // A session of one that the server answered with a
                     // requestState: keep its process for the retry.
                     slot.reserved = true;
-                } else if (discard || slot.retire) && !slot.worker.is_exited() {
+                } else if (discard || slot.retire || give_back) && !slot.worker.is_exited() {
                     // An exited process is left to `watch`, which accounts for the crash.
                     slot.retire = true;
                     if slot.inflight == 0 {
@@ -347,15 +387,16 @@ impl Pool {
                         if let Some(s) = &slot.session {
                             st.bound.remove(s);
                         }
-                        retired = Some(slot.worker);
+                        let why = if discard { "discarded" } else { "budget" };
+                        retired = Some((slot.worker, why));
                     }
                 }
             }
             self.dispatch(&mut st);
             self.update_gauges(&st);
         }
-        if let Some(w) = retired {
-            self.retire(w, "discarded");
+        if let Some((w, why)) = retired {
+            self.retire(w, why);
         }
         self.inner.wake.notify_one();
     }

@@ -14,6 +14,9 @@ use crate::config::PoolConfig;
 use crate::framing::{sniff_id, Frame, LineSplitter};
 use crate::jsonrpc::{self, codes};
 use crate::metrics::Metrics;
+use crate::node::budget::Permit;
+use crate::node::cgroup::PoolCgroup;
+use crate::node::Placement;
 use bytes::Bytes;
 use nix::sys::signal::Signal;
 use router::{Action, LeaseEvent, LeaseSink, Router};
@@ -74,25 +77,33 @@ pub struct Process {
     leased: std::sync::atomic::AtomicBool,
     notifications: broadcast::Sender<Value>,
     metrics: Arc<Metrics>,
+    /// The pool's cgroup, asked whether its memory limit killed us.
+    cgroup: Option<Arc<PoolCgroup>>,
+    /// Our place in the node budget, released once we are reaped.
+    permit: Mutex<Option<Permit>>,
 }
 
 impl Process {
     /// Starts the process in its own group with piped stdio and its tasks.
+    /// `place` says as whom and in which cgroup; `permit` is the process's
+    /// place in the node budget, given back once it has been reaped.
     pub fn spawn(
         cfg: &PoolConfig,
         id: u64,
         metrics: Arc<Metrics>,
         tracker: &TaskTracker,
+        place: &Placement,
+        permit: Option<Permit>,
     ) -> Result<Arc<Process>, ProcessError> {
         let spawn_err = |reason: String| ProcessError::Spawn {
             command: cfg.command.clone(),
             reason,
         };
-        let sandbox = sandbox::prepare(&cfg.sandbox, sandbox::euid())
+        let sandbox = sandbox::prepare(&cfg.sandbox, place, &cfg.limits, sandbox::euid())
             .map_err(|e| spawn_err(e.to_string()))?
             .map(Arc::new);
         let mut cmd = tokio::process::Command::new(&cfg.command);
-        sandbox::apply_env(&mut cmd, &cfg.sandbox, &cfg.env);
+        sandbox::apply_env(&mut cmd, &cfg.sandbox, place, &cfg.env);
         cmd.args(&cfg.args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -140,6 +151,8 @@ impl Process {
             leased: std::sync::atomic::AtomicBool::new(false),
             notifications,
             metrics,
+            cgroup: place.cgroup.clone(),
+            permit: Mutex::new(permit),
         });
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
@@ -481,6 +494,9 @@ async fn reap(
     // reaps, and no signal reaches the group after that.
     let status = worker.group.reap(&mut child).await;
     let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, stdout_done.cancelled()).await;
+    let killed = status
+        .as_ref()
+        .is_ok_and(|s| std::os::unix::process::ExitStatusExt::signal(s) == Some(9));
     let reason = match status {
         Ok(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
             (Some(c), _) => format!("exited with status {c}"),
@@ -489,6 +505,12 @@ async fn reap(
         },
         Err(e) => format!("wait failed: {e}"),
     };
+    let reason = match worker.cgroup.as_ref().filter(|_| killed) {
+        Some(cg) => cg.oom_reason().unwrap_or(reason),
+        None => reason,
+    };
+    // Reaped: its place in the node budget is free again.
+    drop(worker.permit.lock().expect("lock").take());
     tracing::debug!(pool = %worker.pool, pid = worker.pid, %reason, "process ended");
     *worker.exit_reason.lock().expect("lock") = Some(reason.clone());
     // Exited before the leases in flight hear of it: one that ends on the

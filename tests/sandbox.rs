@@ -84,8 +84,14 @@ async fn clean_environment_hides_broker_secrets() {
     b.wait_idle("fx", 1).await;
     let secret = call(&b, "env", json!({"name": "MCP_BROKER_SANDBOX_SECRET"})).await;
     assert_eq!(text_of(&secret), "<unset>");
-    let home = call(&b, "env", json!({"name": "HOME"})).await;
-    assert_eq!(text_of(&home), "<unset>", "not in env_allow");
+    // HOME is not the broker's: as root the pool has its own user and home
+    // (not in env_allow, so unset otherwise).
+    let home = text_of(&call(&b, "env", json!({"name": "HOME"})).await);
+    if is_root() {
+        assert!(home.contains("/state/homes/"), "{home}");
+    } else {
+        assert_eq!(home, "<unset>", "not in env_allow");
+    }
     let path = call(&b, "env", json!({"name": "PATH"})).await;
     assert_eq!(text_of(&path), std::env::var("PATH").unwrap());
     let own = call(&b, "env", json!({"name": "POOL_OWN"})).await;
@@ -104,7 +110,22 @@ async fn clean_environment_hides_broker_secrets() {
         })
         .collect();
     names.sort();
-    assert_eq!(names, ["MCP_BROKER_TEST_TAG", "PATH", "POOL_OWN"]);
+    let mut expected = vec!["MCP_BROKER_TEST_TAG", "PATH", "POOL_OWN"];
+    if is_root() {
+        expected.extend([
+            "HOME",
+            "TMPDIR",
+            "XDG_CACHE_HOME",
+            "XDG_CONFIG_HOME",
+            "XDG_DATA_HOME",
+            "XDG_STATE_HOME",
+            "npm_config_cache",
+            "UV_CACHE_DIR",
+            "PIP_CACHE_DIR",
+        ]);
+    }
+    expected.sort();
+    assert_eq!(names, expected);
     b.stop().await;
 }
 

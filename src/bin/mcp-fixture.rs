@@ -47,6 +47,8 @@ const EOF_GRACE: Duration = Duration::from_millis(500);
 
 #[path = "mcp-fixture/opts.rs"]
 mod opts;
+#[path = "mcp-fixture/probe.rs"]
+mod probe;
 use opts::{parse_args, Era, Opts};
 
 /// A JSON-RPC error: code and message.
@@ -486,6 +488,17 @@ fn call_tool(state: &State, id: &Value, params: &Value, n: u64) -> Option<RpcRes
         }),
         "open_files" => arg_num(args, name, "n", None, COUNT_MAX).and_then(open_files),
         "alloc" => arg_num(args, name, "bytes", None, HUGE_MAX << 4).and_then(alloc),
+        "probe" => arg_str(args, name, "op").and_then(|op| {
+            let path = arg_str(args, name, "path")?;
+            probe::probe(op, path).map_err(bad).and_then(text)
+        }),
+        "identity" => text(format!(
+            "uid={} gid={} home={} tmpdir={}",
+            nix::unistd::getuid(),
+            nix::unistd::getgid(),
+            std::env::var("HOME").unwrap_or_default(),
+            std::env::var("TMPDIR").unwrap_or_default()
+        )),
         _ => Err(bad(format!("Unknown tool: {name}"))),
     };
     Some(result)

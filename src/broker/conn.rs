@@ -381,5 +381,11 @@ pub async fn serve_connection(
         },
         Err(_) => Identity::default(),
     };
+    if peer.uid.is_some_and(|u| broker.is_pool_user(u)) {
+        // A server process (or what runs inside it) never leases: it could
+        // reach other pools around its own isolation.
+        tracing::warn!(uid = ?peer.uid, pid = ?peer.pid, "refused a lease API connection from a pool's own user");
+        return;
+    }
     serve(broker, stream, peer, shutdown).await
 }

@@ -32,6 +32,32 @@ pub fn describe(c: &Config) -> String {
             let _ = writeln!(out, "identity: socket peer credentials only");
         }
     }
+    let n = &b.node;
+    let isolation = match (n.isolation, crate::node::uids::missing_caps()) {
+        (super::raw::Isolation::Off, _) => {
+            "off: pools are NOT isolated from each other".to_string()
+        }
+        (_, m) if m.is_empty() => format!(
+            "a uid per pool and tenant from {}-{}, homes under {}",
+            n.uid_range.start(),
+            n.uid_range.end(),
+            n.state_dir.display()
+        ),
+        (_, m) => format!(
+            "none here: pools are NOT isolated from each other (the broker lacks {})",
+            m.join(", ")
+        ),
+    };
+    let _ = writeln!(out, "isolation: {isolation}");
+    let _ = writeln!(
+        out,
+        "node budget: max_processes={} max_memory={} max_tenant_pools={} tenant_idle_timeout={:?} cgroups={:?}",
+        n.max_processes.map_or("unlimited".into(), |v| v.to_string()),
+        n.max_memory.map_or("unlimited".into(), |v| format!("{} MiB", v >> 20)),
+        n.max_tenant_pools,
+        n.tenant_idle_timeout,
+        n.cgroups
+    );
     for p in &c.pools {
         let _ = writeln!(
             out,
@@ -61,6 +87,9 @@ pub fn describe(c: &Config) -> String {
         );
         if p.isolate != crate::policy::Isolate::None {
             let _ = writeln!(out, "  isolate: {:?}", p.isolate);
+        }
+        if !p.limits.is_empty() {
+            let _ = writeln!(out, "  limits: {:?}", p.limits);
         }
     }
     out

@@ -58,6 +58,48 @@ pub struct RawBroker {
     pub peer_identity: Option<bool>,
     /// Node whose pods are indexed (default: `NODE_NAME`).
     pub node_name: Option<String>,
+    /// `auto` (a uid per pool and tenant when the broker can switch users)
+    /// or `off`.
+    pub isolation: Option<Isolation>,
+    /// uids (and gids) given to pools, `"FIRST-LAST"`.
+    pub uid_range: Option<String>,
+    /// Where the broker keeps pool users' homes and its uid assignments.
+    pub state_dir: Option<String>,
+    /// `auto` (a cgroup per pool when the broker's cgroup is delegated) or `off`.
+    pub cgroups: Option<Isolation>,
+    /// Server processes across every pool at most.
+    pub max_processes: Option<usize>,
+    /// Resident memory of server processes across every pool at most.
+    pub max_memory: Option<toml::Value>,
+    /// Pools started for isolated tenants, across every pool, at most.
+    pub max_tenant_pools: Option<usize>,
+    /// A tenant's pool that served nothing this long is stopped.
+    #[serde(default, with = "humantime_serde")]
+    pub tenant_idle_timeout: Option<Duration>,
+}
+
+/// `[broker] isolation` and `cgroups`: use the mechanism where it is
+/// available, or never.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// On whenever the broker can (say at start when it cannot, and why).
+    #[default]
+    Auto,
+    /// Off.
+    Off,
+}
+
+/// `[pool.limits]`: the pool's share of the node, enforced by its cgroup.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// memory.max of the pool's cgroup: bytes or a string such as "512MiB".
+    pub memory: Option<toml::Value>,
+    /// pids.max: processes and threads of the whole pool.
+    pub pids: Option<u64>,
+    /// cpu.weight (1-10000, 100 is the kernel's default).
+    pub cpu_weight: Option<u32>,
 }
 
 /// One `[[pool]]`.
@@ -105,6 +147,8 @@ pub struct RawPool {
     pub max_server_requests: Option<usize>,
     /// `[pool.sandbox]`: what the pool's processes may do.
     pub sandbox: Option<RawSandbox>,
+    /// `[pool.limits]`: memory, pids and CPU weight of the whole pool.
+    pub limits: Option<RawLimits>,
 }
 
 /// `[pool.sandbox]`: restrictions applied to each process before `exec`.

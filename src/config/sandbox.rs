@@ -88,6 +88,18 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// A size written as a byte count or a string such as `"512MiB"`.
+pub fn size_value(field: &'static str, v: &toml::Value) -> Result<u64, (&'static str, String)> {
+    match v {
+        toml::Value::Integer(n) if *n > 0 => Ok(*n as u64),
+        toml::Value::String(s) => parse_bytes(s).map_err(|m| (field, m)),
+        other => Err((
+            field,
+            format!("{other} is not a size; use e.g. \"512MiB\" or a positive byte count"),
+        )),
+    }
+}
+
 fn principal(field: &'static str, s: &str) -> Result<Principal, (&'static str, String)> {
     let t = s.trim();
     if let Ok(n) = t.parse::<u32>() {
@@ -165,19 +177,11 @@ pub fn from_raw(r: &RawSandbox) -> Result<SandboxConfig, (&'static str, String)>
         }
         *slot = v;
     }
-    c.max_address_space = match &r.max_address_space {
-        None => None,
-        Some(toml::Value::Integer(n)) if *n > 0 => Some(*n as u64),
-        Some(toml::Value::String(s)) => {
-            Some(parse_bytes(s).map_err(|m| ("sandbox.max_address_space", m))?)
-        }
-        Some(other) => {
-            return Err((
-                "sandbox.max_address_space",
-                format!("{other} is not a size; use e.g. \"512MiB\" or a positive byte count"),
-            ))
-        }
-    };
+    c.max_address_space = r
+        .max_address_space
+        .as_ref()
+        .map(|v| size_value("sandbox.max_address_space", v))
+        .transpose()?;
     if c.max_address_space.is_some_and(|n| n < 16 << 20) {
         return Err((
             "sandbox.max_address_space",

@@ -7,6 +7,7 @@
 
 use super::state::{backoff, Slot, FAILING_THRESHOLD, STABLE_AFTER};
 use super::{warm, Pool, MAINTAIN_EVERY};
+use crate::node::budget::Permit;
 use crate::process::Process;
 use crate::protocol::Era;
 use std::sync::atomic::Ordering;
@@ -18,7 +19,7 @@ impl Pool {
     pub(super) async fn maintain(self) {
         loop {
             let now = Instant::now();
-            let (spawn, retire, next) = {
+            let (spawn, demand, retire, next) = {
                 let mut st = self.inner.state.lock().expect("lock");
                 if st.slots.values().any(|s| s.worker.uptime() >= STABLE_AFTER) {
                     st.failures = 0;
@@ -28,6 +29,7 @@ impl Pool {
                     self.dispatch(&mut st);
                 }
                 let spawn = st.to_spawn(&self.inner.cfg, now);
+                let demand = st.untargeted_waiters() > 0;
                 st.starting += spawn;
                 self.update_gauges(&st);
                 let next = if st.failures > 0 && st.next_spawn_at > now {
@@ -35,13 +37,25 @@ impl Pool {
                 } else {
                     MAINTAIN_EVERY
                 };
-                (spawn, retire, next)
+                (spawn, demand, retire, next)
             };
             for w in retire {
                 self.retire(w, "idle");
             }
-            for _ in 0..spawn {
-                self.inner.tracker.spawn(self.clone().warm_one());
+            // Outside the state lock: making room may stop another pool's
+            // idle process (which takes that pool's lock).
+            let permits = if spawn > 0 {
+                self.permits(spawn, demand)
+            } else {
+                Vec::new()
+            };
+            if permits.len() < spawn {
+                let mut st = self.inner.state.lock().expect("lock");
+                st.starting -= spawn - permits.len();
+                self.update_gauges(&st);
+            }
+            for permit in permits {
+                self.inner.tracker.spawn(self.clone().warm_one(permit));
             }
             tokio::select! {
                 _ = self.inner.shutdown.cancelled() => break,
@@ -52,7 +66,7 @@ impl Pool {
         self.close().await;
     }
 
-    async fn warm_one(self) {
+    async fn warm_one(self, permit: Permit) {
         let cfg = &self.inner.cfg;
         let id = self.inner.ids.fetch_add(1, Ordering::Relaxed) + 1;
         self.inner
@@ -66,8 +80,21 @@ impl Pool {
             timeout: cfg.init_timeout,
             probe_timeout: cfg.probe_timeout,
         };
-        let result = match Process::spawn(cfg, id, self.inner.metrics.clone(), &self.inner.tracker)
-        {
+        let spawned = match &self.inner.placement {
+            Ok(place) => Process::spawn(
+                cfg,
+                id,
+                self.inner.metrics.clone(),
+                &self.inner.tracker,
+                place,
+                Some(permit),
+            ),
+            Err(e) => Err(crate::process::ProcessError::Spawn {
+                command: cfg.command.clone(),
+                reason: e.clone(),
+            }),
+        };
+        let result = match spawned {
             Err(e) => Err((None, e.to_string())),
             Ok(w) => {
                 let hs = tokio::select! {
@@ -217,5 +244,11 @@ impl Pool {
         };
         let grace = self.inner.cfg.stop_grace;
         futures::future::join_all(workers.iter().map(|w| w.stop(grace))).await;
+        if let Ok(crate::node::Placement {
+            cgroup: Some(cg), ..
+        }) = &self.inner.placement
+        {
+            cg.remove().await;
+        }
     }
 }

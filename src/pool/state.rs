@@ -69,11 +69,13 @@ impl Slot {
         }
     }
 
-    fn pinned(&self, now: Instant) -> bool {
+    /// A `requestState` it issued is still valid.
+    pub fn pinned(&self, now: Instant) -> bool {
         self.pinned_until.is_some_and(|t| t > now)
     }
 
-    fn usable(&self) -> bool {
+    /// Not being retired and not exited.
+    pub fn usable(&self) -> bool {
         !self.retire && !self.worker.is_exited()
     }
 }
@@ -239,6 +241,22 @@ impl State {
         if let Some(slot) = self.slots.get_mut(&id) {
             slot.inflight = slot.inflight.saturating_sub(1);
         }
+    }
+
+    /// The least recently used process the node budget may stop: idle, and
+    /// carrying nothing for a client (no session, no valid `requestState`).
+    pub fn evictable(&self, now: Instant) -> Option<(u64, Instant)> {
+        self.slots
+            .iter()
+            .filter(|(_, s)| {
+                s.inflight == 0
+                    && s.session.is_none()
+                    && !s.reserved
+                    && !s.pinned(now)
+                    && s.usable()
+            })
+            .map(|(id, s)| (*id, s.last_used))
+            .min_by_key(|(_, t)| *t)
     }
 
     /// How many processes to start now.

@@ -16,7 +16,8 @@
 //!   unrestricted); the failing step and errno travel back through the report
 //!   pipe so the spawn error names what failed and why (std only carries the
 //!   errno).
-//! * The order is fixed: network namespace first (it may need root), then
+//! * The order is fixed: the pool's cgroup first (the child still may write
+//!   its `cgroup.procs`), then the network namespace (it may need root), then
 //!   rlimits, then groups/gid/uid (dropping root last but one), then
 //!   no-new-privileges.
 //! * The environment is decided in the broker ([`apply_env`]): with
@@ -24,6 +25,8 @@
 //!   the pool's own `env`.
 
 use crate::config::sandbox::{Network, Principal, SandboxConfig};
+use crate::config::PoolLimits;
+use crate::node::Placement;
 use nix::errno::Errno;
 use nix::fcntl::{open, OFlag};
 use nix::sched::{unshare, CloneFlags};
@@ -54,7 +57,7 @@ pub enum SandboxError {
 }
 
 /// Steps the child reports by index.
-const STEPS: [&str; 8] = [
+const STEPS: [&str; 9] = [
     "network = \"none\" (unshare(CLONE_NEWNET), then unshare(CLONE_NEWUSER|CLONE_NEWNET); \
      the broker needs CAP_SYS_ADMIN or unprivileged user namespaces)",
     "max_open_files (setrlimit RLIMIT_NOFILE)",
@@ -63,12 +66,14 @@ const STEPS: [&str; 8] = [
     "group (setgroups/setgid)",
     "user (setuid)",
     "no_new_privileges (prctl PR_SET_NO_NEW_PRIVS)",
+    "joining the pool's cgroup (write to cgroup.procs)",
     "unknown step",
 ];
 const STEP_NET: u8 = 0;
 const STEP_GID: u8 = 4;
 const STEP_UID: u8 = 5;
 const STEP_NNP: u8 = 6;
+const STEP_CGROUP: u8 = 7;
 
 /// Everything the child needs, computed before the fork.
 #[derive(Debug)]
@@ -81,6 +86,8 @@ pub struct Prepared {
     gid: Option<Gid>,
     uid: Option<Uid>,
     no_new_privs: bool,
+    /// The pool cgroup's `cgroup.procs` files (one per v1 hierarchy).
+    cgroup_procs: Vec<OwnedFd>,
     report_read: OwnedFd,
     report_write: OwnedFd,
 }
@@ -97,10 +104,24 @@ fn lookup_group(name: &str) -> Option<u32> {
     Some(g.gid.as_raw())
 }
 
-/// Resolves `cfg` for a child of a broker running as `euid`. Returns `None`
-/// when the sandbox restricts nothing that needs the fork hook.
-pub fn prepare(cfg: &SandboxConfig, euid: u32) -> Result<Option<Prepared>, SandboxError> {
-    let needs_hook = cfg.user.is_some()
+/// Resolves `cfg` for a child of a broker running as `euid`, placed as
+/// `place` says (the pool's own user and cgroup). Without a cgroup the
+/// pool's `limits` stand in as rlimits where the sandbox sets none.
+/// Returns `None` when nothing needs the fork hook.
+pub fn prepare(
+    cfg: &SandboxConfig,
+    place: &Placement,
+    limits: &PoolLimits,
+    euid: u32,
+) -> Result<Option<Prepared>, SandboxError> {
+    let fallback = place.cgroup.is_none();
+    let max_address_space = cfg.max_address_space.or(limits.memory.filter(|_| fallback));
+    let max_processes = cfg.max_processes.or(limits.pids.filter(|_| fallback));
+    let needs_hook = place.run_as.is_some()
+        || place.cgroup.is_some()
+        || max_address_space.is_some()
+        || max_processes.is_some()
+        || cfg.user.is_some()
         || cfg.group.is_some()
         || cfg.max_open_files.is_some()
         || cfg.max_address_space.is_some()
@@ -147,11 +168,22 @@ pub fn prepare(cfg: &SandboxConfig, euid: u32) -> Result<Option<Prepared>, Sandb
             })?,
         });
     }
+    if let Some(r) = &place.run_as {
+        uid = Some(r.uid);
+        gid = Some(r.uid);
+    }
+    let cgroup_procs = match &place.cgroup {
+        Some(c) => c.procs_files().map_err(|reason| SandboxError::Child {
+            step: STEPS[usize::from(STEP_CGROUP)],
+            reason,
+        })?,
+        None => Vec::new(),
+    };
     let mut rlimits = Vec::new();
     for (step, res, v) in [
         (1, Resource::RLIMIT_NOFILE, cfg.max_open_files),
-        (2, Resource::RLIMIT_AS, cfg.max_address_space),
-        (3, Resource::RLIMIT_NPROC, cfg.max_processes),
+        (2, Resource::RLIMIT_AS, max_address_space),
+        (3, Resource::RLIMIT_NPROC, max_processes),
     ] {
         if let Some(v) = v {
             rlimits.push((step, res, v));
@@ -168,15 +200,18 @@ pub fn prepare(cfg: &SandboxConfig, euid: u32) -> Result<Option<Prepared>, Sandb
         gid: gid.map(Gid::from_raw),
         uid: uid.map(Uid::from_raw),
         no_new_privs: cfg.no_new_privileges,
+        cgroup_procs,
         report_read,
         report_write,
     }))
 }
 
-/// Applies `cfg`'s environment rules to `cmd`, then the pool's own `env`.
+/// Applies `cfg`'s environment rules to `cmd`, then the pool user's home
+/// variables, then the pool's own `env` (which wins).
 pub fn apply_env(
     cmd: &mut tokio::process::Command,
     cfg: &SandboxConfig,
+    place: &Placement,
     env: &std::collections::BTreeMap<String, String>,
 ) {
     if cfg.env_clear {
@@ -186,6 +221,11 @@ pub fn apply_env(
                 cmd.env(name, v);
             }
         }
+    }
+    if let Some(r) = &place.run_as {
+        // The broker's runtime directory is not the pool user's.
+        cmd.env_remove("XDG_RUNTIME_DIR");
+        cmd.envs(r.env());
     }
     cmd.envs(env);
 }
@@ -217,6 +257,10 @@ impl Prepared {
     /// the fork straight to one system call (checked in nix 0.32's source:
     /// no allocation, no lock), and errors are plain `Errno` values.
     pub fn apply(&self) -> std::io::Result<()> {
+        // First, while the child may still write the broker's files.
+        for fd in &self.cgroup_procs {
+            nix::unistd::write(fd, b"0").map_err(|e| self.fail(STEP_CGROUP, e))?;
+        }
         if self.network_none {
             let plain = self.try_plain_netns && unshare(CloneFlags::CLONE_NEWNET).is_ok();
             if !plain {
@@ -271,12 +315,26 @@ mod tests {
 
     #[test]
     fn nothing_to_do_without_restrictions() {
-        assert!(prepare(&SandboxConfig::default(), 1000).unwrap().is_none());
+        assert!(prepare(
+            &SandboxConfig::default(),
+            &Placement::default(),
+            &PoolLimits::default(),
+            1000
+        )
+        .unwrap()
+        .is_none());
         let env_only = SandboxConfig {
             env_clear: true,
             ..SandboxConfig::default()
         };
-        assert!(prepare(&env_only, 1000).unwrap().is_none());
+        assert!(prepare(
+            &env_only,
+            &Placement::default(),
+            &PoolLimits::default(),
+            1000
+        )
+        .unwrap()
+        .is_none());
     }
 
     #[test]
@@ -285,7 +343,7 @@ mod tests {
             user: Some(Principal::Name("nobody".into())),
             ..SandboxConfig::default()
         };
-        let e = prepare(&c, 1000).unwrap_err();
+        let e = prepare(&c, &Placement::default(), &PoolLimits::default(), 1000).unwrap_err();
         assert_eq!(
             e,
             SandboxError::NeedsRoot {
@@ -302,7 +360,9 @@ mod tests {
             user: Some(Principal::Name("no-such-user-mcpb".into())),
             ..SandboxConfig::default()
         };
-        let e = prepare(&c, 0).unwrap_err().to_string();
+        let e = prepare(&c, &Placement::default(), &PoolLimits::default(), 0)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("no such user") && e.contains("no-such-user-mcpb"),
             "{e}"
@@ -326,7 +386,9 @@ mod tests {
             no_new_privileges: true,
             ..SandboxConfig::default()
         };
-        let p = prepare(&c, 0).unwrap().unwrap();
+        let p = prepare(&c, &Placement::default(), &PoolLimits::default(), 0)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (p.uid, p.gid),
             (Some(Uid::from_raw(4242)), Some(Gid::from_raw(4242)))

@@ -61,6 +61,13 @@ impl TestBroker {
             p.env.insert(TAG_VAR.into(), tag.clone());
         }
         let dir = tempfile::tempdir().unwrap();
+        // Pool users (a uid per pool when the tests run as root) reach their
+        // homes under `state` through this directory.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .unwrap();
         let socket = dir.path().join("broker.sock");
         let mut settings = BrokerSettings {
             socket: socket.clone(),
@@ -68,6 +75,7 @@ impl TestBroker {
             drain_timeout: Duration::from_secs(5),
             ..BrokerSettings::default()
         };
+        settings.node.state_dir = dir.path().join("state");
         adjust(&mut settings);
         Self::launch(pools, settings, tag, dir)
     }
@@ -532,5 +540,31 @@ pub async fn sse_round_trip(
         {
             return msgs;
         }
+    }
+}
+
+/// Knows `token-<ns>` as `<ns>/agent` (a TokenReview stand-in).
+pub struct Tokens;
+
+impl mcp_broker::policy::TokenVerifier for Tokens {
+    fn verify<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<mcp_broker::policy::KubeIdentity, String>>
+                + Send
+                + 'a,
+        >,
+    > {
+        Box::pin(async move {
+            token
+                .strip_prefix("token-")
+                .map(|ns| mcp_broker::policy::KubeIdentity {
+                    namespace: ns.into(),
+                    service_account: "agent".into(),
+                })
+                .ok_or_else(|| "unknown token".to_string())
+        })
     }
 }

@@ -53,7 +53,9 @@ impl Cats {
 
     fn process(&mut self, id: u64) -> Arc<Process> {
         let cfg = PoolConfig::new("cats", "/bin/cat", vec![]);
-        let w = Process::spawn(&cfg, id, self.metrics.clone(), &self.tracker).expect("cat starts");
+        let place = crate::node::Placement::default();
+        let w = Process::spawn(&cfg, id, self.metrics.clone(), &self.tracker, &place, None)
+            .expect("cat starts");
         self.started.push(w.clone());
         w
     }
