@@ -236,6 +236,7 @@ mod tests {
         name: String,
         idle: Mutex<Vec<Instant>>,
         woken: AtomicUsize,
+        resident: u64,
     }
 
     impl Member for Fake {
@@ -254,7 +255,7 @@ mod tests {
             }
         }
         fn resident(&self) -> u64 {
-            0
+            self.resident
         }
         fn wake(&self) {
             self.woken.fetch_add(1, Ordering::Relaxed);
@@ -266,6 +267,7 @@ mod tests {
             name: name.into(),
             idle: Mutex::new(idle),
             woken: AtomicUsize::new(0),
+            resident: 0,
         })
     }
 
@@ -309,5 +311,27 @@ mod tests {
         );
         assert!(b.reserve_for_demand("me").is_some());
         assert!(!b.others_hungry("old"), "fed pools are no longer hungry");
+    }
+
+    #[test]
+    fn over_the_memory_budget_nothing_starts_and_idle_processes_go() {
+        let b = Budget::new(None, Some(100));
+        let t0 = Instant::now();
+        let heavy = Arc::new(Fake {
+            name: "heavy".into(),
+            idle: Mutex::new(vec![t0, t0]),
+            woken: AtomicUsize::new(0),
+            resident: 150,
+        });
+        b.join(Arc::downgrade(&(heavy.clone() as Arc<dyn Member>)));
+        assert!(b.try_reserve().is_some(), "not sampled yet: room");
+        b.sample();
+        assert_eq!(b.resident(), 150);
+        assert!(b.try_reserve().is_none(), "over max_memory: no new process");
+        assert_eq!(
+            heavy.idle.lock().unwrap().len(),
+            1,
+            "one idle process stopped per sample"
+        );
     }
 }
