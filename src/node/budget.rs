@@ -9,7 +9,8 @@
 //! * A process is started only with a [`Permit`]; the permit is given back
 //!   when the process has been reaped, so the count of live processes never
 //!   exceeds `max_processes`.
-//! * Keeping processes warm (`min_idle`) never takes from another pool;
+//! * Keeping processes warm (`min_idle`) never takes from another pool, nor
+//!   budget a waiting pool could use;
 //!   only a pool with requests waiting may stop another pool's *idle*
 //!   process (the least recently used), never a busy one.
 //! * While a pool waits for budget, others give their processes back after
@@ -42,6 +43,9 @@ pub struct Budget {
     live: AtomicUsize,
     resident: AtomicU64,
     evictions: AtomicU64,
+    /// Evicted processes still stopping: their permits are on the way, so
+    /// waiting pools do not evict again for the same need.
+    stopping: AtomicUsize,
     members: Mutex<Vec<Weak<dyn Member>>>,
     /// Pools waiting for budget, oldest first.
     hungry: Mutex<VecDeque<String>>,
@@ -54,8 +58,12 @@ pub struct Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.budget.live.fetch_sub(1, Ordering::AcqRel);
-        self.budget.wake_all();
+        let b = &self.budget;
+        b.live.fetch_sub(1, Ordering::AcqRel);
+        let _ = b
+            .stopping
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        b.wake_all();
     }
 }
 
@@ -69,6 +77,7 @@ impl Budget {
             live: AtomicUsize::new(0),
             resident: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            stopping: AtomicUsize::new(0),
             members: Mutex::new(Vec::new()),
             hungry: Mutex::new(VecDeque::new()),
         })
@@ -126,6 +135,15 @@ impl Budget {
         })
     }
 
+    /// For keeping a process warm: a permit only from budget nobody waits
+    /// for (a pool with requests waiting goes first).
+    pub fn try_reserve_spare(self: &Arc<Self>) -> Option<Permit> {
+        if !self.hungry.lock().expect("lock").is_empty() {
+            return None;
+        }
+        self.try_reserve()
+    }
+
     /// For a pool with requests waiting: a permit now, or else one idle
     /// process of another pool is stopped (its permit returns when it has
     /// exited, and `me` is woken) and the pool is marked hungry.
@@ -134,13 +152,17 @@ impl Budget {
             self.fed(me);
             return Some(p);
         }
-        {
+        let hungry = {
             let mut h = self.hungry.lock().expect("lock");
             if !h.iter().any(|n| n == me) {
                 h.push_back(me.to_string());
             }
+            h.len()
+        };
+        // One process on its way out per waiting pool is enough.
+        if self.stopping.load(Ordering::Acquire) < hungry {
+            self.evict_lru(Some(me));
         }
-        self.evict_lru(Some(me));
         None
     }
 
@@ -171,6 +193,7 @@ impl Budget {
         match victim {
             Some((_, m)) if m.evict_oldest_idle() => {
                 self.evictions.fetch_add(1, Ordering::Relaxed);
+                self.stopping.fetch_add(1, Ordering::AcqRel);
                 tracing::info!(pool = %m.member_name(), for_pool = except.unwrap_or("memory"), "stopping an idle process to stay within the node budget");
                 true
             }
@@ -186,7 +209,8 @@ impl Budget {
         self.resident.store(total, Ordering::Relaxed);
         if self.memory_full() {
             self.evict_lru(None);
-        } else if total > 0 {
+        } else if self.max_memory.is_some() {
+            // Back under the memory budget: pools held back may start now.
             self.wake_all();
         }
     }

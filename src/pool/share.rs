@@ -85,7 +85,7 @@ impl Pool {
             let p = if demand {
                 budget.reserve_for_demand(me)
             } else {
-                budget.try_reserve()
+                budget.try_reserve_spare()
             };
             match p {
                 Some(p) => out.push(p),
