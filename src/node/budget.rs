@@ -49,6 +49,8 @@ pub struct Budget {
     members: Mutex<Vec<Weak<dyn Member>>>,
     /// Pools waiting for budget, oldest first.
     hungry: Mutex<VecDeque<String>>,
+    /// `hungry.len()`, read without the lock on every lease's release.
+    hungry_len: AtomicUsize,
 }
 
 /// One process's place in the budget; dropping it gives the place back.
@@ -80,6 +82,7 @@ impl Budget {
             stopping: AtomicUsize::new(0),
             members: Mutex::new(Vec::new()),
             hungry: Mutex::new(VecDeque::new()),
+            hungry_len: AtomicUsize::new(0),
         })
     }
 
@@ -138,7 +141,7 @@ impl Budget {
     /// For keeping a process warm: a permit only from budget nobody waits
     /// for (a pool with requests waiting goes first).
     pub fn try_reserve_spare(self: &Arc<Self>) -> Option<Permit> {
-        if !self.hungry.lock().expect("lock").is_empty() {
+        if self.hungry_len.load(Ordering::Acquire) > 0 {
             return None;
         }
         self.try_reserve()
@@ -156,6 +159,7 @@ impl Budget {
             let mut h = self.hungry.lock().expect("lock");
             if !h.iter().any(|n| n == me) {
                 h.push_back(me.to_string());
+                self.hungry_len.store(h.len(), Ordering::Release);
             }
             h.len()
         };
@@ -168,7 +172,12 @@ impl Budget {
 
     /// `me` got its process: no longer hungry.
     pub fn fed(&self, me: &str) {
-        self.hungry.lock().expect("lock").retain(|n| n != me);
+        if self.hungry_len.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut h = self.hungry.lock().expect("lock");
+        h.retain(|n| n != me);
+        self.hungry_len.store(h.len(), Ordering::Release);
     }
 
     /// Pool `me` was refused for too long or stopped waiting.
@@ -179,7 +188,9 @@ impl Budget {
     /// Whether a pool other than `me` waits for budget: `me` should give a
     /// process back after its lease instead of keeping it.
     pub fn others_hungry(&self, me: &str) -> bool {
-        self.hungry.lock().expect("lock").iter().any(|n| n != me)
+        // The common case (nobody waits) costs one atomic load.
+        self.hungry_len.load(Ordering::Acquire) > 0
+            && self.hungry.lock().expect("lock").iter().any(|n| n != me)
     }
 
     /// Stops the least recently used idle process of any pool but `except`.
