@@ -254,10 +254,16 @@ impl Broker {
         shutdown: CancellationToken,
     ) {
         let conns = TaskTracker::new();
+        let door = &self.settings.front_door;
+        let limiter = crate::web::conn_limit::ConnLimiter::new(
+            door.max_connections,
+            door.max_connections_per_peer,
+        );
         crate::web::accept_until(&listener, &shutdown, "lease API", |(stream, _)| {
             conns.spawn(conn::serve_connection(
                 self.clone(),
                 stream,
+                limiter.clone(),
                 shutdown.clone(),
             ));
         })

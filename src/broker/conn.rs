@@ -17,9 +17,17 @@
 //! so is the body (the broker's message limit, else `413`), after which the
 //! connection closes; while a request waits or streams, the socket is
 //! watched, and a peer that hangs up drops the request (the lease then
-//! cancels it at the process); bytes pipelined meanwhile are kept, bounded;
-//! a request must arrive whole within `[broker] read_timeout` of connecting
-//! or of the previous answer, else the connection closes.
+//! cancels it at the process); bytes pipelined meanwhile are kept, bounded.
+//!
+//! Front-door limits (`[broker]`, see docs/security.md): a head must be
+//! complete within `header_timeout` of connecting (or of its first byte,
+//! on a kept-alive connection): a fixed deadline, so trickling a byte a
+//! second does not extend it; a body within `body_timeout` of its head;
+//! a kept-alive connection must start its next request within
+//! `keepalive_timeout`. Whether the caller may make the request is decided
+//! from the head alone ([`api::admit`]) before any body byte is read; a
+//! refused request's body is never read and the connection closes.
+//! Connections are capped per peer and in all ([`serve_connection`]).
 
 mod rewind;
 
@@ -27,6 +35,7 @@ use super::api::{self, MAX_HEADER_BYTES};
 use super::error::ApiError;
 use super::Broker;
 use crate::policy::Identity;
+use crate::web::conn_limit::ConnLimiter;
 use crate::web::Body;
 use ::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use bytes::{Buf, Bytes, BytesMut};
@@ -36,6 +45,7 @@ use std::io::Write as _;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Headers one request may carry.
@@ -48,8 +58,9 @@ const MAX_PIPELINED: usize = MAX_HEADER_BYTES;
 
 /// What the next request on a connection turned out to be.
 enum Next {
-    /// A request and whether the connection stays open after it.
-    Request(Request<Full<Bytes>>, bool),
+    /// A request head (its body is still to be read) and whether the
+    /// connection stays open after it.
+    Request(Request<()>, usize, bool),
     /// The peer closed (or broke) the connection.
     Closed,
     /// A shape this codec leaves to hyper.
@@ -69,8 +80,8 @@ struct Head {
     keep_alive: bool,
 }
 
-/// Serves one lease API connection until the peer closes it, it breaks, or
-/// shutdown finds it idle.
+/// Serves one lease API connection until the peer closes it, it breaks, a
+/// front-door timeout closes it, or shutdown finds it idle.
 pub async fn serve(
     broker: Arc<Broker>,
     stream: UnixStream,
@@ -78,24 +89,39 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let limit = broker.settings().max_message_size;
-    let read_timeout = broker.settings().read_timeout;
+    let door = broker.settings().front_door.clone();
     let mut conn = Conn {
         stream,
         buf: BytesMut::new(),
     };
+    // A fresh connection's first head is due `header_timeout` after connecting.
+    let mut head_due = Instant::now() + door.header_timeout;
+    let mut fresh = true;
     loop {
-        // A complete request within `read_timeout` of connecting or of the
-        // previous answer, or the connection closes: no slow head, slow
-        // body or idle keep-alive holds it forever.
+        if !fresh {
+            // Kept alive: the next request must start within keepalive_timeout.
+            if conn.buf.is_empty() {
+                let started = tokio::select! {
+                    r = tokio::time::timeout(door.keepalive_timeout, conn.fill()) => r == Ok(true),
+                    _ = shutdown.cancelled() => false,
+                };
+                if !started {
+                    return;
+                }
+            }
+            head_due = Instant::now() + door.header_timeout;
+        }
+        fresh = false;
+        // A fixed deadline: bytes trickling in do not extend it.
         let next = tokio::select! {
-            n = tokio::time::timeout(read_timeout, conn.next_request(limit)) => match n {
+            n = tokio::time::timeout_at(head_due, conn.read_head(limit)) => match n {
                 Ok(n) => n,
                 Err(_) => return,
             },
             _ = shutdown.cancelled(), if conn.buf.is_empty() => return,
         };
-        let (req, keep_alive) = match next {
-            Next::Request(r, k) => (r, k),
+        let (head, length, keep_alive) = match next {
+            Next::Request(r, n, k) => (r, n, k),
             Next::Closed => return,
             Next::Refuse(e) => {
                 conn.write_response(e.into_response(serde_json::Value::Null), false)
@@ -115,11 +141,33 @@ pub async fn serve(
                 return;
             }
         };
+        // Allowed or not is decided from the head; a refused body stays
+        // unread (so the connection cannot be reused unless it had none).
+        // Boxed: the identity check (a TokenReview) is a large future.
+        let who = match Box::pin(api::admit(&broker, &head, peer.clone())).await {
+            Ok(who) => who,
+            Err(e) => {
+                let keep = length == 0 && keep_alive && !shutdown.is_cancelled();
+                if !conn
+                    .write_response(e.into_response(serde_json::Value::Null), keep)
+                    .await
+                    || !keep
+                {
+                    return;
+                }
+                continue;
+            }
+        };
+        let body = match tokio::time::timeout(door.body_timeout, conn.read_body(length)).await {
+            Ok(Some(b)) => b,
+            Ok(None) | Err(_) => return,
+        };
+        let req = head.map(|()| Full::new(body));
         // Pinned in place rather than passed by value (every move of a
         // future into another copies it into that one's state), and scoped
         // so its storage is reused by the write that follows.
         let resp = {
-            let answer = api::handle(broker.clone(), req, peer.clone());
+            let answer = api::handle(broker.clone(), req, who);
             tokio::pin!(answer);
             let Conn { stream, buf } = &mut conn;
             tokio::select! {
@@ -142,8 +190,15 @@ struct Conn {
 }
 
 impl Conn {
-    /// Reads the next request: its head, then (within `limit`) its body.
-    async fn next_request(&mut self, limit: usize) -> Next {
+    /// Waits for the first bytes of a request: false when the peer closed.
+    async fn fill(&mut self) -> bool {
+        self.buf.reserve(FIRST_READ);
+        matches!(self.stream.read_buf(&mut self.buf).await, Ok(n) if n > 0)
+    }
+
+    /// Reads the next request's head; a body announced over `limit` is
+    /// refused unread.
+    async fn read_head(&mut self, limit: usize) -> Next {
         let (head, used) = loop {
             if !self.buf.is_empty() {
                 match parse_head(&self.buf) {
@@ -174,23 +229,28 @@ impl Conn {
                 length: head.length,
             };
         }
-        while self.buf.len() < head.length {
-            self.buf.reserve(head.length - self.buf.len());
+        let mut req = Request::new(());
+        *req.method_mut() = head.method;
+        *req.uri_mut() = head.uri;
+        *req.headers_mut() = head.headers;
+        Next::Request(req, head.length, head.keep_alive)
+    }
+
+    /// Reads a body of `length` bytes; `None` when the peer left first.
+    async fn read_body(&mut self, length: usize) -> Option<Bytes> {
+        while self.buf.len() < length {
+            self.buf.reserve(length - self.buf.len());
             match self.stream.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return Next::Closed,
+                Ok(0) | Err(_) => return None,
                 Ok(_) => {}
             }
         }
-        let body = Full::new(self.buf.split_to(head.length).freeze());
+        let body = self.buf.split_to(length).freeze();
         if self.buf.is_empty() {
             // Hold no buffer while the request waits (it may wait long).
             self.buf = BytesMut::new();
         }
-        let mut req = Request::new(body);
-        *req.method_mut() = head.method;
-        *req.uri_mut() = head.uri;
-        *req.headers_mut() = head.headers;
-        Next::Request(req, head.keep_alive)
+        Some(body)
     }
 
     /// Writes `resp`: one write for a sized body, chunks as they come for a
@@ -365,14 +425,18 @@ fn bad(why: String) -> Parse {
 #[cfg(test)]
 mod tests;
 
-/// Serves one lease API connection until it closes or shutdown asks it to finish.
+/// Serves one lease API connection until it closes or shutdown asks it to
+/// finish. The peer's identity is fixed here, once: the kernel's
+/// credentials and, with `peer_identity`, its pod (through a pidfd, see
+/// [`crate::policy::cgroup`]). A peer over its connection cap, or a broker
+/// over the total, is answered `429`/`503` and closed.
 pub async fn serve_connection(
     broker: Arc<Broker>,
     stream: UnixStream,
+    limiter: Arc<ConnLimiter<String>>,
     shutdown: CancellationToken,
 ) {
-    // Who is on the other end: the kernel's word, fixed for the connection.
-    let peer = match stream.peer_cred() {
+    let mut peer = match stream.peer_cred() {
         Ok(c) => Identity {
             uid: Some(c.uid()),
             gid: Some(c.gid()),
@@ -380,6 +444,25 @@ pub async fn serve_connection(
             ..Identity::default()
         },
         Err(_) => Identity::default(),
+    };
+    if broker.pod_index().is_some() {
+        peer.pod_uid = peer
+            .pid
+            .and_then(crate::policy::cgroup::live_cgroup)
+            .and_then(|t| crate::policy::cgroup::pod_uid_from_cgroup(&t));
+    }
+    let key = match (&peer.pod_uid, peer.uid) {
+        (Some(pod), _) => format!("pod:{pod}"),
+        (None, Some(uid)) => format!("uid:{uid}"),
+        (None, None) => "-".into(),
+    };
+    let _permit = match limiter.try_acquire(key) {
+        Ok(p) => p,
+        Err(refused) => {
+            tracing::debug!(caller = %peer, "lease API connection refused: {refused}");
+            refused.answer(stream).await;
+            return;
+        }
     };
     serve(broker, stream, peer, shutdown).await
 }

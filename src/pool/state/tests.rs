@@ -27,6 +27,7 @@ fn waiter(target: Option<u64>) -> (Waiter, oneshot::Receiver<Handed>) {
     let w = Waiter {
         session: None,
         target,
+        caller: "-".into(),
         tx,
     };
     (w, rx)
@@ -431,6 +432,7 @@ fn spawns_to_min_idle_then_for_waiters_up_to_max() {
         st.waiters.push_back(Waiter {
             session: None,
             target: None,
+            caller: "-".into(),
             tx,
         });
     }
@@ -442,6 +444,7 @@ fn spawns_to_min_idle_then_for_waiters_up_to_max() {
         st.waiters.push_back(Waiter {
             session: None,
             target: None,
+            caller: "-".into(),
             tx,
         });
     }
