@@ -98,6 +98,9 @@ pub struct ProxySettings {
     pub max_streams_per_session: usize,
     /// Open HTTP connections at most (beyond: `503`, closed).
     pub max_connections: usize,
+    /// A request head must be complete within this of connecting or of the
+    /// previous answer (so idle kept-alive connections close too).
+    pub header_timeout: Duration,
     /// Open HTTP connections from one client address at most (beyond:
     /// `429`, closed).
     pub max_connections_per_peer: usize,
@@ -120,6 +123,7 @@ impl Default for ProxySettings {
             max_streams: DEFAULT_MAX_STREAMS,
             max_streams_per_session: DEFAULT_MAX_STREAMS_PER_SESSION,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: web::HEADER_READ_TIMEOUT,
             max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
             token_file: None,
         }
@@ -213,10 +217,13 @@ pub async fn serve_many(
         .collect();
     let gw = Arc::new(Gateway { proxies, metrics });
     let conns = TaskTracker::new();
-    let limiter = web::conn_limit::ConnLimiter::new(
+    let (limiter, lowered) = web::conn_limit::ConnLimiter::fitted(
         settings.max_connections,
         settings.max_connections_per_peer,
     );
+    if let Some(why) = lowered {
+        tracing::warn!("MCP listener: {why}");
+    }
     web::accept_until(&listener, &shutdown, "MCP", |(stream, peer)| {
         let permit = match limiter.try_acquire(peer.ip()) {
             Ok(p) => p,
@@ -232,7 +239,13 @@ pub async fn serve_many(
             let gw = gw.clone();
             async move { Ok::<_, std::convert::Infallible>(handle(gw, req).await) }
         });
-        let serve = web::serve_io(stream, svc, shutdown.clone(), settings.max_header_bytes);
+        let serve = web::serve_io_with(
+            stream,
+            svc,
+            shutdown.clone(),
+            settings.max_header_bytes,
+            settings.header_timeout,
+        );
         conns.spawn(async move {
             serve.await;
             drop(permit);

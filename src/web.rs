@@ -170,7 +170,8 @@ pub async fn accept_until<L: Listener>(
 
 /// Drives one HTTP/1.1 connection with hyper; on shutdown lets the current
 /// exchange finish. A request head over `max_head` is answered `431 Request
-/// Header Fields Too Large` and the connection closed.
+/// Header Fields Too Large` and the connection closed; one not complete
+/// within [`HEADER_READ_TIMEOUT`] closes it.
 pub async fn serve_io<I, S>(io: I, svc: S, shutdown: CancellationToken, max_head: usize)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -181,9 +182,29 @@ where
     >,
     S::Future: Send + 'static,
 {
+    serve_io_with(io, svc, shutdown, max_head, HEADER_READ_TIMEOUT).await
+}
+
+/// [`serve_io`] with a head deadline of `header_timeout` (from connecting,
+/// or from the previous answer on a kept-alive connection).
+pub async fn serve_io_with<I, S>(
+    io: I,
+    svc: S,
+    shutdown: CancellationToken,
+    max_head: usize,
+    header_timeout: Duration,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = Response<Body>,
+        Error = Infallible,
+    >,
+    S::Future: Send + 'static,
+{
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_timeout)
         .max_buf_size(max_head.max(MIN_HEADER_BYTES))
         .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
     tokio::pin!(conn);

@@ -174,32 +174,6 @@ async fn service_accounts_are_allowed_denied_and_isolated() {
     b.stop().await;
 }
 
-/// Knows `token-<ns>` as `<ns>/agent` (a TokenReview stand-in).
-struct Tokens;
-
-impl mcp_broker::policy::TokenVerifier for Tokens {
-    fn verify<'a>(
-        &'a self,
-        token: &'a str,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<mcp_broker::policy::KubeIdentity, String>>
-                + Send
-                + 'a,
-        >,
-    > {
-        Box::pin(async move {
-            token
-                .strip_prefix("token-")
-                .map(|ns| mcp_broker::policy::KubeIdentity {
-                    namespace: ns.into(),
-                    service_account: "agent".into(),
-                })
-                .ok_or_else(|| "unknown token".to_string())
-        })
-    }
-}
-
 #[tokio::test]
 async fn lease_ids_and_session_keys_belong_to_their_caller() {
     let mut p = fixture_pool("x", &[]);

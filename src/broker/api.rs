@@ -30,6 +30,7 @@ pub(super) async fn serve_hyper<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let header_timeout = broker.settings().front_door.header_timeout;
     let svc = hyper::service::service_fn(move |req| {
         let broker = broker.clone();
         let peer = peer.clone();
@@ -42,7 +43,7 @@ pub(super) async fn serve_hyper<I>(
             Ok::<_, std::convert::Infallible>(r)
         }
     });
-    web::serve_io(io, svc, shutdown, MAX_HEADER_BYTES).await
+    web::serve_io_with(io, svc, shutdown, MAX_HEADER_BYTES, header_timeout).await
 }
 
 /// The answer to a request whose body is announced over `limit` (refused

@@ -9,6 +9,11 @@
 //! carrying a JSON-RPC error, then closed; it never reaches a handler.
 //! Invariant: a [`ConnPermit`] is held for the connection's whole life and
 //! gives its place back when dropped, so the counts are exact.
+//!
+//! The caps must fit the process's file descriptors, or the kernel refuses
+//! connections before the caps do (and refuses everyone alike):
+//! [`ConnLimiter::fitted`] raises the soft `RLIMIT_NOFILE` to the hard one
+//! (as Go programs do at start) and lowers the caps to what fits.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -52,6 +57,36 @@ impl<K: Hash + Eq + Clone> ConnLimiter<K> {
             per_peer,
             open: Mutex::new((0, HashMap::new())),
         })
+    }
+
+    /// Like [`Self::new`], with the caps lowered to fit the file descriptors
+    /// this process may open (after raising its soft limit to the hard
+    /// one): a quarter of them (at least 256) stays for everything else,
+    /// and when the total had to shrink, one peer gets at most half of it.
+    /// Says what it changed, for the log.
+    pub fn fitted(total: usize, per_peer: usize) -> (Arc<Self>, Option<String>) {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let soft = match getrlimit(Resource::RLIMIT_NOFILE) {
+            Ok((soft, hard)) if soft < hard => {
+                match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                    Ok(()) => hard,
+                    Err(_) => soft,
+                }
+            }
+            Ok((soft, _)) => soft,
+            Err(_) => return (Self::new(total, per_peer), None),
+        };
+        let soft = usize::try_from(soft).unwrap_or(usize::MAX);
+        let room = soft.saturating_sub((soft / 4).max(256)).max(1);
+        if total <= room {
+            return (Self::new(total, per_peer), None);
+        }
+        let per = per_peer.min((room / 2).max(1));
+        let why = format!(
+            "connection caps lowered to fit RLIMIT_NOFILE {soft}: {room} in all (was {total}), \
+             {per} per peer (was {per_peer}); raise the file limit to restore them"
+        );
+        (Self::new(room, per), Some(why))
     }
 
     /// Takes a place for a connection from `peer`, or says which cap is hit.
@@ -155,6 +190,17 @@ mod tests {
         assert_eq!(l.open(), 2);
         let _c = l.try_acquire("c").unwrap();
         assert_eq!(l.open(), 3);
+    }
+
+    #[test]
+    fn caps_fit_the_file_limit() {
+        let (l, why) = ConnLimiter::<u8>::fitted(usize::MAX / 2, usize::MAX / 2);
+        let why = why.expect("no process may open that many files");
+        assert!(why.contains("RLIMIT_NOFILE"), "{why}");
+        assert!(l.total < usize::MAX / 2 && l.per_peer <= l.total / 2);
+        let (l, why) = ConnLimiter::<u8>::fitted(10, 4);
+        assert!(why.is_none());
+        assert_eq!((l.total, l.per_peer), (10, 4));
     }
 
     #[test]

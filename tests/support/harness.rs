@@ -534,3 +534,29 @@ pub async fn sse_round_trip(
         }
     }
 }
+
+/// Knows `token-<ns>` as `<ns>/agent` (a TokenReview stand-in).
+pub struct Tokens;
+
+impl mcp_broker::policy::TokenVerifier for Tokens {
+    fn verify<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<mcp_broker::policy::KubeIdentity, String>>
+                + Send
+                + 'a,
+        >,
+    > {
+        Box::pin(async move {
+            token
+                .strip_prefix("token-")
+                .map(|ns| mcp_broker::policy::KubeIdentity {
+                    namespace: ns.into(),
+                    service_account: "agent".into(),
+                })
+                .ok_or_else(|| "unknown token".to_string())
+        })
+    }
+}
