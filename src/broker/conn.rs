@@ -35,7 +35,7 @@ use super::api::{self, MAX_HEADER_BYTES};
 use super::error::ApiError;
 use super::Broker;
 use crate::policy::Identity;
-use crate::web::conn_limit::ConnLimiter;
+use crate::web::conn_limit::{ConnLimiter, ConnPermit, Refused};
 use crate::web::Body;
 use ::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use bytes::{Buf, Bytes, BytesMut};
@@ -80,6 +80,21 @@ struct Head {
     keep_alive: bool,
 }
 
+/// What [`Conn::receive`] got: a request to answer, or the connection's end.
+enum Received {
+    /// Admitted (with the caller's identity, when its route needs one) and
+    /// read whole; whether the connection stays open after it. Boxed: this
+    /// value's room would otherwise stay in every waiting connection's
+    /// state while its request waits.
+    Request(Box<(Request<Full<Bytes>>, Option<Identity>)>, bool),
+    /// A request refused and answered, and the connection stays open.
+    Answered,
+    /// Hand the connection to hyper.
+    Handover,
+    /// Closed (by the peer, a timeout, shutdown, or after a refusal).
+    Done,
+}
+
 /// Serves one lease API connection until the peer closes it, it breaks, a
 /// front-door timeout closes it, or shutdown finds it idle.
 pub async fn serve(
@@ -88,86 +103,40 @@ pub async fn serve(
     peer: Identity,
     shutdown: CancellationToken,
 ) {
-    let limit = broker.settings().max_message_size;
-    let door = broker.settings().front_door.clone();
     let mut conn = Conn {
         stream,
         buf: BytesMut::new(),
     };
-    // A fresh connection's first head is due `header_timeout` after connecting.
-    let mut head_due = Instant::now() + door.header_timeout;
     let mut fresh = true;
     loop {
-        if !fresh {
-            // Kept alive: the next request must start within keepalive_timeout.
-            if conn.buf.is_empty() {
-                let started = tokio::select! {
-                    r = tokio::time::timeout(door.keepalive_timeout, conn.fill()) => r == Ok(true),
-                    _ = shutdown.cancelled() => false,
-                };
-                if !started {
-                    return;
-                }
-            }
-            head_due = Instant::now() + door.header_timeout;
-        }
-        fresh = false;
-        // A fixed deadline: bytes trickling in do not extend it.
-        let next = tokio::select! {
-            n = tokio::time::timeout_at(head_due, conn.read_head(limit)) => match n {
-                Ok(n) => n,
-                Err(_) => return,
-            },
-            _ = shutdown.cancelled(), if conn.buf.is_empty() => return,
-        };
-        let (head, length, keep_alive) = match next {
-            Next::Request(r, n, k) => (r, n, k),
-            Next::Closed => return,
-            Next::Refuse(e) => {
-                conn.write_response(e.into_response(serde_json::Value::Null), false)
-                    .await;
-                return;
-            }
-            Next::Handover => {
-                let io = rewind::Rewind::new(conn.buf.freeze(), conn.stream);
-                // Boxed: hyper's connection state is large and rare here;
-                // inline, every connection's task would carry room for it.
-                Box::pin(api::serve_hyper(broker, io, peer, shutdown)).await;
-                return;
-            }
-            Next::TooLarge { path, length } => {
-                let r = api::too_large(&broker, &path, length, limit);
-                conn.write_response(r, false).await;
-                return;
-            }
-        };
-        // Allowed or not is decided from the head; a refused body stays
-        // unread (so the connection cannot be reused unless it had none).
-        // Boxed: the identity check (a TokenReview) is a large future.
-        let who = match Box::pin(api::admit(&broker, &head, peer.clone())).await {
-            Ok(who) => who,
-            Err(e) => {
-                let keep = length == 0 && keep_alive && !shutdown.is_cancelled();
-                if !conn
-                    .write_response(e.into_response(serde_json::Value::Null), keep)
-                    .await
-                    || !keep
-                {
-                    return;
-                }
-                continue;
-            }
-        };
-        let body = match tokio::time::timeout(door.body_timeout, conn.read_body(length)).await {
-            Ok(Some(b)) => b,
-            Ok(None) | Err(_) => return,
-        };
-        let req = head.map(|()| Full::new(body));
+        let keep_alive;
         // Pinned in place rather than passed by value (every move of a
         // future into another copies it into that one's state), and scoped
-        // so its storage is reused by the write that follows.
+        // so its storage is reused by the write that follows. The request
+        // is received by its own future, finished before the answer's, and
+        // bound only inside the match arm: what receiving keeps (the head,
+        // timers, the identity) is not part of a waiting request's state.
         let resp = {
-            let answer = api::handle(broker.clone(), req, who);
+            let answer = match conn.receive(&broker, &peer, &shutdown, fresh).await {
+                Received::Request(req, k) => {
+                    keep_alive = k;
+                    let (req, who) = *req;
+                    api::handle(broker.clone(), req, who)
+                }
+                Received::Answered => {
+                    fresh = false;
+                    continue;
+                }
+                Received::Handover => {
+                    let io = rewind::Rewind::new(conn.buf.freeze(), conn.stream);
+                    // Boxed: hyper's connection state is large and rare here;
+                    // inline, every connection's task would carry room for it.
+                    Box::pin(api::serve_hyper(broker, io, peer, shutdown)).await;
+                    return;
+                }
+                Received::Done => return,
+            };
+            fresh = false;
             tokio::pin!(answer);
             let Conn { stream, buf } = &mut conn;
             tokio::select! {
@@ -190,6 +159,76 @@ struct Conn {
 }
 
 impl Conn {
+    /// Reads the next request within the front-door timeouts (a fresh
+    /// connection's first head is due `header_timeout` after connecting; a
+    /// kept-alive one must start its next request within
+    /// `keepalive_timeout`, then has `header_timeout` for the head),
+    /// admits it from its head, then reads its body within `body_timeout`.
+    /// Refusals are answered here.
+    async fn receive(
+        &mut self,
+        broker: &Arc<Broker>,
+        peer: &Identity,
+        shutdown: &CancellationToken,
+        fresh: bool,
+    ) -> Received {
+        let limit = broker.settings().max_message_size;
+        let door = &broker.settings().front_door;
+        if !fresh && self.buf.is_empty() {
+            let started = tokio::select! {
+                r = tokio::time::timeout(door.keepalive_timeout, self.fill()) => r == Ok(true),
+                _ = shutdown.cancelled() => false,
+            };
+            if !started {
+                return Received::Done;
+            }
+        }
+        // A fixed deadline: bytes trickling in do not extend it.
+        let head_due = Instant::now() + door.header_timeout;
+        let next = tokio::select! {
+            n = tokio::time::timeout_at(head_due, self.read_head(limit)) => match n {
+                Ok(n) => n,
+                Err(_) => return Received::Done,
+            },
+            _ = shutdown.cancelled(), if self.buf.is_empty() => return Received::Done,
+        };
+        let (head, length, keep_alive) = match next {
+            Next::Request(r, n, k) => (r, n, k),
+            Next::Closed => return Received::Done,
+            Next::Handover => return Received::Handover,
+            Next::Refuse(e) => {
+                let answer = e.into_response(serde_json::Value::Null);
+                Box::pin(self.write_response(answer, false)).await;
+                return Received::Done;
+            }
+            Next::TooLarge { path, length } => {
+                let answer = api::too_large(broker, &path, length, limit);
+                Box::pin(self.write_response(answer, false)).await;
+                return Received::Done;
+            }
+        };
+        // Allowed or not is decided from the head; a refused body stays
+        // unread (so the connection stays open only if it had none).
+        // Boxed: the identity check (a TokenReview) is a large future.
+        let who = match Box::pin(api::admit(broker, &head, peer.clone())).await {
+            Ok(who) => who,
+            Err(e) => {
+                let keep = length == 0 && keep_alive && !shutdown.is_cancelled();
+                let answer = e.into_response(serde_json::Value::Null);
+                return match Box::pin(self.write_response(answer, keep)).await && keep {
+                    true => Received::Answered,
+                    false => Received::Done,
+                };
+            }
+        };
+        match tokio::time::timeout(door.body_timeout, self.read_body(length)).await {
+            Ok(Some(body)) => {
+                Received::Request(Box::new((head.map(|()| Full::new(body)), who)), keep_alive)
+            }
+            Ok(None) | Err(_) => Received::Done,
+        }
+    }
+
     /// Waits for the first bytes of a request: false when the peer closed.
     async fn fill(&mut self) -> bool {
         self.buf.reserve(FIRST_READ);
@@ -436,6 +475,26 @@ pub async fn serve_connection(
     limiter: Arc<ConnLimiter<String>>,
     shutdown: CancellationToken,
 ) {
+    match accept(&broker, &stream, &limiter) {
+        Ok((peer, permit)) => {
+            serve(broker, stream, *peer, shutdown).await;
+            drop(permit);
+        }
+        Err(refused) => {
+            // Boxed: inline, its read buffer would make every connection's
+            // task larger.
+            Box::pin(refused.answer(stream)).await;
+        }
+    }
+}
+
+/// The peer of a new connection, and its place under the connection caps.
+/// The identity is boxed so that this result's room is small in the task.
+fn accept(
+    broker: &Broker,
+    stream: &UnixStream,
+    limiter: &Arc<ConnLimiter<String>>,
+) -> Result<(Box<Identity>, ConnPermit<String>), Refused> {
     let mut peer = match stream.peer_cred() {
         Ok(c) => Identity {
             uid: Some(c.uid()),
@@ -456,13 +515,11 @@ pub async fn serve_connection(
         (None, Some(uid)) => format!("uid:{uid}"),
         (None, None) => "-".into(),
     };
-    let _permit = match limiter.try_acquire(key) {
-        Ok(p) => p,
+    match limiter.try_acquire(key) {
+        Ok(permit) => Ok((Box::new(peer), permit)),
         Err(refused) => {
             tracing::debug!(caller = %peer, "lease API connection refused: {refused}");
-            refused.answer(stream).await;
-            return;
+            Err(refused)
         }
-    };
-    serve(broker, stream, peer, shutdown).await
+    }
 }
