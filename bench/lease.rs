@@ -55,7 +55,7 @@ fn acquire_release(c: &mut Criterion) {
     let mut g = c.benchmark_group("lease");
     g.bench_function("acquire+release, uncontended", |b| {
         b.to_async(&rt).iter(|| async {
-            let guard = pool.acquire(None, None).await.expect("lease");
+            let guard = pool.acquire(None, None, "-").await.expect("lease");
             drop(guard);
         })
     });
@@ -65,7 +65,7 @@ fn acquire_release(c: &mut Criterion) {
                 .map(|_| {
                     let p = pool.clone();
                     tokio::spawn(async move {
-                        let guard = p.acquire(None, None).await.expect("lease");
+                        let guard = p.acquire(None, None, "-").await.expect("lease");
                         tokio::task::yield_now().await;
                         drop(guard);
                     })

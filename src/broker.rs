@@ -252,10 +252,19 @@ impl Broker {
         shutdown: CancellationToken,
     ) {
         let conns = TaskTracker::new();
+        let door = &self.settings.front_door;
+        let (limiter, lowered) = crate::web::conn_limit::ConnLimiter::fitted(
+            door.max_connections,
+            door.max_connections_per_peer,
+        );
+        if let Some(why) = lowered {
+            tracing::warn!("lease API: {why}");
+        }
         crate::web::accept_until(&listener, &shutdown, "lease API", |(stream, _)| {
             conns.spawn(conn::serve_connection(
                 self.clone(),
                 stream,
+                limiter.clone(),
                 shutdown.clone(),
             ));
         })

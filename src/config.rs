@@ -5,11 +5,13 @@
 //! value or an unparsed duration. Every error names the pool and the field.
 
 mod describe;
+pub mod front_door;
 pub mod node;
 pub mod raw;
 pub mod sandbox;
 
 pub use describe::describe;
+pub use front_door::FrontDoor;
 pub use node::{NodeSettings, PoolLimits};
 use raw::{RawConfig, RawPool};
 pub use sandbox::SandboxConfig;
@@ -29,9 +31,6 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 /// Default time to let in-flight leases finish on shutdown.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default time a lease API connection has to send a complete request: a
-/// minute, like common servers' header timeouts (nginx 60 s).
-pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default largest JSON-RPC message, in bytes, in either direction.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 /// Default warm idle processes per pool.
@@ -148,10 +147,9 @@ pub struct BrokerSettings {
     pub drain_timeout: Duration,
     /// Largest message accepted from a client or a process.
     pub max_message_size: usize,
-    /// Longest a lease API connection may take to send a complete request
-    /// (head and body), counted from connecting or from the previous
-    /// answer; then it is closed. Bounds slow and idle connections.
-    pub read_timeout: Duration,
+    /// Timeouts and connection caps of the lease API, and the TokenReview
+    /// rate limit.
+    pub front_door: FrontDoor,
     /// Kubernetes token verification; `None` when callers are identified by
     /// socket peer credentials only.
     pub kubernetes: Option<KubeSettings>,
@@ -181,7 +179,7 @@ impl Default for BrokerSettings {
             metrics_listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
-            read_timeout: DEFAULT_READ_TIMEOUT,
+            front_door: FrontDoor::default(),
             kubernetes: None,
             node: NodeSettings::default(),
         }
@@ -359,6 +357,7 @@ impl Config {
 
     fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
         let b = raw.broker;
+        let front_door = front_door::from_raw(&b)?;
         let at = || "[broker]".to_string();
         let node = node::from_raw(&b).map_err(|(field, msg)| ConfigError::Invalid {
             at: at(),
@@ -400,7 +399,7 @@ impl Config {
             socket_group: b.socket_group,
             metrics_listen,
             drain_timeout: b.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
-            read_timeout: b.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT),
+            front_door,
             max_message_size,
             kubernetes: match b.identity {
                 None | Some(raw::IdentityKind::None) if b.peer_identity == Some(true) => {

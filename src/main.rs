@@ -182,6 +182,12 @@ struct HttpFlags {
     /// Open GET /mcp streams of one session at most.
     #[arg(long, default_value_t = proxy::DEFAULT_MAX_STREAMS_PER_SESSION)]
     max_streams_per_session: usize,
+    /// Open HTTP connections at most (beyond: 503).
+    #[arg(long, default_value_t = proxy::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Open HTTP connections from one client address at most (beyond: 429).
+    #[arg(long, default_value_t = proxy::DEFAULT_MAX_CONNECTIONS_PER_PEER)]
+    max_connections_per_peer: usize,
     /// Largest request body in bytes (beyond: 413).
     #[arg(long, default_value_t = proxy::DEFAULT_MAX_BODY as u64, value_parser = clap::value_parser!(u64).range(1024..))]
     max_body_bytes: u64,
@@ -202,6 +208,8 @@ impl HttpFlags {
             max_sessions: self.max_sessions,
             max_streams: self.max_streams,
             max_streams_per_session: self.max_streams_per_session,
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
             max_body: usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
             max_header_bytes: usize::try_from(self.max_header_bytes).unwrap_or(usize::MAX),
             ..ProxySettings::default()
@@ -464,6 +472,8 @@ async fn start_kubernetes(
         client.clone(),
         k.audience.clone(),
         k.cache_ttl,
+        broker.settings().front_door.token_review_rate,
+        broker.settings().front_door.token_review_burst,
     ));
     tracing::info!("verifying ServiceAccount tokens with the TokenReview API");
     if k.peer_identity {

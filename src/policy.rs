@@ -14,6 +14,7 @@
 //! processes ([`Isolate::tenant`]), so a process never carries one tenant's
 //! state into another tenant's answers.
 
+pub mod cgroup;
 #[cfg(feature = "kubernetes")]
 pub mod pods;
 #[cfg(feature = "kubernetes")]
@@ -34,10 +35,11 @@ pub trait TokenVerifier: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Result<KubeIdentity, String>> + Send + 'a>>;
 }
 
-/// Finds the pod a peer process runs in (`peer_identity`).
+/// Finds a caller's pod (`peer_identity`) by the pod UID its connection's
+/// peer process showed at accept ([`cgroup`]).
 pub trait PodLookup: Send + Sync + 'static {
-    /// The pod of process `pid`, if it runs in a known pod on this node.
-    fn by_pid(&self, pid: i32) -> Option<PodIdentity>;
+    /// The pod with `uid`, if it runs on this node.
+    fn by_uid(&self, uid: &str) -> Option<PodIdentity>;
 }
 
 /// What the broker knows about a caller's pod.
@@ -65,6 +67,8 @@ pub struct Identity {
     pub gid: Option<u32>,
     /// Peer pid (for logs).
     pub pid: Option<i32>,
+    /// UID of the peer's pod, read once at accept (`peer_identity`).
+    pub pod_uid: Option<String>,
     /// Set when a ServiceAccount token was verified.
     pub kube: Option<KubeIdentity>,
     /// Why a presented token gave no identity (for the denial message).
@@ -206,6 +210,7 @@ mod tests {
             uid: Some(1000),
             gid: Some(100),
             pid: Some(7),
+            pod_uid: None,
             kube: Some(KubeIdentity {
                 namespace: ns.into(),
                 service_account: sa.into(),

@@ -6,7 +6,9 @@
 //! task keeps `min_idle` processes warm, grows towards `max` while requests
 //! wait, retires idle surplus, and restarts after failures with exponential
 //! backoff so a broken command reports itself instead of spinning.
+//! Waiting requests get a fair share of the queue per caller ([`fair`]).
 
+mod fair;
 mod guard;
 mod lifecycle;
 mod share;
@@ -237,11 +239,14 @@ impl Pool {
 
     /// Waits for a process with room for one request of `session`; with a
     /// `target`, for that process only (ahead of new leases for it), and
-    /// fails with [`PoolError::ProcessGone`] once it is gone.
+    /// fails with [`PoolError::ProcessGone`] once it is gone. `caller` (the
+    /// caller's identity key) gets its fair share of the queue: over it,
+    /// [`PoolError::QueueFull`].
     pub async fn acquire(
         &self,
         session: Option<&str>,
         target: Option<u64>,
+        caller: &str,
     ) -> Result<LeaseGuard, PoolError> {
         let started = Instant::now();
         let cfg = &self.inner.cfg;
@@ -275,16 +280,22 @@ impl Pool {
             if st.waiters.len() >= cfg.queue_limit {
                 st.purge_waiters();
             }
-            if st.waiters.len() >= cfg.queue_limit {
-                return Err(PoolError::QueueFull {
-                    pool: cfg.name.clone(),
-                    limit: cfg.queue_limit,
-                });
+            let full = || PoolError::QueueFull {
+                pool: cfg.name.clone(),
+                limit: cfg.queue_limit,
+            };
+            match fair::admit(&mut st, caller, cfg.queue_limit) {
+                fair::Admit::Yes => {}
+                fair::Admit::Displace(w) => {
+                    let _ = w.tx.send(Err(full()));
+                }
+                fair::Admit::No => return Err(full()),
             }
             let (tx, rx) = oneshot::channel();
             st.waiters.push_back(Waiter {
                 session: session.map(str::to_string),
                 target,
+                caller: caller.into(),
                 tx,
             });
             self.set_queue_gauge(&st);
@@ -403,7 +414,7 @@ impl Pool {
 
     /// Hands free processes to waiters: retries to the process they must
     /// reach first (failing those whose process is gone), then the rest,
-    /// oldest first.
+    /// round-robin across callers.
     fn dispatch(&self, st: &mut State) {
         let cfg = &self.inner.cfg;
         let mut i = 0;
@@ -431,23 +442,35 @@ impl Pool {
                 Target::Busy => i += 1,
             }
         }
-        let mut i = 0;
-        while i < st.waiters.len() {
-            if st.waiters[i].target.is_some() {
-                i += 1;
-                continue;
-            }
-            let session = st.waiters[i].session.clone();
+        self.dispatch_fairly(st);
+        fair::prune(st);
+        self.set_queue_gauge(st);
+    }
+
+    /// Hands free processes to the untargeted waiters in fair order (see
+    /// [`fair`]).
+    fn dispatch_fairly(&self, st: &mut State) {
+        let cfg = &self.inner.cfg;
+        // Nothing has room: nobody can be served (exclusive pools pick by
+        // session, so they always look).
+        if st.waiters.is_empty() || (cfg.mode != Mode::Exclusive && st.pick(cfg, None).is_none()) {
+            return;
+        }
+        let order = fair::order(st);
+        let mut waiters: Vec<Option<Waiter>> = st.waiters.drain(..).map(Some).collect();
+        for i in order {
+            let session = waiters[i].as_ref().and_then(|w| w.session.clone());
             match st.pick(cfg, session.as_deref()) {
                 Some(id) => {
-                    let waiter = st.waiters.remove(i).expect("index valid");
+                    let waiter = waiters[i].take().expect("each index once");
+                    fair::served(st, &waiter.caller);
                     self.hand_over(st, waiter, id);
                 }
-                None if cfg.mode == Mode::Exclusive => i += 1,
+                None if cfg.mode == Mode::Exclusive => {}
                 None => break,
             }
         }
-        self.set_queue_gauge(st);
+        st.waiters = waiters.into_iter().flatten().collect();
     }
 
     /// Gives process `id` to `waiter`, or takes it back if the waiter left.

@@ -53,6 +53,10 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_STREAMS: usize = 1024;
 /// Default cap on open `GET /mcp` streams of one session.
 pub const DEFAULT_MAX_STREAMS_PER_SESSION: usize = 4;
+/// Default cap on open HTTP connections in all.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default cap on open HTTP connections from one client address.
+pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 1024;
 /// Default time a request waits for the pool's first warm process.
 pub const DEFAULT_WARM_WAIT: Duration = Duration::from_secs(30);
 /// Default time in-flight exchanges get to finish at shutdown.
@@ -92,6 +96,14 @@ pub struct ProxySettings {
     pub max_streams: usize,
     /// Open `GET /mcp` streams of one session at most.
     pub max_streams_per_session: usize,
+    /// Open HTTP connections at most (beyond: `503`, closed).
+    pub max_connections: usize,
+    /// A request head must be complete within this of connecting or of the
+    /// previous answer (so idle kept-alive connections close too).
+    pub header_timeout: Duration,
+    /// Open HTTP connections from one client address at most (beyond:
+    /// `429`, closed).
+    pub max_connections_per_peer: usize,
 }
 
 impl Default for ProxySettings {
@@ -110,6 +122,9 @@ impl Default for ProxySettings {
             allow_hosts: Vec::new(),
             max_streams: DEFAULT_MAX_STREAMS,
             max_streams_per_session: DEFAULT_MAX_STREAMS_PER_SESSION,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: web::HEADER_READ_TIMEOUT,
+            max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
             token_file: None,
         }
     }
@@ -202,19 +217,39 @@ pub async fn serve_many(
         .collect();
     let gw = Arc::new(Gateway { proxies, metrics });
     let conns = TaskTracker::new();
-    web::accept_until(&listener, &shutdown, "MCP", |(stream, _)| {
+    let (limiter, lowered) = web::conn_limit::ConnLimiter::fitted(
+        settings.max_connections,
+        settings.max_connections_per_peer,
+    );
+    if let Some(why) = lowered {
+        tracing::warn!("MCP listener: {why}");
+    }
+    web::accept_until(&listener, &shutdown, "MCP", |(stream, peer)| {
+        let permit = match limiter.try_acquire(peer.ip()) {
+            Ok(p) => p,
+            Err(refused) => {
+                tracing::debug!(%peer, "MCP connection refused: {refused}");
+                conns.spawn(refused.answer(stream));
+                return;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let gw = gw.clone();
         let svc = hyper::service::service_fn(move |req| {
             let gw = gw.clone();
             async move { Ok::<_, std::convert::Infallible>(handle(gw, req).await) }
         });
-        conns.spawn(web::serve_io(
+        let serve = web::serve_io_with(
             stream,
             svc,
             shutdown.clone(),
             settings.max_header_bytes,
-        ));
+            settings.header_timeout,
+        );
+        conns.spawn(async move {
+            serve.await;
+            drop(permit);
+        });
     })
     .await;
     drop(listener);

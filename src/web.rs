@@ -2,8 +2,14 @@
 //! endpoints: one boxed body type, bounded body reading, JSON and streaming
 //! responses, the accept loop and the hyper connection driver.
 //!
-//! Bodies are always read with a byte limit so no peer can make us buffer
-//! without bound; request heads are bounded by the driver.
+//! Bodies are always read with a byte limit and a deadline
+//! ([`BODY_READ_TIMEOUT`]) so no peer can make us buffer without bound or
+//! hold a request open by trickling it; request heads are bounded in size
+//! and time by the driver ([`HEADER_READ_TIMEOUT`], which hyper also applies
+//! while a kept-alive connection waits for its next request, so it bounds
+//! idle connections too); open connections are capped by [`conn_limit`].
+
+pub mod conn_limit;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -27,6 +33,8 @@ pub enum BodyError {
     TooLarge { limit: usize },
     #[error("reading the request body failed: {0}")]
     Read(String),
+    #[error("the request body did not arrive within {0:?}")]
+    Timeout(Duration),
 }
 
 /// A request body that [`read_body`] can read: hyper's `Incoming`, or a
@@ -43,12 +51,17 @@ where
 {
 }
 
-/// Reads a whole body, refusing more than `limit` bytes.
+/// Reads a whole body, refusing more than `limit` bytes or taking longer
+/// than [`BODY_READ_TIMEOUT`].
 pub async fn read_body<B: ReadableBody>(body: B, limit: usize) -> Result<Bytes, BodyError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge { limit }),
-        Err(e) => Err(BodyError::Read(e.to_string())),
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect());
+    match read.await {
+        Err(_) => Err(BodyError::Timeout(BODY_READ_TIMEOUT)),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(BodyError::TooLarge { limit })
+        }
+        Ok(Err(e)) => Err(BodyError::Read(e.to_string())),
     }
 }
 
@@ -93,8 +106,17 @@ pub fn text(status: StatusCode, s: impl Into<String>) -> Response<Body> {
 }
 
 /// Longest wait for a complete request head on a hyper connection (the
-/// proxy, the health endpoints, the lease API's fallback path).
+/// proxy, the health endpoints, the lease API's fallback path), counted
+/// from connecting or from the previous answer: it closes slow heads and
+/// idle kept-alive connections alike.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for a whole request body once its head arrived.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Open connections at most on the health/metrics listener, and from one
+/// address (the scraper and the kubelet's probes need a handful).
+pub const HEALTH_MAX_CONNECTIONS: usize = 256;
+/// See [`HEALTH_MAX_CONNECTIONS`].
+pub const HEALTH_MAX_CONNECTIONS_PER_PEER: usize = 64;
 /// The smallest head limit hyper accepts.
 pub const MIN_HEADER_BYTES: usize = 8192;
 /// Pause after a failed `accept` (EMFILE and friends), so the loop backs
@@ -148,7 +170,8 @@ pub async fn accept_until<L: Listener>(
 
 /// Drives one HTTP/1.1 connection with hyper; on shutdown lets the current
 /// exchange finish. A request head over `max_head` is answered `431 Request
-/// Header Fields Too Large` and the connection closed.
+/// Header Fields Too Large` and the connection closed; one not complete
+/// within [`HEADER_READ_TIMEOUT`] closes it.
 pub async fn serve_io<I, S>(io: I, svc: S, shutdown: CancellationToken, max_head: usize)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -159,9 +182,29 @@ where
     >,
     S::Future: Send + 'static,
 {
+    serve_io_with(io, svc, shutdown, max_head, HEADER_READ_TIMEOUT).await
+}
+
+/// [`serve_io`] with a head deadline of `header_timeout` (from connecting,
+/// or from the previous answer on a kept-alive connection).
+pub async fn serve_io_with<I, S>(
+    io: I,
+    svc: S,
+    shutdown: CancellationToken,
+    max_head: usize,
+    header_timeout: Duration,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = Response<Body>,
+        Error = Infallible,
+    >,
+    S::Future: Send + 'static,
+{
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_timeout)
         .max_buf_size(max_head.max(MIN_HEADER_BYTES))
         .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
     tokio::pin!(conn);

@@ -293,9 +293,11 @@ async fn closed_within(s: &mut UnixStream, within: Duration) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn slow_heads_and_idle_connections_are_closed_after_read_timeout() {
+async fn slow_heads_bodies_and_idle_connections_are_closed_after_their_timeouts() {
     let b = TestBroker::start_with(vec![fixture_pool("fx", &[])], |s| {
-        s.read_timeout = Duration::from_millis(300)
+        s.front_door.header_timeout = Duration::from_millis(300);
+        s.front_door.body_timeout = Duration::from_millis(300);
+        s.front_door.keepalive_timeout = Duration::from_millis(300);
     })
     .await;
     // A head that never completes.

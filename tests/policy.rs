@@ -94,6 +94,8 @@ fn mock_reviewer() -> TokenReviewer {
         kube::Client::new(svc, "default"),
         DEFAULT_AUDIENCE.into(),
         Duration::from_secs(60),
+        mcp_broker::config::front_door::DEFAULT_TOKEN_REVIEW_RATE,
+        mcp_broker::config::front_door::DEFAULT_TOKEN_REVIEW_BURST,
     )
 }
 

@@ -163,17 +163,20 @@ impl Daemon {
     }
 }
 
-/// A broker config with one pool `pool` of the fixture (`min_idle` 1, `max` 1).
+/// A broker config with one pool `pool` of the fixture (`min_idle` 1, `max` 1),
+/// taking connections for every queued call.
 pub fn broker_toml(socket: &Path, pool: &str, fixture: &str, queue_limit: usize) -> String {
     let q = |s: &str| toml::Value::String(s.to_string()).to_string();
     format!(
-        "[broker]\nsocket = {}\nmetrics_listen = \"\"\ndrain_timeout = \"2s\"\n\n\
+        "[broker]\nsocket = {}\nmetrics_listen = \"\"\ndrain_timeout = \"2s\"\n\
+         max_connections = {conns}\nmax_connections_per_peer = {conns}\n\n\
          [[pool]]\nname = {}\ncommand = {}\nmin_idle = 1\nmax = 1\n\
          queue_limit = {queue_limit}\nqueue_timeout = \"10m\"\nrequest_timeout = \"10m\"\n\
          stop_grace = \"500ms\"\n",
         q(&socket.display().to_string()),
         q(pool),
         q(fixture),
+        conns = queue_limit + 256,
     )
 }
 

@@ -30,12 +30,20 @@ pub(super) async fn serve_hyper<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let header_timeout = broker.settings().front_door.header_timeout;
     let svc = hyper::service::service_fn(move |req| {
         let broker = broker.clone();
         let peer = peer.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(broker, req, peer).await) }
+        async move {
+            // hyper reads a body only when asked: admit before handle reads it.
+            let r = match admit(&broker, &req, peer).await {
+                Ok(who) => handle(broker, req, who).await,
+                Err(e) => e.into_response(Value::Null),
+            };
+            Ok::<_, std::convert::Infallible>(r)
+        }
     });
-    web::serve_io(io, svc, shutdown, MAX_HEADER_BYTES).await
+    web::serve_io_with(io, svc, shutdown, MAX_HEADER_BYTES, header_timeout).await
 }
 
 /// The answer to a request whose body is announced over `limit` (refused
@@ -79,11 +87,11 @@ async fn caller<B>(broker: &Broker, req: &Request<B>, mut who: Identity) -> Iden
         }
         (None, _) => {}
     }
-    // The pod behind the peer pid: its labels, and its identity when no
+    // The pod the peer was in at accept: its labels, and its identity when no
     // token named one (a token naming another account wins, without labels).
     if let Some(pod) = broker
         .pod_index()
-        .and_then(|i| who.pid.and_then(|p| i.by_pid(p)))
+        .and_then(|i| who.pod_uid.as_deref().and_then(|u| i.by_uid(u)))
     {
         match &who.kube {
             None => {
@@ -129,37 +137,86 @@ pub async fn serve_health(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) {
-    web::accept_until(&listener, &shutdown, "metrics", |(stream, _)| {
+    let limiter = web::conn_limit::ConnLimiter::new(
+        web::HEALTH_MAX_CONNECTIONS,
+        web::HEALTH_MAX_CONNECTIONS_PER_PEER,
+    );
+    web::accept_until(&listener, &shutdown, "metrics", |(stream, peer)| {
+        let permit = match limiter.try_acquire(peer.ip()) {
+            Ok(p) => p,
+            Err(refused) => {
+                tokio::spawn(refused.answer(stream));
+                return;
+            }
+        };
         let broker = broker.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let broker = broker.clone();
             async move {
                 let r = match (req.method(), req.uri().path()) {
                     (&Method::GET, "/livez" | "/readyz" | "/metrics") => {
-                        handle(broker, req, Identity::default()).await
+                        handle(broker, req, None).await
                     }
                     _ => ApiError::NotFound.into_response(Value::Null),
                 };
                 Ok::<_, std::convert::Infallible>(r)
             }
         });
-        tokio::spawn(web::serve_io(
-            stream,
-            svc,
-            shutdown.clone(),
-            MAX_HEADER_BYTES,
-        ));
+        let serve = web::serve_io(stream, svc, shutdown.clone(), MAX_HEADER_BYTES);
+        tokio::spawn(async move {
+            serve.await;
+            drop(permit);
+        });
     })
     .await;
 }
 
 /// Largest request head (request line and headers) the lease API reads.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Answers one lease API request (both connection paths end here).
+/// Decides from a request's head alone (path, headers, the connection's
+/// peer), before any body byte is read, whether it may go on: the caller's
+/// identity for the routes that need one (`Some`), or the refusal. A
+/// message to a pool the caller may not use is refused here, and so is a
+/// message to a lease that is not the caller's (not found, as for one that
+/// never existed).
+pub(super) async fn admit<B>(
+    broker: &Broker,
+    req: &Request<B>,
+    peer: Identity,
+) -> Result<Option<Identity>, ApiError> {
+    let parts: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
+    let needs_caller = matches!(
+        (req.method(), parts.as_slice()),
+        (&Method::POST, ["v1", "pools", _, "messages"])
+            | (&Method::POST, ["v1", "leases", _])
+            | (&Method::DELETE, ["v1", "pools", _, "sessions", _])
+            | (&Method::GET, ["v1", "pools", _, "events"])
+    );
+    if !needs_caller {
+        return Ok(None);
+    }
+    let who = caller(broker, req, peer).await;
+    match (req.method(), parts.as_slice()) {
+        (&Method::POST, ["v1", "pools", name, "messages"]) => {
+            resolve(broker, name, &who)?;
+        }
+        (&Method::POST, ["v1", "leases", id]) => {
+            let key = lease::scoped(&super::affinity::caller_key(&who), id);
+            if !broker.leases.lock().expect("lock").contains_key(&key) {
+                return Err(ApiError::UnknownLease(id.to_string()));
+            }
+        }
+        _ => {}
+    }
+    Ok(Some(who))
+}
+
+/// Answers one lease API request (both connection paths end here), once
+/// [`admit`] let it through with `who`.
 pub(super) async fn handle<B>(
     broker: Arc<Broker>,
     req: Request<B>,
-    peer: Identity,
+    mut who: Option<Identity>,
 ) -> Response<Body>
 where
     B: web::ReadableBody,
@@ -173,15 +230,6 @@ where
         .collect();
     let parts: Vec<&str> = path.iter().map(String::as_str).collect();
     let method = req.method().clone();
-    // One call site for the caller's identity keeps this future small (it
-    // is part of every waiting request's state).
-    let mut who = match (&method, parts.as_slice()) {
-        (&Method::POST, ["v1", "pools", _, "messages"])
-        | (&Method::POST, ["v1", "leases", _])
-        | (&Method::DELETE, ["v1", "pools", _, "sessions", _])
-        | (&Method::GET, ["v1", "pools", _, "events"]) => Some(caller(&broker, &req, peer).await),
-        _ => None,
-    };
     let result = match (&method, parts.as_slice()) {
         (&Method::GET, ["livez"]) => Ok(web::text(StatusCode::OK, "ok\n")),
         (&Method::GET, ["readyz"]) => Ok(readyz(&broker)),

@@ -17,9 +17,17 @@
 //! so is the body (the broker's message limit, else `413`), after which the
 //! connection closes; while a request waits or streams, the socket is
 //! watched, and a peer that hangs up drops the request (the lease then
-//! cancels it at the process); bytes pipelined meanwhile are kept, bounded;
-//! a request must arrive whole within `[broker] read_timeout` of connecting
-//! or of the previous answer, else the connection closes.
+//! cancels it at the process); bytes pipelined meanwhile are kept, bounded.
+//!
+//! Front-door limits (`[broker]`, see docs/security.md): a head must be
+//! complete within `header_timeout` of connecting (or of its first byte,
+//! on a kept-alive connection): a fixed deadline, so trickling a byte a
+//! second does not extend it; a body within `body_timeout` of its head;
+//! a kept-alive connection must start its next request within
+//! `keepalive_timeout`. Whether the caller may make the request is decided
+//! from the head alone ([`api::admit`]) before any body byte is read; a
+//! refused request's body is never read and the connection closes.
+//! Connections are capped per peer and in all ([`serve_connection`]).
 
 mod rewind;
 
@@ -27,6 +35,7 @@ use super::api::{self, MAX_HEADER_BYTES};
 use super::error::ApiError;
 use super::Broker;
 use crate::policy::Identity;
+use crate::web::conn_limit::{ConnLimiter, ConnPermit, Refused};
 use crate::web::Body;
 use ::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use bytes::{Buf, Bytes, BytesMut};
@@ -36,6 +45,7 @@ use std::io::Write as _;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Headers one request may carry.
@@ -48,8 +58,9 @@ const MAX_PIPELINED: usize = MAX_HEADER_BYTES;
 
 /// What the next request on a connection turned out to be.
 enum Next {
-    /// A request and whether the connection stays open after it.
-    Request(Request<Full<Bytes>>, bool),
+    /// A request head (its body is still to be read) and whether the
+    /// connection stays open after it.
+    Request(Request<()>, usize, bool),
     /// The peer closed (or broke) the connection.
     Closed,
     /// A shape this codec leaves to hyper.
@@ -69,57 +80,63 @@ struct Head {
     keep_alive: bool,
 }
 
-/// Serves one lease API connection until the peer closes it, it breaks, or
-/// shutdown finds it idle.
+/// What [`Conn::receive`] got: a request to answer, or the connection's end.
+enum Received {
+    /// Admitted (with the caller's identity, when its route needs one) and
+    /// read whole; whether the connection stays open after it. Boxed: this
+    /// value's room would otherwise stay in every waiting connection's
+    /// state while its request waits.
+    Request(Box<(Request<Full<Bytes>>, Option<Identity>)>, bool),
+    /// A request refused and answered, and the connection stays open.
+    Answered,
+    /// Hand the connection to hyper.
+    Handover,
+    /// Closed (by the peer, a timeout, shutdown, or after a refusal).
+    Done,
+}
+
+/// Serves one lease API connection until the peer closes it, it breaks, a
+/// front-door timeout closes it, or shutdown finds it idle.
 pub async fn serve(
     broker: Arc<Broker>,
     stream: UnixStream,
     peer: Identity,
     shutdown: CancellationToken,
 ) {
-    let limit = broker.settings().max_message_size;
-    let read_timeout = broker.settings().read_timeout;
     let mut conn = Conn {
         stream,
         buf: BytesMut::new(),
     };
+    let mut fresh = true;
     loop {
-        // A complete request within `read_timeout` of connecting or of the
-        // previous answer, or the connection closes: no slow head, slow
-        // body or idle keep-alive holds it forever.
-        let next = tokio::select! {
-            n = tokio::time::timeout(read_timeout, conn.next_request(limit)) => match n {
-                Ok(n) => n,
-                Err(_) => return,
-            },
-            _ = shutdown.cancelled(), if conn.buf.is_empty() => return,
-        };
-        let (req, keep_alive) = match next {
-            Next::Request(r, k) => (r, k),
-            Next::Closed => return,
-            Next::Refuse(e) => {
-                conn.write_response(e.into_response(serde_json::Value::Null), false)
-                    .await;
-                return;
-            }
-            Next::Handover => {
-                let io = rewind::Rewind::new(conn.buf.freeze(), conn.stream);
-                // Boxed: hyper's connection state is large and rare here;
-                // inline, every connection's task would carry room for it.
-                Box::pin(api::serve_hyper(broker, io, peer, shutdown)).await;
-                return;
-            }
-            Next::TooLarge { path, length } => {
-                let r = api::too_large(&broker, &path, length, limit);
-                conn.write_response(r, false).await;
-                return;
-            }
-        };
+        let keep_alive;
         // Pinned in place rather than passed by value (every move of a
         // future into another copies it into that one's state), and scoped
-        // so its storage is reused by the write that follows.
+        // so its storage is reused by the write that follows. The request
+        // is received by its own future, finished before the answer's, and
+        // bound only inside the match arm: what receiving keeps (the head,
+        // timers, the identity) is not part of a waiting request's state.
         let resp = {
-            let answer = api::handle(broker.clone(), req, peer.clone());
+            let answer = match conn.receive(&broker, &peer, &shutdown, fresh).await {
+                Received::Request(req, k) => {
+                    keep_alive = k;
+                    let (req, who) = *req;
+                    api::handle(broker.clone(), req, who)
+                }
+                Received::Answered => {
+                    fresh = false;
+                    continue;
+                }
+                Received::Handover => {
+                    let io = rewind::Rewind::new(conn.buf.freeze(), conn.stream);
+                    // Boxed: hyper's connection state is large and rare here;
+                    // inline, every connection's task would carry room for it.
+                    Box::pin(api::serve_hyper(broker, io, peer, shutdown)).await;
+                    return;
+                }
+                Received::Done => return,
+            };
+            fresh = false;
             tokio::pin!(answer);
             let Conn { stream, buf } = &mut conn;
             tokio::select! {
@@ -142,8 +159,85 @@ struct Conn {
 }
 
 impl Conn {
-    /// Reads the next request: its head, then (within `limit`) its body.
-    async fn next_request(&mut self, limit: usize) -> Next {
+    /// Reads the next request within the front-door timeouts (a fresh
+    /// connection's first head is due `header_timeout` after connecting; a
+    /// kept-alive one must start its next request within
+    /// `keepalive_timeout`, then has `header_timeout` for the head),
+    /// admits it from its head, then reads its body within `body_timeout`.
+    /// Refusals are answered here.
+    async fn receive(
+        &mut self,
+        broker: &Arc<Broker>,
+        peer: &Identity,
+        shutdown: &CancellationToken,
+        fresh: bool,
+    ) -> Received {
+        let limit = broker.settings().max_message_size;
+        let door = &broker.settings().front_door;
+        if !fresh && self.buf.is_empty() {
+            let started = tokio::select! {
+                r = tokio::time::timeout(door.keepalive_timeout, self.fill()) => r == Ok(true),
+                _ = shutdown.cancelled() => false,
+            };
+            if !started {
+                return Received::Done;
+            }
+        }
+        // A fixed deadline: bytes trickling in do not extend it.
+        let head_due = Instant::now() + door.header_timeout;
+        let next = tokio::select! {
+            n = tokio::time::timeout_at(head_due, self.read_head(limit)) => match n {
+                Ok(n) => n,
+                Err(_) => return Received::Done,
+            },
+            _ = shutdown.cancelled(), if self.buf.is_empty() => return Received::Done,
+        };
+        let (head, length, keep_alive) = match next {
+            Next::Request(r, n, k) => (r, n, k),
+            Next::Closed => return Received::Done,
+            Next::Handover => return Received::Handover,
+            Next::Refuse(e) => {
+                let answer = e.into_response(serde_json::Value::Null);
+                Box::pin(self.write_response(answer, false)).await;
+                return Received::Done;
+            }
+            Next::TooLarge { path, length } => {
+                let answer = api::too_large(broker, &path, length, limit);
+                Box::pin(self.write_response(answer, false)).await;
+                return Received::Done;
+            }
+        };
+        // Allowed or not is decided from the head; a refused body stays
+        // unread (so the connection stays open only if it had none).
+        // Boxed: the identity check (a TokenReview) is a large future.
+        let who = match Box::pin(api::admit(broker, &head, peer.clone())).await {
+            Ok(who) => who,
+            Err(e) => {
+                let keep = length == 0 && keep_alive && !shutdown.is_cancelled();
+                let answer = e.into_response(serde_json::Value::Null);
+                return match Box::pin(self.write_response(answer, keep)).await && keep {
+                    true => Received::Answered,
+                    false => Received::Done,
+                };
+            }
+        };
+        match tokio::time::timeout(door.body_timeout, self.read_body(length)).await {
+            Ok(Some(body)) => {
+                Received::Request(Box::new((head.map(|()| Full::new(body)), who)), keep_alive)
+            }
+            Ok(None) | Err(_) => Received::Done,
+        }
+    }
+
+    /// Waits for the first bytes of a request: false when the peer closed.
+    async fn fill(&mut self) -> bool {
+        self.buf.reserve(FIRST_READ);
+        matches!(self.stream.read_buf(&mut self.buf).await, Ok(n) if n > 0)
+    }
+
+    /// Reads the next request's head; a body announced over `limit` is
+    /// refused unread.
+    async fn read_head(&mut self, limit: usize) -> Next {
         let (head, used) = loop {
             if !self.buf.is_empty() {
                 match parse_head(&self.buf) {
@@ -174,23 +268,28 @@ impl Conn {
                 length: head.length,
             };
         }
-        while self.buf.len() < head.length {
-            self.buf.reserve(head.length - self.buf.len());
+        let mut req = Request::new(());
+        *req.method_mut() = head.method;
+        *req.uri_mut() = head.uri;
+        *req.headers_mut() = head.headers;
+        Next::Request(req, head.length, head.keep_alive)
+    }
+
+    /// Reads a body of `length` bytes; `None` when the peer left first.
+    async fn read_body(&mut self, length: usize) -> Option<Bytes> {
+        while self.buf.len() < length {
+            self.buf.reserve(length - self.buf.len());
             match self.stream.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return Next::Closed,
+                Ok(0) | Err(_) => return None,
                 Ok(_) => {}
             }
         }
-        let body = Full::new(self.buf.split_to(head.length).freeze());
+        let body = self.buf.split_to(length).freeze();
         if self.buf.is_empty() {
             // Hold no buffer while the request waits (it may wait long).
             self.buf = BytesMut::new();
         }
-        let mut req = Request::new(body);
-        *req.method_mut() = head.method;
-        *req.uri_mut() = head.uri;
-        *req.headers_mut() = head.headers;
-        Next::Request(req, head.keep_alive)
+        Some(body)
     }
 
     /// Writes `resp`: one write for a sized body, chunks as they come for a
@@ -365,14 +464,43 @@ fn bad(why: String) -> Parse {
 #[cfg(test)]
 mod tests;
 
-/// Serves one lease API connection until it closes or shutdown asks it to finish.
+/// Serves one lease API connection until it closes or shutdown asks it to
+/// finish. The peer's identity is fixed here, once: the kernel's
+/// credentials and, with `peer_identity`, its pod (through a pidfd, see
+/// [`crate::policy::cgroup`]). A peer over its connection cap, or a broker
+/// over the total, is answered `429`/`503` and closed.
 pub async fn serve_connection(
     broker: Arc<Broker>,
     stream: UnixStream,
+    limiter: Arc<ConnLimiter<String>>,
     shutdown: CancellationToken,
 ) {
-    // Who is on the other end: the kernel's word, fixed for the connection.
-    let peer = match stream.peer_cred() {
+    match accept(&broker, &stream, &limiter) {
+        Ok((peer, _)) if peer.uid.is_some_and(|u| broker.is_pool_user(u)) => {
+            // A server process (or what runs inside it) never leases: it
+            // could reach other pools around its own isolation.
+            tracing::warn!(caller = %peer, "refused a lease API connection from a pool's own user");
+        }
+        Ok((peer, permit)) => {
+            serve(broker, stream, *peer, shutdown).await;
+            drop(permit);
+        }
+        Err(refused) => {
+            // Boxed: inline, its read buffer would make every connection's
+            // task larger.
+            Box::pin(refused.answer(stream)).await;
+        }
+    }
+}
+
+/// The peer of a new connection, and its place under the connection caps.
+/// The identity is boxed so that this result's room is small in the task.
+fn accept(
+    broker: &Broker,
+    stream: &UnixStream,
+    limiter: &Arc<ConnLimiter<String>>,
+) -> Result<(Box<Identity>, ConnPermit<String>), Refused> {
+    let mut peer = match stream.peer_cred() {
         Ok(c) => Identity {
             uid: Some(c.uid()),
             gid: Some(c.gid()),
@@ -381,11 +509,22 @@ pub async fn serve_connection(
         },
         Err(_) => Identity::default(),
     };
-    if peer.uid.is_some_and(|u| broker.is_pool_user(u)) {
-        // A server process (or what runs inside it) never leases: it could
-        // reach other pools around its own isolation.
-        tracing::warn!(uid = ?peer.uid, pid = ?peer.pid, "refused a lease API connection from a pool's own user");
-        return;
+    if broker.pod_index().is_some() {
+        peer.pod_uid = peer
+            .pid
+            .and_then(crate::policy::cgroup::live_cgroup)
+            .and_then(|t| crate::policy::cgroup::pod_uid_from_cgroup(&t));
     }
-    serve(broker, stream, peer, shutdown).await
+    let key = match (&peer.pod_uid, peer.uid) {
+        (Some(pod), _) => format!("pod:{pod}"),
+        (None, Some(uid)) => format!("uid:{uid}"),
+        (None, None) => "-".into(),
+    };
+    match limiter.try_acquire(key) {
+        Ok(permit) => Ok((Box::new(peer), permit)),
+        Err(refused) => {
+            tracing::debug!(caller = %peer, "lease API connection refused: {refused}");
+            Err(refused)
+        }
+    }
 }

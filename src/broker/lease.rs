@@ -169,7 +169,7 @@ pub async fn run(
             drop(msg);
             let g = tokio::select! {
                 biased;
-                g = pool.acquire(session.as_deref(), target) => g,
+                g = pool.acquire(session.as_deref(), target, &caller) => g,
                 _ = cancel.cancelled() => {
                     outcome("cancelled");
                     return Ok(answer(&token, web::full(line(&cancelled(client_id)))));

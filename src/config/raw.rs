@@ -44,9 +44,18 @@ pub struct RawBroker {
     #[serde(default, with = "humantime_serde")]
     pub drain_timeout: Option<Duration>,
     pub max_message_size: Option<usize>,
-    /// Longest time a lease API connection may take to send a request.
+    /// Front-door limits ([`super::front_door`]). `read_timeout` (the
+    /// first release's name) still reads as the head timeout.
+    #[serde(default, with = "humantime_serde", alias = "read_timeout")]
+    pub header_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
-    pub read_timeout: Option<Duration>,
+    pub body_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub keepalive_timeout: Option<Duration>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_peer: Option<usize>,
+    pub token_review_rate: Option<u32>,
+    pub token_review_burst: Option<u32>,
     /// `none` or `kubernetes` (verify ServiceAccount tokens with TokenReview).
     pub identity: Option<IdentityKind>,
     /// Audience the proxies' projected tokens are minted for.

@@ -175,3 +175,39 @@ fn peer_identity_needs_kubernetes_and_a_node() {
     assert!(k.peer_identity);
     assert_eq!(k.node_name.as_deref(), Some("n1"));
 }
+
+#[test]
+fn front_door_limits_have_defaults_and_name_bad_fields() {
+    let c = Config::from_toml("").unwrap();
+    assert_eq!(c.broker.front_door, FrontDoor::default());
+    assert_eq!(
+        c.broker.front_door.header_timeout,
+        front_door::DEFAULT_HEADER_TIMEOUT
+    );
+    let c = Config::from_toml(
+        "[broker]\nheader_timeout = \"10s\"\nbody_timeout = \"20s\"\nkeepalive_timeout = \"5s\"\n\
+         max_connections = 100\nmax_connections_per_peer = 10\ntoken_review_rate = 5\ntoken_review_burst = 7\n",
+    )
+    .unwrap();
+    let d = c.broker.front_door;
+    assert_eq!(d.header_timeout, Duration::from_secs(10));
+    assert_eq!(d.body_timeout, Duration::from_secs(20));
+    assert_eq!(d.keepalive_timeout, Duration::from_secs(5));
+    assert_eq!((d.max_connections, d.max_connections_per_peer), (100, 10));
+    assert_eq!((d.token_review_rate, d.token_review_burst), (5, 7));
+    for (text, field) in [
+        ("header_timeout = \"0s\"", "header_timeout"),
+        ("max_connections = 0", "max_connections"),
+        (
+            "max_connections = 10\nmax_connections_per_peer = 11",
+            "max_connections_per_peer",
+        ),
+        ("token_review_rate = 0", "token_review_rate"),
+    ] {
+        let e = err(&format!("[broker]\n{text}\n"));
+        assert!(e.contains(&format!("`{field}`")), "{e}");
+    }
+    // The first release's single timeout still reads, as the head timeout.
+    let c = Config::from_toml("[broker]\nread_timeout = \"7s\"\n").unwrap();
+    assert_eq!(c.broker.front_door.header_timeout, Duration::from_secs(7));
+}

@@ -2,7 +2,8 @@
 //!
 //! With `peer_identity = true` the broker maps the peer pid of a lease API
 //! connection to its pod without any token: `/proc/<pid>/cgroup` names the
-//! pod UID (both cgroup drivers and v1/v2 layouts), and a reflector of the
+//! pod UID (both cgroup drivers and v1/v2 layouts, read once per connection
+//! through a pidfd: [`super::cgroup`]), and a reflector of the
 //! Pods on this node (`spec.nodeName=$NODE_NAME`) maps the UID to namespace,
 //! service account and labels. No API call is made per request: the
 //! reflector's store is local. This needs the broker to see peer pids
@@ -18,25 +19,6 @@ use kube::Api;
 use tokio_util::sync::CancellationToken;
 
 pub use super::PodIdentity;
-
-/// The pod UID in a `/proc/<pid>/cgroup` text, if the process runs in a pod.
-pub fn pod_uid_from_cgroup(text: &str) -> Option<String> {
-    for line in text.lines() {
-        let path = line.rsplit(':').next().unwrap_or("");
-        for seg in path.split('/') {
-            // cgroupfs: "pod<uid>"; systemd: "kubepods-besteffort-pod<uid_with_underscores>.slice"
-            let Some(idx) = seg.rfind("pod") else {
-                continue;
-            };
-            let rest = seg[idx + 3..].trim_end_matches(".slice");
-            let uid = rest.replace('_', "-");
-            if uid.len() == 36 && uid.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-                return Some(uid);
-            }
-        }
-    }
-    None
-}
 
 /// A local, reflector-fed index of the Pods on this node.
 #[derive(Clone)]
@@ -92,20 +74,11 @@ impl PodIndex {
                 labels: p.metadata.labels.clone().unwrap_or_default(),
             })
     }
-
-    /// The pod of process `pid`, via its cgroup.
-    pub fn by_pid(&self, pid: i32) -> Option<PodIdentity> {
-        super::PodLookup::by_pid(self, pid)
-    }
 }
 
 impl super::PodLookup for PodIndex {
-    fn by_pid(&self, pid: i32) -> Option<PodIdentity> {
-        if pid <= 0 {
-            return None;
-        }
-        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-        self.by_uid(&pod_uid_from_cgroup(&text)?)
+    fn by_uid(&self, uid: &str) -> Option<PodIdentity> {
+        PodIndex::by_uid(self, uid)
     }
 }
 
@@ -116,22 +89,6 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     const UID: &str = "6f1c2b7e-0d3a-4c55-9a8e-1b2c3d4e5f60";
-
-    #[test]
-    fn cgroup_paths_of_both_drivers() {
-        let systemd = "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod6f1c2b7e_0d3a_4c55_9a8e_1b2c3d4e5f60.slice/cri-containerd-abc.scope\n";
-        assert_eq!(pod_uid_from_cgroup(systemd).as_deref(), Some(UID));
-        let cgroupfs = format!("12:memory:/kubepods/besteffort/pod{UID}/0123456789abcdef\n");
-        assert_eq!(pod_uid_from_cgroup(&cgroupfs).as_deref(), Some(UID));
-        assert_eq!(
-            pod_uid_from_cgroup("0::/user.slice/user-1000.slice/session-2.scope\n"),
-            None
-        );
-        assert_eq!(
-            pod_uid_from_cgroup("0::/system.slice/podman.service\n"),
-            None
-        );
-    }
 
     #[test]
     fn reflector_store_maps_uid_to_identity() {
@@ -157,8 +114,5 @@ mod tests {
         assert_eq!(got.kube.service_account, "agent");
         assert_eq!(got.labels["app"], "agent");
         assert!(idx.by_uid("00000000-0000-0000-0000-000000000000").is_none());
-        assert!(idx.by_pid(0).is_none());
-        // This test process is not in a pod.
-        assert!(idx.by_pid(std::process::id() as i32).is_none());
     }
 }

@@ -6,8 +6,12 @@
 //! and the cache TTL, so the API server sees one call per token per TTL, not
 //! one per request. Invariants: failure is closed (API unreachable, slow,
 //! or an unexpected answer → the caller has no Kubernetes identity);
-//! expired tokens are refused without a call; denials are not cached (a
-//! fixed token works at once); the cache is bounded.
+//! expired tokens are refused without a call; denials are cached for
+//! [`DENIED_TTL`]; the cache is bounded; calls to the API server are
+//! rate-limited ([`bucket`]): beyond the rate a token the cache does not
+//! know gets no identity, with an error saying so (not cached).
+
+mod bucket;
 
 use super::KubeIdentity;
 use base64::Engine;
@@ -38,6 +42,8 @@ pub enum VerifyError {
     Expired,
     #[error("cannot verify the token (TokenReview failed: {0}); failing closed")]
     Unavailable(String),
+    #[error("cannot verify the token now: more than {0} TokenReview calls per second (token_review_rate); retry later")]
+    RateLimited(u32),
 }
 
 /// A TokenReview client with a verdict cache.
@@ -46,19 +52,30 @@ pub struct TokenReviewer {
     audience: String,
     ttl: Duration,
     cache: Mutex<HashMap<[u8; 32], Cached>>,
+    bucket: bucket::Bucket,
+    rate: u32,
 }
 
 /// A verdict (an identity or a denial) and until when it is reused.
 type Cached = (Result<KubeIdentity, VerifyError>, Instant);
 
 impl TokenReviewer {
-    /// A reviewer using `client` for tokens minted for `audience`.
-    pub fn new(client: kube::Client, audience: String, ttl: Duration) -> Self {
+    /// A reviewer using `client` for tokens minted for `audience`, calling
+    /// the API server at most `rate` times a second (`burst` at once).
+    pub fn new(
+        client: kube::Client,
+        audience: String,
+        ttl: Duration,
+        rate: u32,
+        burst: u32,
+    ) -> Self {
         Self {
             client,
             audience,
             ttl,
             cache: Mutex::new(HashMap::new()),
+            bucket: bucket::Bucket::new(rate, burst),
+            rate,
         }
     }
 
@@ -84,6 +101,9 @@ impl TokenReviewer {
             }
             None => self.ttl,
         };
+        if !self.bucket.take(Instant::now()) {
+            return Err(VerifyError::RateLimited(self.rate));
+        }
         let verdict = self.review(token).await;
         let keep = match &verdict {
             Ok(_) => left,

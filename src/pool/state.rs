@@ -96,6 +96,8 @@ pub struct Waiter {
     pub session: Option<String>,
     /// The process a retry must reach (multi-round-trip affinity).
     pub target: Option<u64>,
+    /// Who is waiting (the caller key), for the fair share ([`super::fair`]).
+    pub caller: Arc<str>,
     pub tx: oneshot::Sender<Result<super::LeaseGuard, super::PoolError>>,
 }
 
@@ -104,6 +106,10 @@ pub struct State {
     pub slots: HashMap<u64, Slot>,
     pub starting: usize,
     pub waiters: VecDeque<Waiter>,
+    /// Fair dispatch: caller → when it was last served (`turn_seq`), only
+    /// for callers with waiters.
+    pub turns: HashMap<Arc<str>, u64>,
+    pub turn_seq: u64,
     /// sticky: session → (worker, last use).
     pub sticky: HashMap<String, (u64, Instant)>,
     /// exclusive: session → (worker, last use).
@@ -127,6 +133,8 @@ impl State {
             slots: HashMap::new(),
             starting: 0,
             waiters: VecDeque::new(),
+            turns: HashMap::new(),
+            turn_seq: 0,
             sticky: HashMap::new(),
             bound: HashMap::new(),
             failures: 0,

@@ -26,6 +26,15 @@ fn jwt(exp_in: i64) -> String {
 /// A reviewer whose API server answers every TokenReview with `answer`
 /// (or fails the request when `None`, like an unreachable server).
 fn reviewer(answer: Option<serde_json::Value>) -> (TokenReviewer, Arc<AtomicUsize>) {
+    reviewer_limited(answer, 1000, 1000)
+}
+
+/// [`reviewer`] calling the API server at most `rate`/s, `burst` at once.
+fn reviewer_limited(
+    answer: Option<serde_json::Value>,
+    rate: u32,
+    burst: u32,
+) -> (TokenReviewer, Arc<AtomicUsize>) {
     let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let calls = Arc::new(AtomicUsize::new(0));
     let seen = calls.clone();
@@ -56,7 +65,13 @@ fn reviewer(answer: Option<serde_json::Value>) -> (TokenReviewer, Arc<AtomicUsiz
     });
     let client = kube::Client::new(svc, "default");
     (
-        TokenReviewer::new(client, DEFAULT_AUDIENCE.into(), DEFAULT_CACHE_TTL),
+        TokenReviewer::new(
+            client,
+            DEFAULT_AUDIENCE.into(),
+            DEFAULT_CACHE_TTL,
+            rate,
+            burst,
+        ),
         calls,
     )
 }
@@ -146,6 +161,24 @@ async fn an_unavailable_api_is_not_cached() {
         2,
         "an outage says nothing about the token"
     );
+}
+
+#[tokio::test]
+async fn reviews_beyond_the_rate_are_refused_and_cached_verdicts_still_served() {
+    let ok = review(true, "system:serviceaccount:team-a:agent", &["mcp-broker"]);
+    let (r, calls) = reviewer_limited(Some(ok), 1, 2);
+    assert!(r.verify("t1").await.is_ok());
+    assert!(r.verify("t2").await.is_ok());
+    // A flood of fresh tokens: refused without calls once the burst is spent.
+    for i in 0..20 {
+        let e = r.verify(&format!("fresh-{i}")).await.unwrap_err();
+        assert_eq!(e, VerifyError::RateLimited(1));
+        assert!(e.to_string().contains("token_review_rate"), "{e}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // Known tokens are answered from the cache meanwhile.
+    assert!(r.verify("t1").await.is_ok());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]

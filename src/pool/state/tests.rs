@@ -27,6 +27,7 @@ fn waiter(target: Option<u64>) -> (Waiter, oneshot::Receiver<Handed>) {
     let w = Waiter {
         session: None,
         target,
+        caller: "-".into(),
         tx,
     };
     (w, rx)
@@ -433,6 +434,7 @@ fn spawns_to_min_idle_then_for_waiters_up_to_max() {
         st.waiters.push_back(Waiter {
             session: None,
             target: None,
+            caller: "-".into(),
             tx,
         });
     }
@@ -444,6 +446,7 @@ fn spawns_to_min_idle_then_for_waiters_up_to_max() {
         st.waiters.push_back(Waiter {
             session: None,
             target: None,
+            caller: "-".into(),
             tx,
         });
     }
