@@ -7,6 +7,7 @@
 //! wait, retires idle surplus, and restarts after failures with exponential
 //! backoff so a broken command reports itself instead of spinning.
 
+pub mod adopt;
 mod guard;
 mod lifecycle;
 pub mod state;
@@ -64,6 +65,8 @@ struct Inner {
     shutdown: CancellationToken,
     /// Set when the pool is retired by a reload: in-flight leases finish first.
     graceful: std::sync::atomic::AtomicBool,
+    /// Set while an in-place upgrade prepares its exec: start nothing.
+    frozen: std::sync::atomic::AtomicBool,
     ids: Arc<AtomicU64>,
 }
 
@@ -84,8 +87,21 @@ impl Pool {
         shutdown: CancellationToken,
         ids: Arc<AtomicU64>,
     ) -> Pool {
+        let pool = Self::create(cfg, metrics, tracker.clone(), shutdown, ids);
+        tracker.spawn(pool.clone().maintain());
+        pool
+    }
+
+    /// The pool without its maintenance task.
+    fn create(
+        cfg: PoolConfig,
+        metrics: Arc<Metrics>,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+        ids: Arc<AtomicU64>,
+    ) -> Pool {
         let (notifications, _) = broadcast::channel(256);
-        let pool = Pool {
+        Pool {
             inner: Arc::new(Inner {
                 cfg,
                 state: Mutex::new(State::new()),
@@ -97,11 +113,10 @@ impl Pool {
                 tracker: tracker.clone(),
                 shutdown,
                 graceful: std::sync::atomic::AtomicBool::new(false),
+                frozen: std::sync::atomic::AtomicBool::new(false),
                 ids,
             }),
-        };
-        tracker.spawn(pool.clone().maintain());
-        pool
+        }
     }
 
     /// Retires the pool (a reload removed or replaced it): no new leases,
