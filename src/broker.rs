@@ -289,6 +289,11 @@ impl Broker {
         self.closing.load(Ordering::Acquire)
     }
 
+    /// True once the broker accepts on its lease socket.
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+    }
+
     /// Sets or clears [`Self::is_closing`].
     pub fn set_closing(&self, on: bool) {
         self.closing.store(on, Ordering::Release);

@@ -49,6 +49,11 @@ enum Command {
         /// the path this one was started from].
         #[arg(long)]
         upgrade_binary: Option<PathBuf>,
+        /// After handing its sockets to a new broker and draining: `exit`,
+        /// or `wait` for SIGTERM (a Kubernetes container that exits is
+        /// restarted, and would take the socket back).
+        #[arg(long, value_enum, default_value = "exit")]
+        after_handoff: AfterHandoff,
     },
     /// Ask the broker on a socket to re-execute its binary in place,
     /// keeping its pid and every warm process (also: SIGUSR2).
@@ -175,6 +180,13 @@ enum Command {
     Bench(mcp_broker::bench::BenchArgs),
 }
 
+/// What a broker does once it has handed off and drained.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AfterHandoff {
+    Exit,
+    Wait,
+}
+
 #[derive(Args)]
 struct HttpFlags {
     /// Address to serve MCP on.
@@ -288,8 +300,8 @@ fn main() -> std::process::ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    let signals = mcp_broker::shutdown::start(shutdown.clone())
-        .context("cannot start the signal thread")?;
+    let signals =
+        mcp_broker::shutdown::start(shutdown.clone()).context("cannot start the signal thread")?;
     match command {
         Command::Upgrade { socket, timeout } => {
             let pid = mcp_broker::handoff::control::upgrade(&socket, timeout)
@@ -307,6 +319,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             config,
             socket,
             upgrade_binary,
+            after_handoff,
         } => {
             let text = std::fs::read(&config)
                 .with_context(|| format!("cannot read {}", config.display()))?;
@@ -316,7 +329,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 cfg.broker.socket = s;
             }
             let reload = (config, text);
-            serve(cfg, reload, shutdown, signals, upgrade_binary).await
+            let wait = after_handoff == AfterHandoff::Wait;
+            serve(cfg, reload, shutdown, signals, upgrade_binary, wait).await
         }
         #[cfg(feature = "bench")]
         Command::Bench(args) => mcp_broker::bench::run(args, shutdown).await,
@@ -429,6 +443,7 @@ async fn serve(
     shutdown: CancellationToken,
     signals: mcp_broker::shutdown::Signals,
     binary: Option<PathBuf>,
+    wait_after_handoff: bool,
 ) -> anyhow::Result<()> {
     use mcp_broker::handoff::{run, start};
     let settings = cfg.broker.clone();
@@ -453,7 +468,10 @@ async fn serve(
     let previous = ready.as_ref().map(|r| r.2.clone()).unwrap_or_default();
     let (broker, adopted) = Broker::start_adopting(cfg, metrics, &previous);
     if ready.as_ref().is_some_and(|r| r.3.is_some()) {
-        tracing::info!(adopted = adopted.len(), "upgraded in place: processes adopted");
+        tracing::info!(
+            adopted = adopted.len(),
+            "upgraded in place: processes adopted"
+        );
         for pid in children.into_iter().filter(|p| !adopted.contains(p)) {
             tokio::spawn(mcp_broker::process::adopt::reap_stray(pid));
         }
@@ -462,7 +480,12 @@ async fn serve(
         start_kubernetes(&broker, &k, &shutdown).await?;
     }
     if let Some(addr) = metrics_listen {
-        tokio::spawn(serve_metrics(broker.clone(), addr, in_use, shutdown.clone()));
+        tokio::spawn(serve_metrics(
+            broker.clone(),
+            addr,
+            in_use,
+            shutdown.clone(),
+        ));
     }
     tokio::spawn(mcp_broker::broker::reload::watch(
         broker.clone(),
@@ -497,8 +520,12 @@ async fn serve(
         binary,
         take_over,
     };
-    let ended = run::serve(serving, shutdown).await;
+    let ended = run::serve(serving, shutdown.clone()).await;
     tracing::info!(?ended, "broker stopped");
+    if ended == run::Ended::HandedOff && wait_after_handoff {
+        tracing::info!("handed off and drained; waiting for SIGTERM (--after-handoff wait)");
+        shutdown.cancelled().await;
+    }
     Ok(())
 }
 

@@ -218,7 +218,11 @@ impl Process {
         });
         tracker.spawn(write_stdin(stdin, stdin_rx, worker.close_stdin.clone()));
         let stdout_done = CancellationToken::new();
-        tracker.spawn(read_stdout(worker.clone(), pipes.stdout, stdout_done.clone()));
+        tracker.spawn(read_stdout(
+            worker.clone(),
+            pipes.stdout,
+            stdout_done.clone(),
+        ));
         tracker.spawn(log_stderr(cfg.name.clone(), pid, pipes.stderr));
         tracker.spawn(reap(worker.clone(), leader, stdout_done));
         worker

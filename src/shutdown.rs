@@ -91,7 +91,12 @@ pub fn start(token: CancellationToken) -> std::io::Result<Signals> {
     })
 }
 
-fn run(token: &CancellationToken, reload: &Notify, upgrade: &Notify, exec: &Mutex<Option<ExecJob>>) {
+fn run(
+    token: &CancellationToken,
+    reload: &Notify,
+    upgrade: &Notify,
+    exec: &Mutex<Option<ExecJob>>,
+) {
     let set = taken();
     loop {
         let sig = match set.wait() {

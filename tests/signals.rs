@@ -3,10 +3,10 @@
 //! no process behind: a few hundred runs of `mcp-broker serve`, each
 //! signalled at a random point (the random delay *is* the test input).
 
-#[path = "support/harness.rs"]
-mod harness;
 #[path = "support/daemon.rs"]
 mod daemon;
+#[path = "support/harness.rs"]
+mod harness;
 
 use daemon::*;
 use harness::{poll_blocking, procs_with_tag};
@@ -27,7 +27,10 @@ fn honoured(d: &mut Daemon, sig: Signal, what: &str) {
     d.signal(sig);
     let started = std::time::Instant::now();
     if d.wait_exit(EXIT_LIMIT).is_none() {
-        panic!("{what}: {sig} not honoured within {EXIT_LIMIT:?}; log:\n{}", d.text());
+        panic!(
+            "{what}: {sig} not honoured within {EXIT_LIMIT:?}; log:\n{}",
+            d.text()
+        );
     }
     assert!(started.elapsed() < DRAIN + Duration::from_secs(6));
 }
@@ -37,7 +40,11 @@ fn one_run(i: usize) {
     let dir = tempfile::tempdir().unwrap();
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let cfg = config(dir.path(), &tag, 1, 0, "2s");
-    let sig = if rng.gen_bool(0.5) { Signal::SIGTERM } else { Signal::SIGINT };
+    let sig = if rng.gen_bool(0.5) {
+        Signal::SIGTERM
+    } else {
+        Signal::SIGINT
+    };
     let delay = Duration::from_millis(rng.gen_range(0..150));
     match i % 3 {
         // Start-up and warm-up.
@@ -51,11 +58,16 @@ fn one_run(i: usize) {
             let mut d = Daemon::start(&cfg, dir.path(), "b");
             let sock = dir.path().join("broker.sock");
             let client = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
                 rt.block_on(async {
                     for _ in 0..50 {
                         if sock.exists() {
-                            let _ = tokio::time::timeout(Duration::from_secs(5), served_maybe(&sock)).await;
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(5), served_maybe(&sock))
+                                    .await;
                             return;
                         }
                         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -73,10 +85,18 @@ fn one_run(i: usize) {
             let mut new = Daemon::start(&cfg, dir.path(), "new");
             std::thread::sleep(delay);
             if rng.gen_bool(0.5) {
-                honoured(&mut new, sig, &format!("run {i}, new broker mid-handoff +{delay:?}"));
+                honoured(
+                    &mut new,
+                    sig,
+                    &format!("run {i}, new broker mid-handoff +{delay:?}"),
+                );
                 honoured(&mut old, sig, &format!("run {i}, old broker after"));
             } else {
-                honoured(&mut old, sig, &format!("run {i}, old broker mid-handoff +{delay:?}"));
+                honoured(
+                    &mut old,
+                    sig,
+                    &format!("run {i}, old broker mid-handoff +{delay:?}"),
+                );
                 honoured(&mut new, sig, &format!("run {i}, new broker after"));
             }
         }
@@ -96,8 +116,11 @@ async fn served_maybe(sock: &std::path::Path) {
         1 << 20,
         std::sync::Arc::new(mcp_broker::metrics::Metrics::new()),
     );
-    let _ = call(&c, &serde_json::json!({"jsonrpc":"2.0","id":1,"method":"tools/call",
-        "params":{"name":"whoami","arguments":{}}}))
+    let _ = call(
+        &c,
+        &serde_json::json!({"jsonrpc":"2.0","id":1,"method":"tools/call",
+        "params":{"name":"whoami","arguments":{}}}),
+    )
     .await;
 }
 

@@ -7,10 +7,10 @@
 //! old image serving. The fixture and the real server-everything
 //! (target/interop) are the pools.
 
-#[path = "support/harness.rs"]
-mod harness;
 #[path = "support/daemon.rs"]
 mod daemon;
+#[path = "support/harness.rs"]
+mod harness;
 
 use daemon::*;
 use harness::{assert_no_procs, procs_with_tag};
@@ -20,6 +20,10 @@ use std::path::Path;
 use std::time::Duration;
 
 const LONG: Duration = Duration::from_secs(90);
+
+/// One scenario at a time: each runs brokers, servers and a load, and
+/// counts processes and fds that a concurrent scenario would disturb.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn tag() -> String {
     uuid::Uuid::new_v4().simple().to_string()
@@ -69,8 +73,23 @@ fn fd_links(pid: u32) -> Vec<(String, String)> {
         .map(|r| {
             r.flatten()
                 .map(|e| {
-                    let l = std::fs::read_link(e.path()).unwrap_or_default();
-                    (e.file_name().to_string_lossy().into_owned(), l.display().to_string())
+                    let l = std::fs::read_link(e.path())
+                        .unwrap_or_default()
+                        .display()
+                        .to_string();
+                    // A socket's line in /proc/net/unix (state, path) says what it is.
+                    let inode = l.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']'));
+                    let unix = inode.and_then(|i| {
+                        std::fs::read_to_string("/proc/net/unix")
+                            .ok()?
+                            .lines()
+                            .find(|x| x.split_whitespace().nth(6) == Some(i))
+                            .map(str::to_string)
+                    });
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        format!("{l} {}", unix.unwrap_or_default()),
+                    )
                 })
                 .collect()
         })
@@ -80,12 +99,18 @@ fn fd_links(pid: u32) -> Vec<(String, String)> {
 }
 
 fn assert_clean(seen: &Seen) {
-    assert!(seen.failed.is_empty(), "{} failed requests: {:?}", seen.failed.len(), &seen.failed[..seen.failed.len().min(5)]);
+    assert!(
+        seen.failed.is_empty(),
+        "{} failed requests: {:?}",
+        seen.failed.len(),
+        &seen.failed[..seen.failed.len().min(5)]
+    );
     assert!(seen.ok > 100, "the load ran: {} calls", seen.ok);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_take_overs_under_load_fail_nothing_and_start_nothing_at_request_time() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let tag = tag();
     let cfg = config(dir.path(), &tag, 4, 1, "5s");
@@ -107,20 +132,30 @@ async fn ten_take_overs_under_load_fail_nothing_and_start_nothing_at_request_tim
         assert!(status.success(), "{status:?}");
         assert!(cur.text().contains("handoff: the new broker accepts now"));
         let live: BTreeSet<u32> = procs_with_tag(&tag).into_iter().collect();
-        assert_eq!(live, mine, "the old broker's processes are gone, no new one started");
+        assert_eq!(
+            live, mine,
+            "the old broker's processes are gone, no new one started"
+        );
         cur = next;
     }
     let seen = load.finish().await;
     assert_clean(&seen);
-    assert!(seen.pids.is_subset(&known), "a request met a process started after a take-over");
+    assert!(
+        seen.pids.is_subset(&known),
+        "a request met a process started after a take-over"
+    );
     assert_eq!(cur.children().len(), 5);
-    assert!(cur.text().matches("process warm").count() == 5, "no process started after warm-up");
+    assert!(
+        cur.text().matches("process warm").count() == 5,
+        "no process started after warm-up"
+    );
     blocking(|| settle_fds(&cur, quiet_fds));
     stop(cur, &tag, &sock).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_in_place_upgrades_under_load_keep_every_process() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let tag = tag();
     let cfg = config(dir.path(), &tag, 4, 1, "5s");
@@ -140,7 +175,12 @@ async fn ten_in_place_upgrades_under_load_keep_every_process() {
                 .await
                 .unwrap();
             let said = String::from_utf8_lossy(&out.stdout);
-            assert!(out.status.success(), "{said}{}\n{}", String::from_utf8_lossy(&out.stderr), d.text());
+            assert!(
+                out.status.success(),
+                "{said}{}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                d.text()
+            );
             assert!(said.contains(&format!("pid {pid}")), "{said}");
         } else {
             d.signal(Signal::SIGUSR2);
@@ -151,8 +191,15 @@ async fn ten_in_place_upgrades_under_load_keep_every_process() {
     }
     let seen = load.finish().await;
     assert_clean(&seen);
-    assert!(seen.pids.is_subset(&pids), "every answer came from an original process");
-    assert_eq!(d.count("process warm"), 5, "no process started after warm-up");
+    assert!(
+        seen.pids.is_subset(&pids),
+        "every answer came from an original process"
+    );
+    assert_eq!(
+        d.count("process warm"),
+        5,
+        "no process started after warm-up"
+    );
     assert_eq!(d.count("adopted=5"), 10);
     blocking(|| settle_fds(&d, quiet_fds));
     stop(d, &tag, &sock).await;
@@ -160,6 +207,7 @@ async fn ten_in_place_upgrades_under_load_keep_every_process() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_broker_killed_mid_handoff_leaves_the_old_serving_or_the_next_recovers() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let tag = tag();
     let cfg = config(dir.path(), &tag, 2, 0, "5s");
@@ -173,8 +221,14 @@ async fn a_new_broker_killed_mid_handoff_leaves_the_old_serving_or_the_next_reco
     let slow_cfg = config(&slow, &tag, 2, 0, "5s");
     let text = std::fs::read_to_string(&slow_cfg).unwrap();
     let text = text
-        .replace(&slow.join("broker.sock").display().to_string(), &sock.display().to_string())
-        .replace("min_idle = 2", "args = [\"--init-delay-ms\", \"3000\"]\nmin_idle = 2");
+        .replace(
+            &slow.join("broker.sock").display().to_string(),
+            &sock.display().to_string(),
+        )
+        .replace(
+            "min_idle = 2",
+            "args = [\"--init-delay-ms\", \"3000\"]\nmin_idle = 2",
+        );
     std::fs::write(&slow_cfg, text).unwrap();
     let load = Load::start(&sock, 6, false);
     for round in 0..3 {
@@ -188,17 +242,22 @@ async fn a_new_broker_killed_mid_handoff_leaves_the_old_serving_or_the_next_reco
         served(&sock).await;
         // Its orphans see stdin close and exit: only the old ones remain.
         assert!(
-            blocking(|| harness::poll_blocking(Duration::from_secs(10), || procs_with_tag(&tag)
-                .into_iter()
-                .collect::<BTreeSet<_>>()
-                == olds)),
+            blocking(
+                || harness::poll_blocking(Duration::from_secs(10), || procs_with_tag(&tag)
+                    .into_iter()
+                    .collect::<BTreeSet<_>>()
+                    == olds)
+            ),
             "processes left behind: {:?}",
             procs_with_tag(&tag)
         );
     }
     let seen = load.finish().await;
     assert_clean(&seen);
-    assert!(old.text().matches("handoff").count() == 0, "no handoff was started");
+    assert!(
+        old.text().matches("handoff").count() == 0,
+        "no handoff was started"
+    );
     // Killed right after its ack: the old broker drains and exits, and the
     // next broker finds a stale socket, binds it and serves.
     let new = Daemon::start(&cfg, dir.path(), "acked");
@@ -213,6 +272,7 @@ async fn a_new_broker_killed_mid_handoff_leaves_the_old_serving_or_the_next_reco
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_take_over_falls_back_to_refusing_to_start() {
+    let _serial = SERIAL.lock().await;
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
     let tag = tag();
@@ -224,7 +284,9 @@ async fn a_refused_take_over_falls_back_to_refusing_to_start() {
     let peer = tokio::spawn(async move {
         let (mut s, _) = ctl.accept().await.unwrap();
         let body = br#"{"version":2,"op":"listeners","names":[],"sockets":{}}"#;
-        s.write_all(&(body.len() as u32).to_be_bytes()).await.unwrap();
+        s.write_all(&(body.len() as u32).to_be_bytes())
+            .await
+            .unwrap();
         s.write_all(body).await.unwrap();
         s
     });
@@ -244,19 +306,29 @@ async fn a_refused_take_over_falls_back_to_refusing_to_start() {
     std::fs::remove_file(dir.path().join("broker.sock.ctl")).unwrap();
     let mut d = Daemon::start(&cfg, dir.path(), "new2");
     assert!(!blocking(|| d.wait_exit(LONG)).expect("exited").success());
-    assert!(d.text().contains("cannot reach the control socket"), "{}", d.text());
+    assert!(
+        d.text().contains("cannot reach the control socket"),
+        "{}",
+        d.text()
+    );
     assert_no_procs(&tag).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_exec_leaves_the_old_image_serving() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let tag = tag();
     let cfg = config(dir.path(), &tag, 2, 0, "5s");
     let sock = dir.path().join("broker.sock");
     let log = dir.path().join("b.log");
     let child = std::process::Command::new(BIN)
-        .args(["serve", "--upgrade-binary", "/nonexistent/mcp-broker", "--config"])
+        .args([
+            "serve",
+            "--upgrade-binary",
+            "/nonexistent/mcp-broker",
+            "--config",
+        ])
         .arg(&cfg)
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -275,7 +347,10 @@ async fn a_failed_exec_leaves_the_old_image_serving() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("exec /nonexistent/mcp-broker: ENOENT"), "{err}");
+    assert!(
+        err.contains("exec /nonexistent/mcp-broker: ENOENT"),
+        "{err}"
+    );
     let before = served(&sock).await;
     assert!(pids.contains(&before));
     assert_eq!(d.children(), pids);
@@ -289,9 +364,16 @@ async fn a_failed_exec_leaves_the_old_image_serving() {
 /// The fds of `pid` without `O_CLOEXEC` (what a child would inherit).
 fn inheritable(pid: u32) -> Vec<String> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap().flatten() {
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
         let info = std::fs::read_to_string(e.path()).unwrap_or_default();
-        let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap_or("0").trim();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .unwrap_or("0")
+            .trim();
         if u32::from_str_radix(flags, 8).unwrap_or(0) & 0o2000000 == 0 {
             out.push(e.file_name().to_string_lossy().into_owned());
         }

@@ -271,6 +271,16 @@ where
 fn readyz(broker: &Broker) -> Response<Body> {
     if broker.ready() {
         web::text(StatusCode::OK, "ready\n")
+    } else if !broker.is_serving() {
+        web::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: warming up; not holding the lease socket yet\n",
+        )
+    } else if broker.is_closing() || broker.is_draining() {
+        web::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: handing over or draining\n",
+        )
     } else {
         let cold: Vec<String> = broker
             .pools()

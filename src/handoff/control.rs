@@ -128,7 +128,9 @@ async fn handle(stream: UnixStream, listeners: Listeners, events: mpsc::Sender<E
                 Ok(Ok((other, _))) => {
                     tracing::warn!("handoff abandoned ({other:?} instead of ack); still serving")
                 }
-                Ok(Err(e)) => tracing::warn!("handoff abandoned by the new broker ({e}); still serving"),
+                Ok(Err(e)) => {
+                    tracing::warn!("handoff abandoned by the new broker ({e}); still serving")
+                }
                 Err(_) => tracing::warn!("handoff: no ack within {ACK_TIMEOUT:?}; still serving"),
             }
         }

@@ -63,7 +63,8 @@ pub async fn serve(mut s: Serving, shutdown: CancellationToken) -> Ended {
         let stop = shutdown.child_token();
         let conns = shutdown.child_token();
         let accept = {
-            let (b, l, stop, conns) = (s.broker.clone(), lease.clone(), stop.clone(), conns.clone());
+            let (b, l, stop, conns) =
+                (s.broker.clone(), lease.clone(), stop.clone(), conns.clone());
             tokio::spawn(async move { b.accept(&l, &stop, &conns).await })
         };
         if let Some(ctl) = s.listeners.get(CONTROL) {
@@ -77,7 +78,9 @@ pub async fn serve(mut s: Serving, shutdown: CancellationToken) -> Ended {
         if let Some(t) = s.take_over.take() {
             match t.ack().await {
                 Ok(()) => tracing::info!("serving; the old broker drains"),
-                Err(e) => tracing::warn!("cannot acknowledge the take-over ({e}); both brokers accept"),
+                Err(e) => {
+                    tracing::warn!("cannot acknowledge the take-over ({e}); both brokers accept")
+                }
             }
         }
         let upgrade_signal = async {
@@ -128,7 +131,11 @@ pub async fn serve(mut s: Serving, shutdown: CancellationToken) -> Ended {
 }
 
 /// Settles the broker and re-executes; returns why it did not happen.
-async fn upgrade_once(s: &Serving, conns: &CancellationToken, reply: Option<&UnixStream>) -> String {
+async fn upgrade_once(
+    s: &Serving,
+    conns: &CancellationToken,
+    reply: Option<&UnixStream>,
+) -> String {
     let Some(signals) = &s.signals else {
         return "this broker runs in-process and cannot re-execute".into();
     };

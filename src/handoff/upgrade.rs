@@ -50,7 +50,10 @@ pub enum UpgradeError {
     #[error("cannot pass the state: {0}")]
     State(String),
     #[error("exec {path}: {errno}")]
-    Exec { path: String, errno: nix::errno::Errno },
+    Exec {
+        path: String,
+        errno: nix::errno::Errno,
+    },
     #[error("the upgrade state from the previous image: {0}")]
     Inherited(String),
     #[error("{0}")]
@@ -189,7 +192,13 @@ pub async fn exec(
         return UpgradeError::State(e.to_string());
     }
     let mut passed: Vec<RawFd> = state.listeners.iter().map(|(_, fd)| *fd).collect();
-    passed.extend(state.pools.iter().flat_map(|p| &p.processes).flat_map(|p| p.process.fds));
+    passed.extend(
+        state
+            .pools
+            .iter()
+            .flat_map(|p| &p.processes)
+            .flat_map(|p| p.process.fds),
+    );
     passed.extend(state.reply);
     passed.push(memfd.as_raw_fd());
     let path = binary(configured);
@@ -203,7 +212,9 @@ pub async fn exec(
                 cstring(kv)
             })
             .collect::<Result<_, _>>()?;
-        env.push(cstring(format!("{STATE_ENV}={}", memfd.as_raw_fd()).into())?);
+        env.push(cstring(
+            format!("{STATE_ENV}={}", memfd.as_raw_fd()).into(),
+        )?);
         Ok(ExecPlan {
             path: cstring(path.clone().into_os_string())?,
             argv: std::env::args_os().map(cstring).collect::<Result<_, _>>()?,

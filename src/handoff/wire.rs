@@ -176,7 +176,11 @@ async fn read_exact(
             Ok((n, received)) => {
                 // SAFETY: the kernel just installed these fds in our table
                 // for this message (SCM_RIGHTS); nothing else knows them.
-                fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                fds.extend(
+                    received
+                        .into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
                 if n == 0 {
                     return Err(WireError::Closed);
                 }
@@ -227,11 +231,15 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let (mut a, b) = UnixStream::pair().unwrap();
         let body = br#"{"version":2,"op":"takeover","extra":1}"#;
-        a.write_all(&(body.len() as u32).to_be_bytes()).await.unwrap();
+        a.write_all(&(body.len() as u32).to_be_bytes())
+            .await
+            .unwrap();
         a.write_all(body).await.unwrap();
         assert!(matches!(recv(&b).await, Err(WireError::Version(2))));
         let body = br#"{"version":1,"op":"dance"}"#;
-        a.write_all(&(body.len() as u32).to_be_bytes()).await.unwrap();
+        a.write_all(&(body.len() as u32).to_be_bytes())
+            .await
+            .unwrap();
         a.write_all(body).await.unwrap();
         assert!(matches!(recv(&b).await, Err(WireError::Malformed(_))));
         a.write_all(&(u32::MAX).to_be_bytes()).await.unwrap();

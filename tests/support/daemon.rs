@@ -22,9 +22,14 @@ pub const FIXTURE: &str = env!("CARGO_BIN_EXE_mcp-fixture");
 /// server-everything's entry point under target/interop (installed by
 /// scripts/install-test-deps.sh; its absence fails the test).
 pub fn everything_js() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target/interop/node/node_modules/@modelcontextprotocol/server-everything/dist/index.js");
-    assert!(p.exists(), "{} is missing: run scripts/install-test-deps.sh", p.display());
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(
+        "target/interop/node/node_modules/@modelcontextprotocol/server-everything/dist/index.js",
+    );
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/install-test-deps.sh",
+        p.display()
+    );
     p
 }
 
@@ -200,7 +205,12 @@ impl Load {
                 let (socket, stop) = (socket.to_path_buf(), stop.clone());
                 tokio::spawn(async move {
                     let client = |pool: &str| {
-                        Backend::new(socket.clone(), pool.into(), 1 << 20, Arc::new(Metrics::new()))
+                        Backend::new(
+                            socket.clone(),
+                            pool.into(),
+                            1 << 20,
+                            Arc::new(Metrics::new()),
+                        )
                     };
                     let (fx, ev) = (client("fx"), client("everything"));
                     let mut seen = Seen::default();
@@ -208,16 +218,25 @@ impl Load {
                     while !stop.is_cancelled() {
                         k += 1;
                         let r = match (k + i as u64) % 4 {
-                            0 => call(&fx, &json!({"jsonrpc":"2.0","id":k,"method":"tools/call",
-                                "params":{"name":"sleep","arguments":{"ms":50}}}))
+                            0 => call(
+                                &fx,
+                                &json!({"jsonrpc":"2.0","id":k,"method":"tools/call",
+                                "params":{"name":"sleep","arguments":{"ms":50}}}),
+                            )
                             .await
                             .map(|_| ()),
-                            1 if everything => call(&ev, &json!({"jsonrpc":"2.0","id":k,"method":"tools/call",
-                                "params":{"name":"echo","arguments":{"message":"hi"}}}))
+                            1 if everything => call(
+                                &ev,
+                                &json!({"jsonrpc":"2.0","id":k,"method":"tools/call",
+                                "params":{"name":"echo","arguments":{"message":"hi"}}}),
+                            )
                             .await
                             .map(|_| ()),
-                            _ => call(&fx, &json!({"jsonrpc":"2.0","id":k,"method":"tools/call",
-                                "params":{"name":"whoami","arguments":{}}}))
+                            _ => call(
+                                &fx,
+                                &json!({"jsonrpc":"2.0","id":k,"method":"tools/call",
+                                "params":{"name":"whoami","arguments":{}}}),
+                            )
                             .await
                             .map(|r| {
                                 let t = r["content"][0]["text"].as_str().unwrap_or("").to_string();
@@ -257,9 +276,17 @@ impl Load {
 /// this waits until `n` more calls succeeded overall, by watching a
 /// fresh session (proof the broker serves).
 pub async fn served(socket: &Path) -> u32 {
-    let c = Backend::new(socket.to_path_buf(), "fx".into(), 1 << 20, Arc::new(Metrics::new()));
-    let r = call(&c, &json!({"jsonrpc":"2.0","id":1,"method":"tools/call",
-        "params":{"name":"whoami","arguments":{}}}))
+    let c = Backend::new(
+        socket.to_path_buf(),
+        "fx".into(),
+        1 << 20,
+        Arc::new(Metrics::new()),
+    );
+    let r = call(
+        &c,
+        &json!({"jsonrpc":"2.0","id":1,"method":"tools/call",
+        "params":{"name":"whoami","arguments":{}}}),
+    )
     .await
     .expect("the broker serves");
     super::harness::pid_of(r["content"][0]["text"].as_str().unwrap())
