@@ -480,7 +480,7 @@ async fn serve(
         start_kubernetes(&broker, &k, &shutdown).await?;
     }
     if let Some(addr) = metrics_listen {
-        tokio::spawn(serve_metrics(
+        tokio::spawn(mcp_broker::broker::api::bind_and_serve_health(
             broker.clone(),
             addr,
             in_use,
@@ -527,33 +527,6 @@ async fn serve(
         shutdown.cancelled().await;
     }
     Ok(())
-}
-
-/// Serves /metrics, /livez and /readyz on `addr`. During a take-over the
-/// old broker still holds the port: retry until it is free.
-async fn serve_metrics(
-    broker: Arc<Broker>,
-    addr: SocketAddr,
-    retry: bool,
-    shutdown: CancellationToken,
-) {
-    loop {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => {
-                mcp_broker::broker::api::serve_health(broker, l, shutdown).await;
-                return;
-            }
-            Err(e) if retry && !shutdown.is_cancelled() => {
-                tracing::debug!("metrics listener {addr}: {e}; retrying");
-                // Bounded by shutdown; the old broker frees the port when it exits.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => {
-                tracing::error!("cannot bind the metrics listener {addr}: {e}");
-                return;
-            }
-        }
-    }
 }
 
 /// Identity and events from the Kubernetes API (`identity = "kubernetes"`).

@@ -2,9 +2,11 @@
 //! broker takes the listening sockets over, `mcp-broker upgrade` asks for
 //! an in-place upgrade.
 //!
-//! Access: the socket gets the lease socket's mode and group, and on top
-//! every peer must run as the broker's own uid or as root (`SO_PEERCRED`):
-//! the group that may lease must not be able to take the broker's sockets.
+//! Access: only the broker's own uid and root. The socket is 0600 and owned
+//! by the broker (not the lease socket's group: that group may lease, it
+//! must not take the broker's sockets, and under the shipped systemd unit
+//! the broker's user cannot chown to it), and every peer's uid is checked
+//! with `SO_PEERCRED` as well.
 //! A take-over is two-phase: the old broker sends its listeners and keeps
 //! accepting until the new one acknowledges that it accepts too; a new
 //! broker that dies before its ack leaves the old one serving. Every wait
@@ -63,10 +65,12 @@ pub fn path_for(socket: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Binds the control socket beside `socket` with the lease socket's mode
-/// and group.
-pub fn bind(socket: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener, ListenError> {
-    socket::bind(&path_for(socket), mode, group)
+/// The control socket's mode: the broker's user only.
+pub const CONTROL_MODE: u32 = 0o600;
+
+/// Binds the control socket beside `socket`.
+pub fn bind(socket: &Path) -> Result<UnixListener, ListenError> {
+    socket::bind(&path_for(socket), CONTROL_MODE, None)
 }
 
 /// Checks that the peer of `stream` runs as our uid or root.

@@ -107,16 +107,19 @@ pub async fn serve(mut s: Serving, shutdown: CancellationToken) -> Ended {
             }
             Some(Event::HandedOff) => {
                 s.broker.set_closing(true);
-                let left = s.broker.quiesce(s.broker.settings().drain_timeout).await;
-                if left > 0 {
-                    tracing::info!(connections = left, "closing idle connections");
+                let limit = s.broker.settings().drain_timeout;
+                tokio::select! {
+                    left = s.broker.quiesce(limit) => if left > 0 {
+                        tracing::info!(connections = left, "closing idle connections");
+                    },
+                    _ = shutdown.cancelled() => {}
                 }
                 s.broker.close_connections(&conns).await;
                 s.broker.drain().await;
                 return Ended::HandedOff;
             }
             Some(Event::Upgrade(reply)) => {
-                let error = upgrade_once(&s, &conns, reply.as_ref()).await;
+                let error = upgrade_once(&s, &conns, reply.as_ref(), &shutdown).await;
                 tracing::warn!("upgrade failed, serving on: {error}");
                 if let Some(r) = &reply {
                     let msg = super::wire::Message::Refused { error };
@@ -135,6 +138,7 @@ async fn upgrade_once(
     s: &Serving,
     conns: &CancellationToken,
     reply: Option<&UnixStream>,
+    shutdown: &CancellationToken,
 ) -> String {
     let Some(signals) = &s.signals else {
         return "this broker runs in-process and cannot re-execute".into();
@@ -143,10 +147,20 @@ async fn upgrade_once(
     let broker = &s.broker;
     broker.set_closing(true);
     broker.freeze(true);
-    broker.quiesce(QUIESCE_CONNECTIONS).await;
-    broker.close_connections(conns).await;
     let limit = broker.settings().drain_timeout;
-    let error = if !broker.settle(limit).await {
+    // A signal while settling wins (the exec itself runs on the signal
+    // thread, which checks for shutdown first).
+    let settled = tokio::select! {
+        s = async {
+            broker.quiesce(QUIESCE_CONNECTIONS).await;
+            broker.close_connections(conns).await;
+            broker.settle(limit).await
+        } => s,
+        _ = shutdown.cancelled() => false,
+    };
+    let error = if shutdown.is_cancelled() {
+        "shutting down".to_string()
+    } else if !settled {
         format!("leases still in flight or processes still starting after {limit:?}")
     } else {
         tracing::info!(settled_in = ?started.elapsed(), "settled; passing everything to the new image");

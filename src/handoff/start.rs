@@ -77,7 +77,7 @@ pub fn open(settings: &BrokerSettings) -> Result<Opened, StartError> {
             Err(e) => return Err(e.into()),
         },
     };
-    match control::bind(&path, mode, group) {
+    match control::bind(&path) {
         Ok(l) => {
             listeners.insert(CONTROL, l);
             remove_at_exit.push(control::path_for(&path));
@@ -138,12 +138,13 @@ pub async fn take_over(
     if shutdown.is_cancelled() {
         return Err(refused(HandoffError::Refused("shutting down".into())));
     }
+    let asked = std::time::Instant::now();
     let taken = control::take_over(&path).await.map_err(refused)?;
     if taken.listeners.get(LEASE).is_none() {
         return Err(refused(HandoffError::Unexpected(
             "no lease listener among the sockets passed".into(),
         )));
     }
-    tracing::info!(warmed_in = ?started.elapsed(), names = ?taken.listeners.names(), "took the listening sockets over");
+    tracing::info!(warmed_in = ?asked.duration_since(started), handoff_in = ?asked.elapsed(), names = ?taken.listeners.names(), "took the listening sockets over");
     Ok((taken, vec![path.clone(), control::path_for(&path)]))
 }

@@ -162,6 +162,9 @@ pub struct Seen {
     pub failed: Vec<String>,
     /// Fixture processes that answered.
     pub pids: BTreeSet<u32>,
+    /// How long each call took, for `cargo bench --bench upgrade` (tests
+    /// never judge time).
+    pub latencies: Vec<Duration>,
 }
 
 /// One call through a lease: the final message's result, or why not.
@@ -217,6 +220,7 @@ impl Load {
                     let mut k = 0u64;
                     while !stop.is_cancelled() {
                         k += 1;
+                        let started = std::time::Instant::now();
                         let r = match (k + i as u64) % 4 {
                             0 => call(
                                 &fx,
@@ -243,6 +247,7 @@ impl Load {
                                 seen.pids.insert(super::harness::pid_of(&t));
                             }),
                         };
+                        seen.latencies.push(started.elapsed());
                         match r {
                             Ok(()) => seen.ok += 1,
                             Err(e) => seen.failed.push(e),
@@ -267,6 +272,7 @@ impl Load {
             all.ok += s.ok;
             all.failed.extend(s.failed);
             all.pids.extend(s.pids);
+            all.latencies.extend(s.latencies);
         }
         all
     }
