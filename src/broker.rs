@@ -329,11 +329,17 @@ impl Broker {
     }
 
     /// Waits up to `limit` until every lease API connection has closed
-    /// (with [`Self::set_closing`] each closes after its next answer);
-    /// returns how many are still open.
-    pub async fn quiesce(&self, limit: Duration) -> usize {
+    /// (with [`Self::set_closing`] each closes after its next answer), or,
+    /// with `until_idle`, until no lease is in flight (an upgrade: clients
+    /// whose next request waits in the backlog will not use their other
+    /// connections until the new image accepts); returns how many are
+    /// still open.
+    pub async fn quiesce(&self, limit: Duration, until_idle: bool) -> usize {
         let deadline = tokio::time::Instant::now() + limit;
-        while !self.conns.is_empty() && tokio::time::Instant::now() < deadline {
+        while !self.conns.is_empty()
+            && !(until_idle && self.active_leases() == 0)
+            && tokio::time::Instant::now() < deadline
+        {
             // Bounded poll: the tracker has no "became empty" signal that
             // survives reopening.
             tokio::time::sleep(Duration::from_millis(10)).await;

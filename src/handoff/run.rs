@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Longest wait for open lease API connections to close on their own
 /// before an upgrade (each closes after its next answer; idle ones are
-/// closed after this).
+/// closed once no lease is in flight, or after this).
 pub const QUIESCE_CONNECTIONS: Duration = Duration::from_secs(2);
 
 /// A broker ready to serve.
@@ -109,7 +109,7 @@ pub async fn serve(mut s: Serving, shutdown: CancellationToken) -> Ended {
                 s.broker.set_closing(true);
                 let limit = s.broker.settings().drain_timeout;
                 tokio::select! {
-                    left = s.broker.quiesce(limit) => if left > 0 {
+                    left = s.broker.quiesce(limit, false) => if left > 0 {
                         tracing::info!(connections = left, "closing idle connections");
                     },
                     _ = shutdown.cancelled() => {}
@@ -152,7 +152,7 @@ async fn upgrade_once(
     // thread, which checks for shutdown first).
     let settled = tokio::select! {
         s = async {
-            broker.quiesce(QUIESCE_CONNECTIONS).await;
+            broker.quiesce(QUIESCE_CONNECTIONS, true).await;
             broker.close_connections(conns).await;
             broker.settle(limit).await
         } => s,
