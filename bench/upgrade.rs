@@ -11,7 +11,7 @@
 #[path = "../tests/support/daemon.rs"]
 mod daemon;
 #[path = "../tests/support/harness.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod harness;
 
 use daemon::*;

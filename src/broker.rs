@@ -336,10 +336,8 @@ impl Broker {
     /// still open.
     pub async fn quiesce(&self, limit: Duration, until_idle: bool) -> usize {
         let deadline = tokio::time::Instant::now() + limit;
-        while !self.conns.is_empty()
-            && !(until_idle && self.active_leases() == 0)
-            && tokio::time::Instant::now() < deadline
-        {
+        let done = || self.conns.is_empty() || (until_idle && self.active_leases() == 0);
+        while !done() && tokio::time::Instant::now() < deadline {
             // Bounded poll: the tracker has no "became empty" signal that
             // survives reopening.
             tokio::time::sleep(Duration::from_millis(10)).await;
