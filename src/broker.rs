@@ -74,16 +74,18 @@ pub struct Broker {
 impl Broker {
     /// Creates every pool (they start warming immediately).
     pub fn start(config: Config, metrics: Arc<Metrics>) -> Arc<Broker> {
-        Self::start_adopting(config, metrics, &[]).0
+        Self::start_adopting(config, metrics, &[], None).0
     }
 
     /// Like [`Self::start`], adopting the processes of `previous` (the pool
     /// states an in-place upgrade passed) for every pool whose config is
-    /// unchanged. Returns the broker and the pids it adopted.
+    /// unchanged, and its `requestState` sealing key. Returns the broker
+    /// and the pids it adopted.
     pub fn start_adopting(
         config: Config,
         metrics: Arc<Metrics>,
         previous: &[crate::pool::adopt::PoolState],
+        sealer_key: Option<[u8; 32]>,
     ) -> (Arc<Broker>, Vec<u32>) {
         let tracker = TaskTracker::new();
         let pools_shutdown = CancellationToken::new();
@@ -96,7 +98,7 @@ impl Broker {
             pods: std::sync::OnceLock::new(),
             ids,
             leases: Mutex::new(HashMap::new()),
-            sealer: affinity::Sealer::new(),
+            sealer: sealer_key.map_or_else(affinity::Sealer::new, affinity::Sealer::with_key),
             metrics,
             tracker,
             pools_shutdown,
@@ -369,10 +371,10 @@ impl Broker {
         }
     }
 
-    /// The pools' states for an in-place upgrade, and the last process id.
-    pub fn export(&self) -> (Vec<crate::pool::adopt::PoolState>, u64) {
+    /// The pools' states and the sealing key, for an in-place upgrade.
+    pub fn export(&self) -> (Vec<crate::pool::adopt::PoolState>, [u8; 32]) {
         let pools = self.pools().iter().map(Pool::export).collect();
-        (pools, self.ids.load(Ordering::Relaxed))
+        (pools, self.sealer.key())
     }
 
     /// Our pipe fds of every live process (configured pools only).

@@ -466,7 +466,8 @@ async fn serve(
         start::Opened::InUse => (None, true),
     };
     let previous = ready.as_ref().map(|r| r.2.clone()).unwrap_or_default();
-    let (broker, adopted) = Broker::start_adopting(cfg, metrics, &previous);
+    let key = ready.as_ref().and_then(|r| r.3.as_ref()?.sealer_key);
+    let (broker, adopted) = Broker::start_adopting(cfg, metrics, &previous, key);
     if ready.as_ref().is_some_and(|r| r.3.is_some()) {
         tracing::info!(
             adopted = adopted.len(),

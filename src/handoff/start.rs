@@ -26,7 +26,7 @@ pub enum Opened {
         listeners: Listeners,
         remove_at_exit: Vec<PathBuf>,
         previous: Vec<PoolState>,
-        upgraded: Option<Inherited>,
+        upgraded: Option<Box<Inherited>>,
     },
     /// Another broker serves the socket: warm up, then take over.
     InUse,
@@ -50,7 +50,7 @@ pub fn open(settings: &BrokerSettings) -> Result<Opened, StartError> {
             listeners: up.listeners.clone(),
             remove_at_exit: up.remove_at_exit.clone(),
             previous: up.pools.clone(),
-            upgraded: Some(up),
+            upgraded: Some(Box::new(up)),
         });
     }
     let (mode, group) = (settings.socket_mode, settings.socket_group.as_deref());

@@ -40,6 +40,9 @@ pub struct UpgradeState {
     /// The requester's control connection, answered by the new image.
     pub reply: Option<RawFd>,
     pub pools: Vec<PoolState>,
+    /// The `requestState` sealing key (hex), so states sealed before the
+    /// upgrade still open.
+    pub sealer_key: String,
 }
 
 /// Why the upgrade did not happen (the old image keeps serving).
@@ -65,6 +68,7 @@ pub struct Inherited {
     pub listeners: Listeners,
     pub remove_at_exit: Vec<PathBuf>,
     pub pools: Vec<PoolState>,
+    pub sealer_key: Option<[u8; 32]>,
     reply: Option<UnixStream>,
 }
 
@@ -133,6 +137,7 @@ pub fn inherited() -> Result<Option<Inherited>, UpgradeError> {
         listeners,
         remove_at_exit: state.remove_at_exit,
         pools: state.pools,
+        sealer_key: from_hex(&state.sealer_key),
         reply,
     }))
 }
@@ -172,13 +177,14 @@ pub async fn exec(
     signals: &Signals,
     configured: Option<&PathBuf>,
 ) -> UpgradeError {
-    let (pools, _) = broker.export();
+    let (pools, key) = broker.export();
     let state = UpgradeState {
         version: STATE_VERSION,
         listeners: listeners.raw(),
         remove_at_exit: remove_at_exit.to_vec(),
         reply: reply.map(|s| s.as_raw_fd()),
         pools,
+        sealer_key: key.iter().map(|b| format!("{b:02x}")).collect(),
     };
     let memfd = match nix::sys::memfd::memfd_create(
         c"mcp-broker-upgrade",
@@ -242,8 +248,41 @@ pub async fn exec(
     }
 }
 
+/// 32 bytes from 64 hex digits.
+fn from_hex(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 fn restore(fds: &[RawFd]) {
     for &fd in fds {
         let _ = set_cloexec(fd, true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sealing_key_survives_its_hex_form_and_bad_hex_is_refused() {
+        let key: [u8; 32] = std::array::from_fn(|i| (i * 37 + 5) as u8);
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(from_hex(&hex), Some(key));
+        assert_eq!(from_hex(&hex[..62]), None);
+        assert_eq!(from_hex(&"zz".repeat(32)), None);
+    }
+
+    #[test]
+    fn the_binary_is_the_configured_one_or_ours_without_deleted() {
+        let p = PathBuf::from("/opt/x/mcp-broker");
+        assert_eq!(binary(Some(&p)), p);
+        assert!(!binary(None).to_string_lossy().ends_with(" (deleted)"));
     }
 }
