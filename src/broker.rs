@@ -64,15 +64,44 @@ pub struct Broker {
     draining: AtomicBool,
     active: AtomicUsize,
     idle: Notify,
+    /// Open lease API connections.
+    conns: TaskTracker,
+    /// Lease API connections per peer and in all (`[broker]` front door).
+    limiter: Arc<crate::web::conn_limit::ConnLimiter<String>>,
+    /// Set while handing off or upgrading: answers close their connection.
+    closing: AtomicBool,
+    /// Set once the broker holds its listening socket.
+    serving: AtomicBool,
 }
 
 impl Broker {
     /// Creates every pool (they start warming immediately).
     pub fn start(config: Config, metrics: Arc<Metrics>) -> Arc<Broker> {
+        Self::start_adopting(config, metrics, &[], None).0
+    }
+
+    /// Like [`Self::start`], adopting the processes of `previous` (the pool
+    /// states an in-place upgrade passed) for every pool whose config is
+    /// unchanged, and its `requestState` sealing key. Returns the broker
+    /// and the pids it adopted.
+    pub fn start_adopting(
+        config: Config,
+        metrics: Arc<Metrics>,
+        previous: &[crate::pool::adopt::PoolState],
+        sealer_key: Option<[u8; 32]>,
+    ) -> (Arc<Broker>, Vec<u32>) {
         let tracker = TaskTracker::new();
         let pools_shutdown = CancellationToken::new();
         let ids = Arc::new(AtomicU64::new(0));
         let node = crate::node::Node::new(&config.broker.node);
+        let door = &config.broker.front_door;
+        let (limiter, lowered) = crate::web::conn_limit::ConnLimiter::fitted(
+            door.max_connections,
+            door.max_connections_per_peer,
+        );
+        if let Some(why) = lowered {
+            tracing::warn!("lease API: {why}");
+        }
         let broker = Arc::new(Broker {
             settings: config.broker,
             pools: RwLock::new(BTreeMap::new()),
@@ -82,25 +111,55 @@ impl Broker {
             ids,
             node,
             leases: Mutex::new(HashMap::new()),
-            sealer: affinity::Sealer::new(),
+            sealer: sealer_key.map_or_else(affinity::Sealer::new, affinity::Sealer::with_key),
             metrics,
             tracker,
             pools_shutdown,
             draining: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             idle: Notify::new(),
+            conns: TaskTracker::new(),
+            limiter,
+            closing: AtomicBool::new(false),
+            serving: AtomicBool::new(false),
         });
+        let mut adopted = Vec::new();
         let pools = config
             .pools
             .into_iter()
-            .map(|cfg| (cfg.name.clone(), broker.start_pool(cfg)))
+            .map(|mut cfg| {
+                cfg.max_message_size = broker.settings.max_message_size;
+                let fp = crate::pool::adopt::fingerprint(&cfg);
+                let name = cfg.name.clone();
+                let pool = match previous
+                    .iter()
+                    .find(|p| p.name == name && p.fingerprint == fp)
+                {
+                    Some(state) => {
+                        broker.metrics.init_pool(&name);
+                        let (pool, pids) = Pool::start_adopted(
+                            cfg,
+                            broker.metrics.clone(),
+                            broker.tracker.clone(),
+                            broker.pools_shutdown.child_token(),
+                            broker.ids.clone(),
+                            broker.node.clone(),
+                            state,
+                        );
+                        adopted.extend(pids);
+                        pool
+                    }
+                    None => broker.start_pool(cfg),
+                };
+                (name, pool)
+            })
             .collect();
         *broker.pools.write().expect("lock") = pools;
         broker.tracker.spawn(tenants::upkeep(
             Arc::downgrade(&broker),
             broker.pools_shutdown.clone(),
         ));
-        broker
+        (broker, adopted)
     }
 
     /// Starts one pool (configured, reloaded, or an isolated tenant's) under
@@ -219,9 +278,12 @@ impl Broker {
         summary
     }
 
-    /// True once every pool that keeps warm processes has one warm.
+    /// True once the broker holds its socket and every pool that keeps
+    /// warm processes has one warm.
     pub fn ready(&self) -> bool {
-        !self.is_draining()
+        self.serving.load(Ordering::Acquire)
+            && !self.is_draining()
+            && !self.is_closing()
             && self
                 .pools()
                 .iter()
@@ -231,6 +293,117 @@ impl Broker {
     /// True after shutdown began: new leases are refused.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// True while handing off or upgrading: each answer closes its
+    /// connection, so clients reconnect (to the next broker or image).
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// True once the broker accepts on its lease socket.
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+    }
+
+    /// Sets or clears [`Self::is_closing`].
+    pub fn set_closing(&self, on: bool) {
+        self.closing.store(on, Ordering::Release);
+    }
+
+    /// Leases in flight.
+    pub fn active_leases(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Open lease API connections.
+    pub fn open_connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Accepts lease API connections on `listener` until `stop`; each is
+    /// served until `conn_shutdown` finds it idle (or it ends).
+    pub async fn accept(
+        self: &Arc<Self>,
+        listener: &UnixListener,
+        stop: &CancellationToken,
+        conn_shutdown: &CancellationToken,
+    ) {
+        self.serving.store(true, Ordering::Release);
+        crate::web::accept_until(listener, stop, "lease API", |(stream, _)| {
+            self.conns.spawn(conn::serve_connection(
+                self.clone(),
+                stream,
+                self.limiter.clone(),
+                conn_shutdown.clone(),
+            ));
+        })
+        .await;
+    }
+
+    /// Waits up to `limit` until every lease API connection has closed
+    /// (with [`Self::set_closing`] each closes after its next answer), or,
+    /// with `until_idle`, until no lease is in flight (an upgrade: clients
+    /// whose next request waits in the backlog will not use their other
+    /// connections until the new image accepts); returns how many are
+    /// still open.
+    pub async fn quiesce(&self, limit: Duration, until_idle: bool) -> usize {
+        let deadline = tokio::time::Instant::now() + limit;
+        let done = || self.conns.is_empty() || (until_idle && self.active_leases() == 0);
+        while !done() && tokio::time::Instant::now() < deadline {
+            // Bounded poll: the tracker has no "became empty" signal that
+            // survives reopening.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.conns.len()
+    }
+
+    /// Waits up to `limit` for leases in flight to end and warm-ups to
+    /// finish; true if both reached zero.
+    pub async fn settle(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let starting: usize = self.pools().iter().map(|p| p.starting()).sum();
+            if self.active_leases() == 0 && starting == 0 {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            // Bounded poll of two counters owned by other tasks.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Freezes (or thaws) every pool: no process starts while frozen.
+    pub fn freeze(&self, on: bool) {
+        for p in self.pools() {
+            p.freeze(on);
+        }
+    }
+
+    /// The pools' states and the sealing key, for an in-place upgrade.
+    pub fn export(&self) -> (Vec<crate::pool::adopt::PoolState>, [u8; 32]) {
+        let pools = self.pools().iter().map(Pool::export).collect();
+        (pools, self.sealer.key())
+    }
+
+    /// Our pipe fds of every live process (configured pools only).
+    pub fn process_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.pools()
+            .iter()
+            .flat_map(|p| p.processes())
+            .flat_map(|w| w.pipe_fds())
+            .collect()
+    }
+
+    /// Stops the lease API connections that are still open (idle ones
+    /// close now, busy ones after their answer) and waits briefly for them.
+    pub async fn close_connections(&self, conn_shutdown: &CancellationToken) {
+        conn_shutdown.cancel();
+        self.conns.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.conns.wait()).await;
+        self.conns.reopen();
     }
 
     fn lease_started(&self) {
@@ -251,31 +424,13 @@ impl Broker {
         socket_path: Option<std::path::PathBuf>,
         shutdown: CancellationToken,
     ) {
-        let conns = TaskTracker::new();
-        let door = &self.settings.front_door;
-        let (limiter, lowered) = crate::web::conn_limit::ConnLimiter::fitted(
-            door.max_connections,
-            door.max_connections_per_peer,
-        );
-        if let Some(why) = lowered {
-            tracing::warn!("lease API: {why}");
-        }
-        crate::web::accept_until(&listener, &shutdown, "lease API", |(stream, _)| {
-            conns.spawn(conn::serve_connection(
-                self.clone(),
-                stream,
-                limiter.clone(),
-                shutdown.clone(),
-            ));
-        })
-        .await;
+        self.accept(&listener, &shutdown, &shutdown).await;
         drop(listener);
         if let Some(p) = &socket_path {
             let _ = std::fs::remove_file(p);
         }
         self.drain().await;
-        conns.close();
-        let _ = tokio::time::timeout(Duration::from_secs(2), conns.wait()).await;
+        self.close_connections(&shutdown).await;
     }
 
     /// Refuses new leases, waits for in-flight ones, stops all processes.

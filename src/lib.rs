@@ -14,6 +14,7 @@
 //!   turning each request into one lease.
 //! * [`shim`]: `mcp-broker connect`, a stdio MCP server for hosts that
 //!   spawn one, leasing from a pool per request.
+//! * [`handoff`]: take-overs by a new broker and in-place upgrades.
 //! * [`up`]: broker and proxy in one process for a laptop.
 //! * [`bench`]: the node-local benchmark (`mcp-broker bench`).
 
@@ -22,6 +23,7 @@ pub mod bench;
 pub mod broker;
 pub mod config;
 pub mod framing;
+pub mod handoff;
 pub mod jsonrpc;
 #[cfg(feature = "kubernetes")]
 pub mod kube_events;

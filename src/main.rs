@@ -6,7 +6,7 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use mcp_broker::broker::{socket, Broker};
+use mcp_broker::broker::Broker;
 use mcp_broker::config::raw::RawPool;
 use mcp_broker::config::{self, Config, Mode, Protocol};
 use mcp_broker::metrics::Metrics;
@@ -45,6 +45,25 @@ enum Command {
         /// Override `[broker] socket`.
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// The binary `mcp-broker upgrade` (and SIGUSR2) executes [default:
+        /// the path this one was started from].
+        #[arg(long)]
+        upgrade_binary: Option<PathBuf>,
+        /// After handing its sockets to a new broker and draining: `exit`,
+        /// or `wait` for SIGTERM (a Kubernetes container that exits is
+        /// restarted, and would take the socket back).
+        #[arg(long, value_enum, default_value = "exit")]
+        after_handoff: AfterHandoff,
+    },
+    /// Ask the broker on a socket to re-execute its binary in place,
+    /// keeping its pid and every warm process (also: SIGUSR2).
+    Upgrade {
+        /// The broker's lease API socket (the control socket is beside it).
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Longest wait for the new image to serve.
+        #[arg(long, default_value = "60s", value_parser = config::parse_duration)]
+        timeout: Duration,
     },
     /// Validate a config file and print the resolved pools.
     Check {
@@ -161,6 +180,13 @@ enum Command {
     Bench(mcp_broker::bench::BenchArgs),
 }
 
+/// What a broker does once it has handed off and drained.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AfterHandoff {
+    Exit,
+    Wait,
+}
+
 #[derive(Args)]
 struct HttpFlags {
     /// Address to serve MCP on.
@@ -242,6 +268,12 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Before any thread exists, so every thread inherits the mask and only
+    // the signal thread takes signals (see mcp_broker::shutdown).
+    if let Err(e) = mcp_broker::shutdown::block() {
+        eprintln!("mcp-broker: cannot block signals: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let threads = match (cli.threads, &cli.command) {
         (Some(n), _) => Threads::Fixed(n.into()),
         (None, Command::Proxy { .. } | Command::Up { .. } | Command::Connect { .. }) => {
@@ -276,14 +308,27 @@ fn main() -> std::process::ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    mcp_broker::shutdown::on_signal(shutdown.clone());
+    let signals =
+        mcp_broker::shutdown::start(shutdown.clone()).context("cannot start the signal thread")?;
     match command {
+        Command::Upgrade { socket, timeout } => {
+            let pid = mcp_broker::handoff::control::upgrade(&socket, timeout)
+                .await
+                .with_context(|| format!("upgrading the broker on {}", socket.display()))?;
+            println!("upgraded in place: the broker (pid {pid}) runs the new binary");
+            Ok(())
+        }
         Command::Check { config } => {
             let cfg = Config::load(&config)?;
             print!("{}", config::describe(&cfg));
             Ok(())
         }
-        Command::Serve { config, socket } => {
+        Command::Serve {
+            config,
+            socket,
+            upgrade_binary,
+            after_handoff,
+        } => {
             let text = std::fs::read(&config)
                 .with_context(|| format!("cannot read {}", config.display()))?;
             let mut cfg = Config::from_toml(&String::from_utf8_lossy(&text))
@@ -292,7 +337,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 cfg.broker.socket = s;
             }
             let reload = (config, text);
-            serve(cfg, reload, shutdown).await
+            let wait = after_handoff == AfterHandoff::Wait;
+            serve(cfg, reload, shutdown, signals, upgrade_binary, wait).await
         }
         #[cfg(feature = "bench")]
         Command::Bench(args) => mcp_broker::bench::run(args, shutdown).await,
@@ -403,46 +449,50 @@ async fn serve(
     cfg: Config,
     reload: (PathBuf, Vec<u8>),
     shutdown: CancellationToken,
+    signals: mcp_broker::shutdown::Signals,
+    binary: Option<PathBuf>,
+    wait_after_handoff: bool,
 ) -> anyhow::Result<()> {
-    let mut socket = cfg.broker.socket.clone();
-    // Socket activation: systemd owns the socket (path, mode, group) and
-    // keeps it listening across restarts, so it is never removed here.
-    let (listener, remove_at_exit) = match socket::inherited()? {
-        Some(l) => {
-            if let Some(p) = l
-                .local_addr()
-                .ok()
-                .and_then(|a| a.as_pathname().map(PathBuf::from))
-            {
-                socket = p;
-            }
-            tracing::info!("using the lease API socket passed by systemd (socket activation)");
-            (l, None)
-        }
-        None => {
-            let l = socket::bind(
-                &socket,
-                cfg.broker.socket_mode,
-                cfg.broker.socket_group.as_deref(),
-            )
-            .with_context(|| format!("binding the lease API socket {}", socket.display()))?;
-            (l, Some(socket.clone()))
-        }
-    };
+    use mcp_broker::handoff::{run, start};
+    let settings = cfg.broker.clone();
+    let socket_path = settings.socket.clone();
+    let opened = start::open(&settings)
+        .with_context(|| format!("binding the lease API socket {}", socket_path.display()))?;
+    // Children the previous image left (only after an upgrade), read before
+    // any pool starts one.
+    let children = mcp_broker::process::adopt::children();
     let metrics = Arc::new(Metrics::new());
     let metrics_listen = cfg.broker.metrics_listen;
     let kube = cfg.broker.kubernetes.clone();
-    let broker = Broker::start(cfg, metrics);
+    let (ready, in_use) = match opened {
+        start::Opened::Ready {
+            listeners,
+            remove_at_exit,
+            previous,
+            upgraded,
+        } => (Some((listeners, remove_at_exit, previous, upgraded)), false),
+        start::Opened::InUse => (None, true),
+    };
+    let previous = ready.as_ref().map(|r| r.2.clone()).unwrap_or_default();
+    let key = ready.as_ref().and_then(|r| r.3.as_ref()?.sealer_key);
+    let (broker, adopted) = Broker::start_adopting(cfg, metrics, &previous, key);
+    if ready.as_ref().is_some_and(|r| r.3.is_some()) {
+        tracing::info!(
+            adopted = adopted.len(),
+            "upgraded in place: processes adopted"
+        );
+        for pid in children.into_iter().filter(|p| !adopted.contains(p)) {
+            tokio::spawn(mcp_broker::process::adopt::reap_stray(pid));
+        }
+    }
     if let Some(k) = kube {
         start_kubernetes(&broker, &k, &shutdown).await?;
     }
     if let Some(addr) = metrics_listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the metrics listener {addr}"))?;
-        tokio::spawn(mcp_broker::broker::api::serve_health(
+        tokio::spawn(mcp_broker::broker::api::bind_and_serve_health(
             broker.clone(),
-            l,
+            addr,
+            in_use,
             shutdown.clone(),
         ));
     }
@@ -452,9 +502,39 @@ async fn serve(
         reload.1,
         mcp_broker::broker::reload::DEFAULT_POLL,
         shutdown.clone(),
+        Some(signals.reload.clone()),
     ));
-    tracing::info!(socket = %socket.display(), "broker listening");
-    broker.serve(listener, remove_at_exit, shutdown).await;
+    let (listeners, remove_at_exit, take_over) = match ready {
+        Some((listeners, remove_at_exit, _, upgraded)) => {
+            if let Some(mut u) = upgraded {
+                u.confirm().await;
+            }
+            (listeners, remove_at_exit, None)
+        }
+        None => match start::take_over(&broker, &settings, &shutdown).await {
+            Ok((taken, paths)) => (taken.listeners.clone(), paths, Some(taken)),
+            Err(e) => {
+                tracing::error!("{e}; not starting (stopping this broker's processes)");
+                broker.drain().await;
+                return Err(e.into());
+            }
+        },
+    };
+    tracing::info!(socket = %socket_path.display(), "broker listening");
+    let serving = run::Serving {
+        broker,
+        listeners,
+        remove_at_exit,
+        signals: Some(signals),
+        binary,
+        take_over,
+    };
+    let ended = run::serve(serving, shutdown.clone()).await;
+    tracing::info!(?ended, "broker stopped");
+    if ended == run::Ended::HandedOff && wait_after_handoff {
+        tracing::info!("handed off and drained; waiting for SIGTERM (--after-handoff wait)");
+        shutdown.cancelled().await;
+    }
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 //! backoff so a broken command reports itself instead of spinning.
 //! Waiting requests get a fair share of the queue per caller ([`fair`]).
 
+pub mod adopt;
 mod fair;
 mod guard;
 mod lifecycle;
@@ -68,6 +69,8 @@ struct Inner {
     shutdown: CancellationToken,
     /// Set when the pool is retired by a reload: in-flight leases finish first.
     graceful: std::sync::atomic::AtomicBool,
+    /// Set while an in-place upgrade prepares its exec: start nothing.
+    frozen: std::sync::atomic::AtomicBool,
     ids: Arc<AtomicU64>,
     /// The node's budget, users and cgroups.
     node: Arc<Node>,
@@ -96,6 +99,21 @@ impl Pool {
         ids: Arc<AtomicU64>,
         node: Arc<Node>,
     ) -> Pool {
+        let pool = Self::create(cfg, metrics, tracker.clone(), shutdown, ids, node);
+        tracker.spawn(pool.clone().maintain());
+        pool
+    }
+
+    /// The pool without its maintenance task, placed on the node (its
+    /// user and cgroup) and counted in the node budget.
+    fn create(
+        cfg: PoolConfig,
+        metrics: Arc<Metrics>,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+        ids: Arc<AtomicU64>,
+        node: Arc<Node>,
+    ) -> Pool {
         let (notifications, _) = broadcast::channel(256);
         let placement = node.place(&cfg);
         if let Err(e) = &placement {
@@ -116,12 +134,12 @@ impl Pool {
                 tracker: tracker.clone(),
                 shutdown,
                 graceful: std::sync::atomic::AtomicBool::new(false),
+                frozen: std::sync::atomic::AtomicBool::new(false),
                 ids,
                 started: Instant::now(),
             }),
         };
         pool.join_budget();
-        tracker.spawn(pool.clone().maintain());
         pool
     }
 

@@ -6,6 +6,7 @@
 //! fails whatever was still in flight. Nothing here decides *when* a process is
 //! used or replaced; that is the pool's job.
 
+pub mod adopt;
 pub mod group;
 pub mod router;
 pub mod sandbox;
@@ -21,6 +22,7 @@ use bytes::Bytes;
 use nix::sys::signal::Signal;
 use router::{Action, LeaseEvent, LeaseSink, Router};
 use serde_json::Value;
+use std::os::fd::AsRawFd;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -81,6 +83,41 @@ pub struct Process {
     cgroup: Option<Arc<PoolCgroup>>,
     /// Our place in the node budget, released once we are reaped.
     permit: Mutex<Option<Permit>>,
+    /// Our ends of its stdin, stdout and stderr pipes (open while the
+    /// tasks that own them run): what an in-place upgrade passes on.
+    fds: [std::os::fd::RawFd; 3],
+}
+
+/// Our ends of a process's pipes.
+struct Pipes {
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::process::ChildStdout,
+    stderr: tokio::process::ChildStderr,
+}
+
+/// What ties a process to its node: its pool's cgroup and its place in
+/// the node budget.
+struct Ties {
+    cgroup: Option<Arc<PoolCgroup>>,
+    permit: Option<Permit>,
+}
+
+/// Who a process is, apart from its pipes.
+struct Born {
+    id: u64,
+    pid: u32,
+    group: group::Group,
+    spawned_at: Instant,
+    /// The router's last id (ids continue after it, so a late answer to a
+    /// request of the previous image never matches a new one).
+    router_next: u64,
+}
+
+/// How the leader is reaped: a child this image spawned, or one adopted
+/// from the previous image (same pid, so still our child).
+enum Leader {
+    Spawned(tokio::process::Child),
+    Adopted,
 }
 
 impl Process {
@@ -126,10 +163,58 @@ impl Process {
         drop(sandbox);
         let pid = child.id().unwrap_or(0);
         let group = group::Group::leader(&child);
+        let pipes = Pipes {
+            stdin: child.stdin.take().expect("piped"),
+            stdout: child.stdout.take().expect("piped"),
+            stderr: child.stderr.take().expect("piped"),
+        };
+        let worker = Self::assemble(
+            cfg,
+            Born {
+                id,
+                pid,
+                group,
+                spawned_at: Instant::now(),
+                router_next: 0,
+            },
+            pipes,
+            Leader::Spawned(child),
+            metrics,
+            tracker,
+            Ties {
+                cgroup: place.cgroup.clone(),
+                permit,
+            },
+        );
+        tracing::debug!(pool = %cfg.name, pid, "spawned");
+        Ok(worker)
+    }
+
+    /// Builds the process around its pipes and starts its tasks (a new
+    /// child or one adopted after an in-place upgrade).
+    fn assemble(
+        cfg: &PoolConfig,
+        born: Born,
+        pipes: Pipes,
+        leader: Leader,
+        metrics: Arc<Metrics>,
+        tracker: &TaskTracker,
+        ties: Ties,
+    ) -> Arc<Process> {
+        let Born {
+            id,
+            pid,
+            group,
+            spawned_at,
+            router_next,
+        } = born;
+        let fds = [
+            pipes.stdin.as_raw_fd(),
+            pipes.stdout.as_raw_fd(),
+            pipes.stderr.as_raw_fd(),
+        ];
         let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
-        let stdin = Arc::new(tokio::sync::Mutex::new(Some(
-            child.stdin.take().expect("piped"),
-        )));
+        let stdin = Arc::new(tokio::sync::Mutex::new(Some(pipes.stdin)));
         let (notifications, _) = broadcast::channel(64);
         let worker = Arc::new(Process {
             id,
@@ -143,26 +228,29 @@ impl Process {
             router: Mutex::new({
                 let mut r = Router::new(id);
                 r.set_max_server_requests(cfg.max_server_requests);
+                r.resume_after(router_next);
                 r
             }),
             exited: CancellationToken::new(),
             exit_reason: Mutex::new(None),
-            spawned_at: Instant::now(),
+            spawned_at,
             leased: std::sync::atomic::AtomicBool::new(false),
             notifications,
             metrics,
-            cgroup: place.cgroup.clone(),
-            permit: Mutex::new(permit),
+            cgroup: ties.cgroup,
+            permit: Mutex::new(ties.permit),
+            fds,
         });
-        let stdout = child.stdout.take().expect("piped");
-        let stderr = child.stderr.take().expect("piped");
         tracker.spawn(write_stdin(stdin, stdin_rx, worker.close_stdin.clone()));
         let stdout_done = CancellationToken::new();
-        tracker.spawn(read_stdout(worker.clone(), stdout, stdout_done.clone()));
-        tracker.spawn(log_stderr(cfg.name.clone(), pid, stderr));
-        tracker.spawn(reap(worker.clone(), child, stdout_done));
-        tracing::debug!(pool = %cfg.name, pid, "spawned");
-        Ok(worker)
+        tracker.spawn(read_stdout(
+            worker.clone(),
+            pipes.stdout,
+            stdout_done.clone(),
+        ));
+        tracker.spawn(log_stderr(cfg.name.clone(), pid, pipes.stderr));
+        tracker.spawn(reap(worker.clone(), leader, stdout_done));
+        worker
     }
 
     /// Time since spawn.
@@ -467,7 +555,7 @@ pub async fn read_lines(mut r: impl AsyncRead + Unpin, max: usize, mut f: impl F
     }
 }
 
-async fn log_stderr(pool: String, pid: u32, stderr: tokio::process::ChildStderr) {
+async fn log_stderr(pool: String, pid: u32, stderr: impl AsyncRead + Unpin) {
     read_lines(stderr, STDERR_LINE_MAX, |frame| match frame {
         Frame::Line(line) => {
             tracing::info!(target: "mcp_broker::server_stderr", pool = %pool, pid, "{}", String::from_utf8_lossy(&line));
@@ -479,11 +567,7 @@ async fn log_stderr(pool: String, pid: u32, stderr: tokio::process::ChildStderr)
     .await;
 }
 
-async fn reap(
-    worker: Arc<Process>,
-    mut child: tokio::process::Child,
-    stdout_done: CancellationToken,
-) {
+async fn reap(worker: Arc<Process>, leader: Leader, stdout_done: CancellationToken) {
     // Wait for the leader to exit (pidfd, not reaped) or stdout to close.
     tokio::select! {
         _ = worker.group.exited() => {}
@@ -492,7 +576,10 @@ async fn reap(
     // The leader is not reaped yet, so its group id cannot have been reused:
     // `reap` kills the stragglers (npx's node, shells' children) before it
     // reaps, and no signal reaches the group after that.
-    let status = worker.group.reap(&mut child).await;
+    let status = match leader {
+        Leader::Spawned(mut child) => worker.group.reap(&mut child).await,
+        Leader::Adopted => worker.group.reap_pid().await,
+    };
     let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, stdout_done.cancelled()).await;
     let killed = status
         .as_ref()

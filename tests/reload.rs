@@ -96,6 +96,7 @@ async fn watch_picks_up_file_changes() {
         Vec::new(),
         Duration::from_millis(50),
         stop.clone(),
+        None,
     ));
     std::fs::write(&path, pool_toml("late", &b.tag, 1)).unwrap();
     wait_until(Duration::from_secs(10), || b.broker.pool("late").is_some()).await;

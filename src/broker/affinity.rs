@@ -77,6 +77,17 @@ fn unix_now() -> u64 {
 }
 
 impl Sealer {
+    /// A sealer with `key` (the previous image's, across an in-place
+    /// upgrade, so `requestState`s it sealed stay valid).
+    pub fn with_key(key: [u8; 32]) -> Self {
+        Self { key }
+    }
+
+    /// The key, for the next image of an in-place upgrade.
+    pub fn key(&self) -> [u8; 32] {
+        self.key
+    }
+
     /// A sealer with a fresh random key.
     pub fn new() -> Self {
         let mut key = [0u8; 32];

@@ -130,6 +130,31 @@ fn resolve(broker: &Broker, name: &str, who: &Identity) -> Result<Pool, ApiError
     }
 }
 
+/// Binds `addr` and serves the health endpoints on it ([`serve_health`]).
+/// With `retry` (a take-over: the old broker still holds the port until it
+/// exits) a failed bind is retried until it succeeds or `shutdown`.
+pub async fn bind_and_serve_health(
+    broker: Arc<Broker>,
+    addr: std::net::SocketAddr,
+    retry: bool,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return serve_health(broker, l, shutdown).await,
+            Err(e) if retry && !shutdown.is_cancelled() => {
+                tracing::debug!("metrics listener {addr}: {e}; retrying");
+                // Bounded by shutdown; the old broker frees the port when it exits.
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                tracing::error!("cannot bind the metrics listener {addr}: {e}");
+                return;
+            }
+        }
+    }
+}
+
 /// Serves `/livez`, `/readyz` and `/metrics` (only those: the lease API is
 /// never reachable over TCP) on `listener` until `shutdown`.
 pub async fn serve_health(
@@ -319,6 +344,16 @@ where
 fn readyz(broker: &Broker) -> Response<Body> {
     if broker.ready() {
         web::text(StatusCode::OK, "ready\n")
+    } else if !broker.is_serving() {
+        web::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: warming up; not holding the lease socket yet\n",
+        )
+    } else if broker.is_closing() || broker.is_draining() {
+        web::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: handing over or draining\n",
+        )
     } else {
         let cold: Vec<String> = broker
             .pools()

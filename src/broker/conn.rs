@@ -145,7 +145,7 @@ pub async fn serve(
                 _ = hangup(stream, buf) => return,
             }
         };
-        let keep = keep_alive && !shutdown.is_cancelled();
+        let keep = keep_alive && !shutdown.is_cancelled() && !broker.is_closing();
         if !conn.write_response(resp, keep).await || !keep {
             return;
         }

@@ -28,21 +28,33 @@ pub struct Summary {
 }
 
 /// Watches `path` until `shutdown`, reloading on change or SIGHUP.
-/// `loaded` is the content the running pools came from.
+/// `loaded` is the content the running pools came from. `hup` is notified
+/// on SIGHUP by the signal thread (`shutdown::start`); without it the
+/// watcher installs tokio's handler.
 pub async fn watch(
     broker: Arc<Broker>,
     path: PathBuf,
     loaded: Vec<u8>,
     poll: Duration,
     shutdown: CancellationToken,
+    hup_notify: Option<Arc<tokio::sync::Notify>>,
 ) {
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut hup = match hup_notify {
+        Some(_) => None,
+        None => tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
+    };
     let mut last = Some(loaded);
     loop {
         let forced = tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(poll) => false,
-            _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending::<()>().await } } => true,
+            _ = async {
+                match (&hup_notify, hup.as_mut()) {
+                    (Some(n), _) => n.notified().await,
+                    (None, Some(h)) => { h.recv().await; }
+                    (None, None) => std::future::pending::<()>().await,
+                }
+            } => true,
         };
         let text = match std::fs::read(&path) {
             Ok(t) => t,

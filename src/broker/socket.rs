@@ -149,6 +149,14 @@ fn adopt_passed() -> Result<UnixListener, ListenError> {
     into_listener(owned)
 }
 
+/// Takes over a listening socket passed by another broker (a handoff or
+/// this broker's previous image): checked like systemd's, then owned.
+pub fn adopt_fd(fd: OwnedFd) -> Result<UnixListener, ListenError> {
+    use std::os::fd::AsFd;
+    check_listener(fd.as_fd())?;
+    into_listener(fd)
+}
+
 /// Checks that `fd` is a listening Unix stream socket and gives it
 /// `FD_CLOEXEC` and `O_NONBLOCK`.
 fn check_listener(fd: BorrowedFd<'_>) -> Result<(), ListenError> {

@@ -138,6 +138,16 @@ impl Budget {
         })
     }
 
+    /// A permit for a process that exists already (adopted across an
+    /// in-place upgrade): counted even above `max_processes`, which then
+    /// only delays new starts.
+    pub fn reserve_existing(self: &Arc<Self>) -> Permit {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        Permit {
+            budget: self.clone(),
+        }
+    }
+
     /// For keeping a process warm: a permit only from budget nobody waits
     /// for (a pool with requests waiting goes first).
     pub fn try_reserve_spare(self: &Arc<Self>) -> Option<Permit> {

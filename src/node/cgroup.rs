@@ -321,6 +321,15 @@ fn setup(root: &Path) -> Result<Layout, String> {
 }
 
 fn setup_v2(own: &Path) -> Result<Layout, String> {
+    // Re-executed in place (an upgrade keeps the pid): this process sits in
+    // the `broker` leaf it moved itself into, and its parent is set up.
+    if let Some(parent) = own.parent().filter(|_| own.ends_with("broker")) {
+        let enabled =
+            std::fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
+        if enabled.split_whitespace().any(|c| c == "memory") {
+            return Ok(Layout::V2(parent.to_path_buf()));
+        }
+    }
     let controllers = std::fs::read_to_string(own.join("cgroup.controllers"))
         .map_err(|e| format!("cannot read {}: {e}", own.display()))?;
     for needed in ["memory", "pids"] {

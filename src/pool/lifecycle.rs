@@ -28,7 +28,11 @@ impl Pool {
                 if !retire.is_empty() {
                     self.dispatch(&mut st);
                 }
-                let spawn = st.to_spawn(&self.inner.cfg, now);
+                let spawn = if self.is_frozen() {
+                    0
+                } else {
+                    st.to_spawn(&self.inner.cfg, now)
+                };
                 let demand = st.untargeted_waiters() > 0;
                 st.starting += spawn;
                 self.update_gauges(&st);
@@ -178,7 +182,7 @@ impl Pool {
     }
 
     /// Forwards a warm process's unsolicited notifications and notices its exit.
-    async fn watch(self, w: Arc<Process>) {
+    pub(super) async fn watch(self, w: Arc<Process>) {
         let mut events = w.subscribe();
         loop {
             tokio::select! {

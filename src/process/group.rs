@@ -44,7 +44,14 @@ impl Group {
     /// `process_group(0)`; call this in a tokio runtime (the exit watch
     /// registers a pidfd with it).
     pub fn leader(child: &tokio::process::Child) -> Self {
-        let pgid = child.id().unwrap_or(0);
+        Self::of(child.id().unwrap_or(0))
+    }
+
+    /// The group led by `pid`, a child of this process that leads its own
+    /// group and is not reaped: one spawned by this process's previous image
+    /// (before an in-place upgrade), adopted after `execve`. Call it in a
+    /// tokio runtime.
+    pub fn of(pgid: u32) -> Self {
         Self {
             pgid,
             reaped: Mutex::new(false),
@@ -92,6 +99,27 @@ impl Group {
     pub async fn reap(&self, child: &mut tokio::process::Child) -> std::io::Result<ExitStatus> {
         self.finish();
         child.wait().await
+    }
+
+    /// [`Self::reap`] for a leader this image did not spawn (no
+    /// `tokio::process::Child`): SIGKILLs the rest of the group, waits for
+    /// the leader's exit on its pidfd, then reaps it with `waitpid`.
+    pub async fn reap_pid(&self) -> std::io::Result<ExitStatus> {
+        use std::os::unix::process::ExitStatusExt;
+        self.finish();
+        if self.pgid <= 1 {
+            return Err(std::io::Error::other("no process to reap"));
+        }
+        let pid = Pid::from_raw(self.pgid as i32);
+        loop {
+            self.watch.wait().await;
+            match nix::sys::wait::waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => return Ok(ExitStatus::from_raw(code << 8)),
+                Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(ExitStatus::from_raw(sig as i32)),
+                Ok(_) => tokio::time::sleep(EXIT_POLL).await,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// [`Self::reap`] if the leader has exited, else `Ok(None)` and nothing

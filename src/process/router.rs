@@ -107,6 +107,18 @@ impl Router {
         self.max_server_requests = n.max(1);
     }
 
+    /// Continues ids after `last` (a process adopted from the previous
+    /// image keeps its numbering, so a late answer never matches a new
+    /// request).
+    pub fn resume_after(&mut self, last: u64) {
+        self.next = self.next.max(last);
+    }
+
+    /// The last id handed out.
+    pub fn last_id(&self) -> u64 {
+        self.next
+    }
+
     fn fresh(&mut self) -> u64 {
         self.next += 1;
         self.next

@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 /// How long connect failures are retried before the request fails.
 const CONNECT_RETRY_FOR: Duration = Duration::from_secs(5);
+/// Sends of one request on connections the broker closed under it, at most.
+const MAX_RESENDS: u32 = 3;
 /// First retry delay; doubles up to [`CONNECT_RETRY_MAX`].
 const CONNECT_RETRY_BASE: Duration = Duration::from_millis(50);
 const CONNECT_RETRY_MAX: Duration = Duration::from_millis(800);
@@ -244,6 +246,7 @@ impl Backend {
     ) -> Result<http::Response<Incoming>, BackendError> {
         let started = Instant::now();
         let mut delay = CONNECT_RETRY_BASE;
+        let mut resent = 0;
         loop {
             let mut req = Request::builder()
                 .method(method.clone())
@@ -276,6 +279,17 @@ impl Backend {
                         .inc();
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(CONNECT_RETRY_MAX);
+                }
+                // A kept-alive connection the broker closed (an upgrade
+                // closes idle ones) just as this request went out: no
+                // response head came, so no lease began; sending it again
+                // (on another connection) is safe.
+                Err(e) if resent < MAX_RESENDS && unsent(&e) => {
+                    resent += 1;
+                    self.metrics
+                        .broker_errors
+                        .with_label_values(&["resent"])
+                        .inc();
                 }
                 Err(e) => {
                     self.metrics
@@ -499,4 +513,28 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// Whether a request that failed before any response head can be sent
+/// again: its connection was closed or reset under it (before it was sent,
+/// while writing it, or before the broker answered). The broker answers a
+/// lease's head as soon as the process has the request, so a request that
+/// got no head began no lease (connect failures are retried separately).
+fn unsent(e: &hyper_util::client::legacy::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = src {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_canceled() || h.is_incomplete_message() {
+                return true;
+            }
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(io.kind(), BrokenPipe | ConnectionReset) {
+                return true;
+            }
+        }
+        src = err.source();
+    }
+    false
 }
