@@ -12,6 +12,7 @@ pub mod api;
 mod conn;
 mod error;
 pub mod lease;
+pub mod on_demand;
 pub mod reload;
 pub mod socket;
 
@@ -63,6 +64,10 @@ pub struct Broker {
     draining: AtomicBool,
     active: AtomicUsize,
     idle: Notify,
+    /// Set in a per-user broker: its on-demand pools.
+    on_demand: std::sync::OnceLock<on_demand::Registry>,
+    /// Set in a per-user broker: the only uid whose connections are served.
+    owner: std::sync::OnceLock<u32>,
 }
 
 impl Broker {
@@ -86,6 +91,8 @@ impl Broker {
             draining: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             idle: Notify::new(),
+            on_demand: std::sync::OnceLock::new(),
+            owner: std::sync::OnceLock::new(),
         });
         let pools = config
             .pools
@@ -128,6 +135,18 @@ impl Broker {
     /// Every pool, by name.
     pub fn pools(&self) -> Vec<Pool> {
         self.pools.read().expect("lock").values().cloned().collect()
+    }
+
+    /// Serves only connections whose peer runs as `uid` (a per-user
+    /// broker); others are answered `403` and closed before any request is
+    /// read. Called once at startup.
+    pub fn restrict_to_uid(&self, uid: u32) {
+        let _ = self.owner.set(uid);
+    }
+
+    /// The only uid served, when restricted.
+    pub fn owner_uid(&self) -> Option<u32> {
+        self.owner.get().copied()
     }
 
     /// Installs the ServiceAccount token verifier (`identity = "kubernetes"`).

@@ -14,6 +14,8 @@
 //!   turning each request into one lease.
 //! * [`shim`]: `mcp-broker connect`, a stdio MCP server for hosts that
 //!   spawn one, leasing from a pool per request.
+//! * [`user_broker`]: one user's own broker with on-demand pools for the
+//!   commands its shims name, started on first use.
 //! * [`up`]: broker and proxy in one process for a laptop.
 //! * [`bench`]: the node-local benchmark (`mcp-broker bench`).
 
@@ -36,4 +38,5 @@ pub mod runtime;
 pub mod shim;
 pub mod shutdown;
 pub mod up;
+pub mod user_broker;
 pub mod web;

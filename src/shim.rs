@@ -31,9 +31,11 @@
 //! The shim never imports the broker: it is a lease API client
 //! ([`crate::proxy::backend::Backend`]) like the proxy.
 
+pub mod on_demand;
 mod request;
 mod stdout;
 
+use crate::config::Mode;
 use crate::framing::{self, Frame, LineSplitter};
 use crate::jsonrpc::{self, codes, Kind};
 use crate::metrics::Metrics;
@@ -66,6 +68,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 const END_SESSION_WAIT: Duration = Duration::from_secs(2);
 /// At shutdown: time the writer gets to flush.
 const FLUSH_WAIT: Duration = Duration::from_secs(1);
+/// Bytes read from stdin at once (longer messages take several reads).
+const READ_BUFFER: usize = 16 * 1024;
 /// Longest wait for a call into the broker that is not a lease.
 const CALL_WAIT: Duration = Duration::from_secs(10);
 
@@ -86,6 +90,13 @@ pub struct ShimSettings {
     pub warm_wait: Duration,
     /// Longest life of one host request.
     pub request_timeout: Duration,
+    /// How this host session uses a named pool (`--mode`); `None`: as the
+    /// pool is configured. Checked against the pool's mode at first use
+    /// ([`mode_fits`]).
+    pub mode: Option<Mode>,
+    /// Keep the pool alive while the shim runs (an on-demand pool is
+    /// reaped once nothing holds it).
+    pub hold_pool: bool,
 }
 
 impl Default for ShimSettings {
@@ -98,6 +109,8 @@ impl Default for ShimSettings {
             max_inflight: DEFAULT_MAX_INFLIGHT,
             warm_wait: crate::proxy::DEFAULT_WARM_WAIT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            mode: None,
+            hold_pool: false,
         }
     }
 }
@@ -155,6 +168,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether a pool of mode `pool` can serve a host session that asked for
+/// `want`: the same mode, or shared use of a sticky pool (no session key).
+pub fn mode_fits(want: Mode, pool: Mode) -> bool {
+    want == pool || (want == Mode::Shared && pool == Mode::Sticky)
+}
+
 /// Runs the shim on the process's stdin and stdout until EOF or `shutdown`.
 pub async fn run(settings: ShimSettings, shutdown: CancellationToken) -> Ended {
     serve(settings, tokio::io::stdin(), tokio::io::stdout(), shutdown).await
@@ -200,7 +219,10 @@ where
     });
     tracing::debug!(pool = %shim.settings.pool, session = %shim.session, "shim reading stdin");
     let mut splitter = LineSplitter::new(shim.settings.max_message);
-    let mut buf = vec![0u8; 64 * 1024];
+    if shim.settings.hold_pool {
+        shim.tasks.spawn(shim.clone().hold_pool());
+    }
+    let mut buf = vec![0u8; READ_BUFFER];
     let mut frames = Vec::new();
     let ended = loop {
         let read = tokio::select! {
@@ -405,7 +427,7 @@ impl Shim {
                 // Exclusive pools hand it to the session's process.
                 let shim = self.clone();
                 self.tasks.spawn(async move {
-                    if let Err(e) = shim.backend.notify(&msg, Some(&shim.session)).await {
+                    if let Err(e) = shim.backend.notify(&msg, shim.lease_session()).await {
                         tracing::debug!("host notification not delivered: {e}");
                     }
                 });
@@ -413,9 +435,47 @@ impl Shim {
         }
     }
 
-    /// The pool's cached handshake, waiting for the first warm process.
+    /// The pool's cached handshake, waiting for the first warm process;
+    /// refused when the pool cannot give the `--mode` asked for.
     async fn pool_info(&self) -> Result<Arc<backend::PoolInfo>, backend::BackendError> {
-        self.backend.pool_info_wait(self.settings.warm_wait).await
+        let info = self.backend.pool_info_wait(self.settings.warm_wait).await?;
+        match self.settings.mode {
+            Some(want) if !mode_fits(want, info.mode) => {
+                Err(backend::BackendError::Unsupported(format!(
+                    "pool {:?} is {}; --mode {want} needs a pool configured with mode = \"{want}\"{} \
+                     (or an on-demand pool: mcp-broker connect --mode {want} -- CMD ARGS...)",
+                    self.settings.pool,
+                    info.mode,
+                    if want == Mode::Shared { " or \"sticky\"" } else { "" },
+                )))
+            }
+            _ => Ok(info),
+        }
+    }
+
+    /// The session key leases carry: none when the host asked for shared
+    /// use (any process per request, even in a sticky pool).
+    fn lease_session(&self) -> Option<&str> {
+        (self.settings.mode != Some(Mode::Shared)).then_some(self.session.as_str())
+    }
+
+    /// Holds a notification stream open until stop: a pool with a
+    /// connected shim is in use, so the per-user broker does not reap it.
+    async fn hold_pool(self: Arc<Self>) {
+        let held = tokio::select! {
+            l = self.backend.notifications(None) => l,
+            _ = self.relaying.cancelled() => return,
+        };
+        let Ok(mut lines) = held else {
+            tracing::debug!("cannot hold the on-demand pool's notification stream");
+            return;
+        };
+        loop {
+            tokio::select! {
+                m = lines.next() => if m.is_none() { return },
+                _ = self.relaying.cancelled() => return,
+            }
+        }
     }
 
     /// The capabilities the host declared at `initialize`.
@@ -469,7 +529,7 @@ impl Shim {
     /// session's process in exclusive pools) to the host until stop.
     async fn relay_notifications(self: Arc<Self>) {
         let mut lines = tokio::select! {
-            l = self.backend.notifications(Some(&self.session)) => match l {
+            l = self.backend.notifications(self.lease_session()) => match l {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::debug!("no notification stream from the broker: {e}");

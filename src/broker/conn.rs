@@ -381,5 +381,36 @@ pub async fn serve_connection(
         },
         Err(_) => Identity::default(),
     };
+    if let Some(owner) = broker.owner_uid() {
+        if peer.uid != Some(owner) {
+            refuse_peer(stream, owner, peer.uid).await;
+            return;
+        }
+    }
     serve(broker, stream, peer, shutdown).await
+}
+
+/// Answers a peer of another user `403` and closes, reading nothing.
+async fn refuse_peer(mut stream: UnixStream, owner: u32, uid: Option<u32>) {
+    tracing::warn!(?uid, owner, "refused a connection from another user");
+    let why = format!(
+        "this per-user broker serves only uid {owner}; the caller runs as {}",
+        uid.map_or_else(|| "an unknown uid".to_string(), |u| u.to_string())
+    );
+    let body = crate::jsonrpc::error(
+        serde_json::Value::Null,
+        crate::lease_api::codes::NOT_ALLOWED,
+        why,
+    )
+    .to_string();
+    let head = format!(
+        "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), write).await;
 }

@@ -134,7 +134,7 @@ async fn relay(
     // Dropping this call (cancel, deadline) closes its connection: the
     // broker takes the request out of the queue or cancels it.
     let started = tokio::select! {
-        l = shim.backend.lease(&msg, Some(&shim.session), lease) => l,
+        l = shim.backend.lease(&msg, shim.lease_session(), lease) => l,
         _ = entry.cancel.cancelled() => return cancelled(id.clone()),
         _ = sleep_until(deadline) => return timed_out(),
     };
