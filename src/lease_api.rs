@@ -14,7 +14,7 @@
 //! | `POST /v1/pools/{pool}/messages` (one JSON-RPC message) | request: `200`, `application/x-ndjson`: every message the process emits for it, the response last; header [`LEASE_HEADER`]. Notification: `202` |
 //! | `POST /v1/leases/{lease}` (a response or notification) | `202`: delivered to the process holding the lease |
 //! | `DELETE /v1/pools/{pool}/sessions/{session}` | `204`: session ended (exclusive process discarded) |
-//! | `GET /v1/pools/{pool}/events` | NDJSON stream of server notifications not tied to a request |
+//! | `GET /v1/pools/{pool}/events` | NDJSON stream of server notifications not tied to a request; with [`HOLD_QUERY`] and a session, the session ends when the stream closes |
 //! | `POST /v1/on-demand` ([`OnDemandRequest`]) | `200` [`OnDemandPool`]: the pool for that command, created on first use. Only a per-user broker (`mcp-broker user-broker`) answers it; any other broker refuses with `403` ([`codes::NOT_ALLOWED`]) |
 //! | `GET /livez`, `/readyz`, `/metrics` | health and Prometheus text |
 //!
@@ -40,6 +40,10 @@ pub const LEASE_HEADER: &str = "mcp-broker-lease";
 pub const MAX_SESSION_KEY: usize = 256;
 /// The pool list.
 pub const POOLS_PATH: &str = "/v1/pools";
+/// Query of `GET /v1/pools/{pool}/events`: the caller holds its session
+/// with this stream, which ends the session when it closes (the caller
+/// exited, even by `SIGKILL`), as `DELETE .../sessions/{session}` would.
+pub const HOLD_QUERY: &str = "hold=1";
 /// Where on-demand pools are asked for (per-user brokers only).
 pub const ON_DEMAND_PATH: &str = "/v1/on-demand";
 

@@ -94,9 +94,6 @@ pub struct ShimSettings {
     /// pool is configured. Checked against the pool's mode at first use
     /// ([`mode_fits`]).
     pub mode: Option<Mode>,
-    /// Keep the pool alive while the shim runs (an on-demand pool is
-    /// reaped once nothing holds it).
-    pub hold_pool: bool,
 }
 
 impl Default for ShimSettings {
@@ -110,7 +107,6 @@ impl Default for ShimSettings {
             warm_wait: crate::proxy::DEFAULT_WARM_WAIT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             mode: None,
-            hold_pool: false,
         }
     }
 }
@@ -219,9 +215,7 @@ where
     });
     tracing::debug!(pool = %shim.settings.pool, session = %shim.session, "shim reading stdin");
     let mut splitter = LineSplitter::new(shim.settings.max_message);
-    if shim.settings.hold_pool {
-        shim.tasks.spawn(shim.clone().hold_pool());
-    }
+    shim.tasks.spawn(shim.clone().hold_session());
     let mut buf = vec![0u8; READ_BUFFER];
     let mut frames = Vec::new();
     let ended = loop {
@@ -459,16 +453,21 @@ impl Shim {
         (self.settings.mode != Some(Mode::Shared)).then_some(self.session.as_str())
     }
 
-    /// Holds a notification stream open until stop: a pool with a
-    /// connected shim is in use, so the per-user broker does not reap it.
-    async fn hold_pool(self: Arc<Self>) {
+    /// Holds the session with an open stream until stop: if the shim dies
+    /// (even by SIGKILL) the broker ends the session when the stream
+    /// closes, and a pool with a connected shim is in use, so the per-user
+    /// broker does not reap it.
+    async fn hold_session(self: Arc<Self>) {
         let held = tokio::select! {
-            l = self.backend.notifications(None) => l,
+            l = self.backend.hold_session(&self.session) => l,
             _ = self.relaying.cancelled() => return,
         };
-        let Ok(mut lines) = held else {
-            tracing::debug!("cannot hold the on-demand pool's notification stream");
-            return;
+        let mut lines = match held {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!("cannot hold the session at the broker: {e}");
+                return;
+            }
         };
         loop {
             tokio::select! {

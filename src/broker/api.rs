@@ -258,8 +258,10 @@ where
         (&Method::GET, ["v1", "pools", name, "events"]) => {
             let who = who.take().unwrap_or_default();
             let caller = super::affinity::caller_key(&who);
+            let hold = req.uri().query() == Some(crate::lease_api::HOLD_QUERY);
             resolve(&broker, name, &who).and_then(|p| {
-                session_of(req.headers(), &caller).map(|s| lease::notifications(&broker, &p, s))
+                session_of(req.headers(), &caller)
+                    .map(|s| lease::notifications(&broker, &p, s, hold))
             })
         }
         (&Method::POST, ["v1", "on-demand"]) => Box::pin(on_demand(&broker, req)).await,

@@ -410,7 +410,18 @@ async fn refuse_peer(mut stream: UnixStream, owner: u32, uid: Option<u32>) {
     let write = async {
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(body.as_bytes()).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        // Closing with the peer's request unread would reset the connection
+        // before it reads the answer: drain (bounded) until it hangs up.
+        let mut sink = [0u8; 4096];
+        let mut left = MAX_HEADER_BYTES;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        Ok::<_, std::io::Error>(())
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), write).await;
 }

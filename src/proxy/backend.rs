@@ -485,7 +485,22 @@ impl Backend {
 
     /// The pool's stream of server notifications not tied to a request.
     pub async fn notifications(&self, session: Option<&str>) -> Result<Lines, BackendError> {
-        let path = lease_api::notifications_path(&self.pool);
+        self.events(lease_api::notifications_path(&self.pool), session)
+            .await
+    }
+
+    /// The same stream, holding `session`: the broker ends the session when
+    /// it closes (this process exited, however it did).
+    pub async fn hold_session(&self, session: &str) -> Result<Lines, BackendError> {
+        let path = format!(
+            "{}?{}",
+            lease_api::notifications_path(&self.pool),
+            lease_api::HOLD_QUERY
+        );
+        self.events(path, Some(session)).await
+    }
+
+    async fn events(&self, path: String, session: Option<&str>) -> Result<Lines, BackendError> {
         let r = self
             .send(Method::GET, &path, session, None, Bytes::new())
             .await?;

@@ -118,7 +118,6 @@ pub async fn prepare(
     settings.socket = socket;
     settings.pool = got.pool;
     settings.mode = None;
-    settings.hold_pool = true;
     Ok(())
 }
 
