@@ -8,11 +8,11 @@ mod harness;
 mod stdio_host;
 
 use harness::*;
-use stdio_host::{Host, WAIT};
 use mcp_broker::jsonrpc::codes;
 use serde_json::{json, Value};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use stdio_host::{Host, WAIT};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;

@@ -89,7 +89,11 @@ impl User {
 fn get(socket: &Path, path: &str) -> (u16, String) {
     let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connects");
     s.set_read_timeout(Some(LIMIT)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let status = out[9..12].parse().unwrap();
@@ -112,7 +116,12 @@ async fn whoami(h: &mut Host, id: u64) -> u32 {
 
 fn alive(pid: u32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    !stat.is_empty() && stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z")
+    !stat.is_empty()
+        && stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next())
+            != Some("Z")
 }
 
 #[tokio::test]
@@ -122,7 +131,10 @@ async fn concurrent_first_use_starts_one_broker_and_one_pool() {
     let mut pids = Vec::new();
     for (i, h) in hosts.iter_mut().enumerate() {
         let init = h.initialize(json!({})).await;
-        assert_eq!(init["result"]["serverInfo"]["name"], "mcp-fixture", "{init}");
+        assert_eq!(
+            init["result"]["serverInfo"]["name"], "mcp-fixture",
+            "{init}"
+        );
         pids.push(whoami(h, i as u64 + 1).await);
     }
     assert_eq!(u.brokers().len(), 1, "exactly one per-user broker");
@@ -165,7 +177,10 @@ async fn a_killed_broker_is_replaced_and_its_stale_socket_removed() {
     assert!(std::os::unix::net::UnixStream::connect(u.socket()).is_err());
     let mut h = u.shim(&[]);
     let init = h.initialize(json!({})).await;
-    assert_eq!(init["result"]["serverInfo"]["name"], "mcp-fixture", "{init}");
+    assert_eq!(
+        init["result"]["serverInfo"]["name"], "mcp-fixture",
+        "{init}"
+    );
     whoami(&mut h, 1).await;
     let second = u.broker_pid().unwrap();
     assert_ne!(first, second);
