@@ -120,9 +120,12 @@ enum Command {
         /// How long an on-demand pool stays after its last use.
         #[arg(long, default_value = "5m", value_parser = config::parse_duration)]
         pool_idle_timeout: Duration,
-        /// Processes one on-demand pool runs at most.
+        /// Processes one exclusive or sticky on-demand pool runs at most.
         #[arg(long, default_value_t = mcp_broker::broker::on_demand::DEFAULT_MAX_PROCESSES)]
         max_processes: usize,
+        /// Processes one shared on-demand pool runs at most.
+        #[arg(long, default_value_t = mcp_broker::broker::on_demand::DEFAULT_MAX_SHARED)]
+        max_shared_processes: usize,
     },
     /// Broker and proxy in one process: any stdio server becomes a pooled
     /// Streamable HTTP server.
@@ -379,10 +382,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             socket,
             pool_idle_timeout,
             max_processes,
+            max_shared_processes,
         } => {
             let settings = mcp_broker::broker::on_demand::OnDemandSettings {
                 idle_timeout: pool_idle_timeout,
                 max_processes: max_processes.max(1),
+                max_shared: max_shared_processes.max(1),
             };
             Ok(mcp_broker::user_broker::run(socket, settings, shutdown).await?)
         }

@@ -33,6 +33,7 @@
 
 pub mod on_demand;
 mod request;
+mod stdio;
 mod stdout;
 
 use crate::config::Mode;
@@ -172,7 +173,7 @@ pub fn mode_fits(want: Mode, pool: Mode) -> bool {
 
 /// Runs the shim on the process's stdin and stdout until EOF or `shutdown`.
 pub async fn run(settings: ShimSettings, shutdown: CancellationToken) -> Ended {
-    serve(settings, tokio::io::stdin(), tokio::io::stdout(), shutdown).await
+    serve(settings, stdio::input(), stdio::output(), shutdown).await
 }
 
 /// Runs the shim on `input` and `output` until EOF, a read error or

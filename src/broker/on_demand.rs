@@ -20,7 +20,7 @@
 
 use super::api::ApiError;
 use super::Broker;
-use crate::config::{self, raw::RawPool, PoolConfig};
+use crate::config::{self, raw::RawPool, Mode, PoolConfig};
 use crate::lease_api::{OnDemandPool, OnDemandRequest};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -31,8 +31,11 @@ use tokio_util::sync::CancellationToken;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// On-demand pools one per-user broker holds at most.
 pub const MAX_POOLS: usize = 128;
-/// Processes one on-demand pool runs at most.
+/// Processes one sticky or exclusive on-demand pool runs at most (one per
+/// host session, plus the spare).
 pub const DEFAULT_MAX_PROCESSES: usize = 16;
+/// Processes one shared on-demand pool runs at most (sessions take turns).
+pub const DEFAULT_MAX_SHARED: usize = 4;
 /// Broker variables every on-demand server gets (when the broker has them).
 pub const BASE_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "TMPDIR"];
 /// Longest accepted command line (command plus args), in bytes.
@@ -43,8 +46,10 @@ const MAX_COMMAND_BYTES: usize = 64 * 1024;
 pub struct OnDemandSettings {
     /// How long a pool stays after its last use.
     pub idle_timeout: Duration,
-    /// Processes per pool at most.
+    /// Processes per sticky or exclusive pool at most.
     pub max_processes: usize,
+    /// Processes per shared pool at most.
+    pub max_shared: usize,
 }
 
 impl Default for OnDemandSettings {
@@ -52,6 +57,7 @@ impl Default for OnDemandSettings {
         Self {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_processes: DEFAULT_MAX_PROCESSES,
+            max_shared: DEFAULT_MAX_SHARED,
         }
     }
 }
@@ -117,7 +123,10 @@ pub fn pool_config(
         mode: Some(req.mode),
         // One warm spare: a new host session never waits for a cold start.
         min_idle: Some(1),
-        max: Some(settings.max_processes.max(1)),
+        max: Some(match req.mode {
+            Mode::Shared => settings.max_shared.max(1),
+            Mode::Sticky | Mode::Exclusive => settings.max_processes.max(1),
+        }),
         idle_timeout: Some(settings.idle_timeout),
         ..RawPool::default()
     };
@@ -241,7 +250,6 @@ pub async fn reaper(broker: Arc<Broker>, shutdown: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Mode;
 
     fn req(cmd: &str) -> OnDemandRequest {
         OnDemandRequest {
@@ -261,6 +269,10 @@ mod tests {
         assert_eq!(c.min_idle, 1);
         assert_eq!(c.mode, Mode::Exclusive);
         assert_eq!(c.max, DEFAULT_MAX_PROCESSES);
+        let mut shared = req("/bin/x");
+        shared.mode = Mode::Shared;
+        let c = pool_config("p", &shared, &OnDemandSettings::default(), 1024).unwrap();
+        assert_eq!(c.max, DEFAULT_MAX_SHARED);
     }
 
     #[test]

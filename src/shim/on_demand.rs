@@ -103,11 +103,10 @@ pub async fn prepare(
     );
     let mut attempt = 0;
     let got = loop {
-        let (s, e) = (socket.clone(), exe.clone());
-        // Blocking connects, a file lock and a bounded wait for the start.
-        tokio::task::spawn_blocking(move || autostart::ensure_running(&s, &e, &[]))
-            .await
-            .map_err(|e| OnDemandError::Exe(std::io::Error::other(e)))??;
+        // Blocking (a connect, at most a file lock and a bounded wait for a
+        // start) on the runtime's only thread: nothing else runs yet, and a
+        // blocking-pool thread would stay resident for the shim's life.
+        autostart::ensure_running(&socket, &exe, &[])?;
         match backend.on_demand_pool(&req).await {
             // The broker went away between the check and the call: once more.
             Err(BackendError::Unreachable { .. }) if attempt == 0 => attempt += 1,
