@@ -31,6 +31,7 @@
 //! The shim never imports the broker: it is a lease API client
 //! ([`crate::proxy::backend::Backend`]) like the proxy.
 
+mod held;
 pub mod on_demand;
 mod request;
 mod stdio;
@@ -151,6 +152,8 @@ struct Shim {
     inflight: Mutex<HashMap<String, Arc<InFlight>>>,
     /// Server→client requests waiting for the host, by the shim's id.
     asks: Mutex<HashMap<String, Ask>>,
+    /// Leases held for a 2026-07-28 host's retry, by request state.
+    held: Mutex<HashMap<String, held::Held>>,
     next_ask: AtomicU64,
     /// One permit per running lease.
     slots: Arc<Semaphore>,
@@ -209,6 +212,7 @@ where
         host: Mutex::new(HostInfo::default()),
         inflight: Mutex::new(HashMap::new()),
         asks: Mutex::new(HashMap::new()),
+        held: Mutex::new(HashMap::new()),
         next_ask: AtomicU64::new(1),
         tasks: TaskTracker::new(),
         relaying: CancellationToken::new(),
@@ -372,7 +376,11 @@ impl Shim {
                     return self.out.send(jsonrpc::error(id, code, message)).await;
                 }
                 let host = if modern_host {
-                    Host::Modern
+                    let caps = jsonrpc::meta(&msg)
+                        .and_then(|m| m.get(protocol::META_CLIENT_CAPABILITIES))
+                        .cloned()
+                        .unwrap_or(json!({}));
+                    Host::Modern(caps)
                 } else {
                     Host::Legacy
                 };
@@ -568,6 +576,8 @@ impl Shim {
                 json!({"reason": reason}),
             ));
         }
+        // Held leases end with their streams (the broker cancels them).
+        lock(&self.held).clear();
         self.tasks.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait())
             .await

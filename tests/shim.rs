@@ -14,8 +14,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use stdio_host::{Host, WAIT};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::mpsc;
+use tokio::process::Command;
 
 async fn broker(max: usize) -> TestBroker {
     let mut p = fixture_pool("fx", &[]);

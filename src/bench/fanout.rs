@@ -39,8 +39,11 @@ pub struct FanRow {
     pub sessions: usize,
     /// Processes running with every session open (shims, broker, servers).
     pub processes: usize,
-    /// Their total resident memory.
+    /// Their total resident memory (shared pages counted in every process).
     pub rss_mib: f64,
+    /// Their total proportional set size (shared pages divided among
+    /// their sharers): the memory they really cost.
+    pub pss_mib: f64,
     /// Mean RSS of one session's own process (the server, or the shim).
     pub session_rss_mib: f64,
     /// Spawn to `initialize` answer, median and worst.
@@ -63,6 +66,17 @@ pub struct Fanout<'a> {
     pub start_timeout: Duration,
     /// The `mcp-broker` the sessions spawn as their shim (default: this one).
     pub shim_exe: Option<&'a Path>,
+}
+
+/// `Pss` of `pid` in bytes (0 if gone).
+fn pss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            let l = s.lines().find(|l| l.starts_with("Pss:"))?;
+            l.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib * 1024)
 }
 
 fn quantile(v: &mut [f64], q: f64) -> f64 {
@@ -220,6 +234,7 @@ impl Fanout<'_> {
         let me = std::process::id();
         let pids = sys::descendants(me);
         let rss: u64 = pids.iter().map(|p| sys::rss(&p.to_string())).sum();
+        let pss: u64 = pids.iter().map(|p| pss(*p)).sum();
         let own: u64 = sessions.iter().map(|s| sys::rss(&s.pid.to_string())).sum();
         for s in &sessions {
             s.stop().await;
@@ -231,6 +246,7 @@ impl Fanout<'_> {
             sessions: n,
             processes: pids.len(),
             rss_mib: mib(rss),
+            pss_mib: mib(pss),
             session_rss_mib: mib(own) / n.max(1) as f64,
             init_p50_ms: quantile(&mut inits, 0.5),
             init_max_ms: quantile(&mut inits, 1.0),
@@ -240,9 +256,10 @@ impl Fanout<'_> {
             errors: errors + load_errors,
         };
         eprintln!(
-            "bench: fanout {how:>14} N={n:<3} {:>4} procs {:>8.1} MiB  init p50 {:.1} ms  first answer p50 {:.1} ms (max {:.1})  {:.0} req/s{}",
+            "bench: fanout {how:>14} N={n:<3} {:>4} procs {:>8.1} MiB RSS {:>8.1} MiB PSS  init p50 {:.1} ms  first answer p50 {:.1} ms (max {:.1})  {:.0} req/s{}",
             row.processes,
             row.rss_mib,
+            row.pss_mib,
             row.init_p50_ms,
             row.first_p50_ms,
             row.first_max_ms,
@@ -292,7 +309,7 @@ fn main_row(f: &FanRow) -> Row {
         gateway_cpu: None,
         gateway_rss_mib: None,
         servers_cpu: None,
-        servers_rss_mib: Some(f.rss_mib),
+        servers_rss_mib: Some(f.pss_mib),
     }
 }
 
@@ -305,20 +322,24 @@ pub fn markdown(rows: &[FanRow], server: &[String]) -> String {
          Processes and RSS: everything running with all N sessions open (shims, \
          per-user broker and pool processes included). Time to first answer: from \
          spawning the session's command to the answer of its first `tools/call`; \
-         the shim's pools were warm. In the main table these rows show time to \
-         first answer as p50/p99 and total RSS as servers RSS.\n",
+         the shim's pools were warm. RSS counts shared pages (the binary's text, \
+         libraries) in every process; PSS divides them among their sharers. RSS \
+         per session: the session's own process (the server, or the shim). In the \
+         main table these rows show time to first answer as p50/p99 and total PSS \
+         as servers RSS.\n",
         server.join(" ")
     );
-    s.push_str("| how | N | processes | total RSS MiB | RSS per session MiB | init p50 ms | init max ms | first answer p50 ms | first answer max ms | req/s | errors |\n");
-    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("| how | N | processes | total RSS MiB | total PSS MiB | RSS per session MiB | init p50 ms | init max ms | first answer p50 ms | first answer max ms | req/s | errors |\n");
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {} |",
             r.how,
             r.sessions,
             r.processes,
             r.rss_mib,
+            r.pss_mib,
             r.session_rss_mib,
             r.init_p50_ms,
             r.init_max_ms,

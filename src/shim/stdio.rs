@@ -43,34 +43,37 @@ fn socket(fd: OwnedFd) -> Option<tokio::net::UnixStream> {
     tokio::net::UnixStream::from_std(s).ok()
 }
 
+/// A pollable duplicate of stdin or stdout when it is a pipe (`fifo` wraps
+/// it) or a socket (`sock` wraps it); `None` for anything else.
+fn polled<T>(
+    fd: std::io::Result<OwnedFd>,
+    fifo: impl FnOnce(OwnedFd) -> std::io::Result<T>,
+    sock: impl FnOnce(tokio::net::UnixStream) -> T,
+) -> Option<T> {
+    let fd = fd.ok()?;
+    match kind(&fd) {
+        Kind::Fifo => fifo(fd).ok(),
+        Kind::Socket => socket(fd).map(sock),
+        Kind::Other => None,
+    }
+}
+
 /// Stdin, polled when it is a pipe or socket. Call inside the runtime.
 pub fn input() -> Input {
-    let polled: Option<Input> = std::io::stdin()
-        .as_fd()
-        .try_clone_to_owned()
-        .ok()
-        .and_then(|fd| match kind(&fd) {
-            Kind::Fifo => tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
-                .ok()
-                .map(|r| Box::new(r) as Input),
-            Kind::Socket => socket(fd).map(|s| Box::new(s) as Input),
-            Kind::Other => None,
-        });
-    polled.unwrap_or_else(|| Box::new(tokio::io::stdin()))
+    polled(
+        std::io::stdin().as_fd().try_clone_to_owned(),
+        |fd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).map(|r| Box::new(r) as Input),
+        |s| Box::new(s) as Input,
+    )
+    .unwrap_or_else(|| Box::new(tokio::io::stdin()))
 }
 
 /// Stdout, polled when it is a pipe or socket. Call inside the runtime.
 pub fn output() -> Output {
-    let polled: Option<Output> = std::io::stdout()
-        .as_fd()
-        .try_clone_to_owned()
-        .ok()
-        .and_then(|fd| match kind(&fd) {
-            Kind::Fifo => tokio::net::unix::pipe::Sender::from_owned_fd(fd)
-                .ok()
-                .map(|w| Box::new(w) as Output),
-            Kind::Socket => socket(fd).map(|s| Box::new(s) as Output),
-            Kind::Other => None,
-        });
-    polled.unwrap_or_else(|| Box::new(tokio::io::stdout()))
+    polled(
+        std::io::stdout().as_fd().try_clone_to_owned(),
+        |fd| tokio::net::unix::pipe::Sender::from_owned_fd(fd).map(|w| Box::new(w) as Output),
+        |s| Box::new(s) as Output,
+    )
+    .unwrap_or_else(|| Box::new(tokio::io::stdout()))
 }
