@@ -335,3 +335,39 @@ async fn a_node_broker_never_runs_commands_callers_name() {
     assert_eq!(b.broker.pools().len(), 1);
     b.stop().await;
 }
+
+#[tokio::test]
+async fn an_unused_on_demand_pool_is_reaped() {
+    let u = User::new();
+    let socket = u.socket();
+    std::fs::create_dir(socket.parent().unwrap()).unwrap();
+    let _broker = Command::new(env!("CARGO_BIN_EXE_mcp-broker"))
+        .args(["user-broker", "--pool-idle-timeout", "300ms", "--socket"])
+        .arg(&socket)
+        .env(TAG_VAR, &u.tag)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_until(LIMIT, || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    })
+    .await;
+    let mut h = u.shim(&["--shared"]);
+    h.initialize(json!({})).await;
+    let server = whoami(&mut h, 1).await;
+    // A connected shim holds the pool, however long it is idle: nothing to
+    // wait on for something that must not happen, so three idle timeouts.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(pools(&socket).len(), 1, "reaped while a shim was connected");
+    assert!(h.close(LIMIT).await.success());
+    // Then nothing uses it: the pool and its processes go.
+    wait_until(LIMIT, || pools(&socket).is_empty() && !alive(server)).await;
+    // And the next use creates it again.
+    let mut h = u.shim(&["--shared"]);
+    h.initialize(json!({})).await;
+    whoami(&mut h, 1).await;
+    assert_eq!(pools(&socket).len(), 1);
+    assert!(h.close(LIMIT).await.success());
+    // SIGTERM: the broker stops its pool's processes itself.
+    u.stop().await;
+}
