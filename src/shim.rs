@@ -18,7 +18,8 @@
 //! * A server→client request reaches the host only when the host declared
 //!   the capability it needs; it is forwarded under an id of the shim's own
 //!   and the host's answer goes back into the lease that asked, under the
-//!   server's id. Otherwise the server gets `-32601`, as from the proxy.
+//!   server's id (a 2026-07-28 host gets it as an `InputRequiredResult`,
+//!   [`held`]). Otherwise the server gets `-32601`, as from the proxy.
 //! * At most [`ShimSettings::max_inflight`] leases run at once; more host
 //!   requests wait (bounded in number and time).
 //! * A line from the host that is not JSON gets `-32700`; one over the size
@@ -26,7 +27,8 @@
 //!   sends can make the shim panic.
 //! * Every wait is bounded. At stdin EOF, SIGTERM or SIGINT the shim cancels
 //!   every in-flight lease, ends its session at the broker and exits within
-//!   a few seconds.
+//!   a few seconds; if it dies instead, the broker ends the session when the
+//!   stream holding it closes ([`Shim::hold_session`]).
 //!
 //! The shim never imports the broker: it is a lease API client
 //! ([`crate::proxy::backend::Backend`]) like the proxy.
