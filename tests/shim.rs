@@ -254,3 +254,29 @@ async fn list_changed_notifications_reach_a_handshake_era_host() {
     assert!(status.success());
     b.stop().await;
 }
+
+#[tokio::test]
+async fn mode_the_pool_cannot_give_is_a_clear_error() {
+    let b = broker(1).await;
+    // The fixture pool is shared: exclusive use of it is refused at initialize.
+    let mut h = Host::spawn(&b, "fx", &["--mode", "exclusive"]).await;
+    let init = h.initialize(json!({})).await;
+    assert_eq!(code_of(&init), codes::INVALID_REQUEST, "{init}");
+    let msg = init["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("is shared") && msg.contains("--mode exclusive"),
+        "{msg}"
+    );
+    assert!(h.close(WAIT).await.success());
+    // Shared use of a shared pool works.
+    let mut h = Host::spawn(&b, "fx", &["--mode", "shared"]).await;
+    let init = h.initialize(json!({})).await;
+    assert_eq!(
+        init["result"]["serverInfo"]["name"], "mcp-fixture",
+        "{init}"
+    );
+    let (_, r) = h.call(&tool(1, "echo", json!({"text": "shared"}))).await;
+    assert_eq!(text_of(&r), "shared");
+    assert!(h.close(WAIT).await.success());
+    b.stop().await;
+}
