@@ -10,6 +10,9 @@
 //! * `exclusive` — an exclusive pool: one warm process per session;
 //! * `spawn` — start the server, initialize, call, kill, per request;
 //! * `peer:NAME` — another gateway started from a command template;
+//! * `fanout` — N host sessions each spawning the server directly vs through
+//!   `mcp-broker connect` (shared and exclusive on-demand pools): processes,
+//!   RSS, time to first answer, throughput ([`fanout`]);
 //! * `memory` — broker and proxy as separate processes: idle RSS of each,
 //!   and the broker's RSS with `--queued` calls waiting on a pool of 1
 //!   ([`memory`]).
@@ -18,10 +21,11 @@
 //! request is an error, never a success); everything the bench starts runs
 //! on loopback or a private socket and is stopped before the next scenario;
 //! every wait is bounded. Results go to `--out`: `results.md`, `chart.svg`,
-//! `results.json` (and `memory.json` with the memory scenario).
+//! `results.json` (and `memory.json`, `fanout.json` with those scenarios).
 
 pub mod children;
 pub mod client;
+pub mod fanout;
 pub mod load;
 pub mod memory;
 pub mod probe;
@@ -48,11 +52,12 @@ pub struct BenchArgs {
     /// Directory for results.md, chart.svg and results.json.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
-    /// Scenarios to run: ceiling, direct, pool, exclusive, spawn, peer, memory.
+    /// Scenarios to run: ceiling, direct, pool, exclusive, spawn, peer,
+    /// fanout, memory.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ceiling,direct,pool,exclusive,spawn,peer,memory"
+        default_value = "ceiling,direct,pool,exclusive,spawn,peer,fanout,memory"
     )]
     pub scenarios: Vec<String>,
     /// Concurrency levels (sessions, each with one request in flight).
@@ -100,6 +105,16 @@ pub struct BenchArgs {
     /// Longest wait for pools, servers and peers to start.
     #[arg(long, value_parser = config::parse_duration, default_value = "60s")]
     pub start_timeout: Duration,
+    /// Host sessions of the fanout scenario [default: 1,8,32,64; --quick: 1,8].
+    #[arg(long, value_delimiter = ',')]
+    pub fanout: Vec<usize>,
+    /// Calls each fanout session makes, one at a time, for throughput.
+    #[arg(long, default_value_t = 50)]
+    pub fanout_calls: u64,
+    /// The `mcp-broker` binary fanout sessions spawn as their shim, e.g. the
+    /// client build (`--no-default-features`) [default: this binary].
+    #[arg(long)]
+    pub shim_exe: Option<PathBuf>,
     /// Calls put in the broker's queue at once by the memory scenario.
     #[arg(long, default_value_t = 10_000)]
     pub queued: usize,
@@ -135,6 +150,7 @@ struct Ctx {
     rt: ServerRt,
     rows: Vec<Row>,
     memory: Vec<memory::MemRow>,
+    fanout: Vec<fanout::FanRow>,
     shutdown: CancellationToken,
 }
 
@@ -158,7 +174,18 @@ pub async fn run(mut args: BenchArgs, shutdown: CancellationToken) -> anyhow::Re
         args.pools = vec![2];
         args.duration = None;
         args.queued = args.queued.min(1000);
+        args.fanout_calls = args.fanout_calls.min(10);
+        if args.fanout.is_empty() {
+            args.fanout = fanout::QUICK_LEVELS.to_vec();
+        }
     }
+    if args.fanout.is_empty() {
+        args.fanout = fanout::LEVELS.to_vec();
+    }
+    anyhow::ensure!(
+        args.fanout.iter().all(|n| *n > 0),
+        "--fanout needs positive session counts"
+    );
     anyhow::ensure!(args.queued > 0, "--queued needs at least 1");
     anyhow::ensure!(
         !args.concurrency.is_empty() && args.concurrency.iter().all(|c| *c > 0),
@@ -209,10 +236,12 @@ pub async fn run(mut args: BenchArgs, shutdown: CancellationToken) -> anyhow::Re
         rt: ServerRt(Some(targets::server_runtime(args.server_threads.into())?)),
         rows: Vec::new(),
         memory: Vec::new(),
+        fanout: Vec::new(),
         shutdown,
         args,
     };
     let wants = |s: &str| ctx.args.scenarios.iter().any(|x| x == s);
+    let w_fanout = wants("fanout");
     let (w_ceiling, w_direct, w_pool, w_excl, w_spawn, w_peer, w_mem) = (
         wants("ceiling"),
         wants("direct"),
@@ -247,6 +276,9 @@ pub async fn run(mut args: BenchArgs, shutdown: CancellationToken) -> anyhow::Re
             report_err(&format!("peer {p}"), peer(&mut ctx, &p).await);
         }
     }
+    if w_fanout {
+        report_err("fanout", fanout_set(&mut ctx).await);
+    }
     if w_mem {
         report_err("memory", memory_set(&mut ctx).await);
     }
@@ -255,6 +287,13 @@ pub async fn run(mut args: BenchArgs, shutdown: CancellationToken) -> anyhow::Re
     } else {
         report::markdown(&ctx.rows, &header)
     };
+    if !ctx.fanout.is_empty() {
+        md.push_str(&fanout::markdown(&ctx.fanout, &ctx.cmd));
+        std::fs::write(
+            ctx.args.out.join("fanout.json"),
+            serde_json::to_string_pretty(&ctx.fanout)?,
+        )?;
+    }
     if !ctx.memory.is_empty() {
         md.push_str(&memory::markdown(&ctx.memory));
         std::fs::write(
@@ -270,6 +309,28 @@ pub async fn run(mut args: BenchArgs, shutdown: CancellationToken) -> anyhow::Re
     )?;
     println!("{md}");
     println!("(written to {})", ctx.args.out.display());
+    Ok(())
+}
+
+/// The fanout scenario set, on the bench's server command.
+async fn fanout_set(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let f = fanout::Fanout {
+        server: &ctx.cmd,
+        template: ctx.template.clone(),
+        out: &ctx.args.out,
+        calls_per_session: ctx.args.fanout_calls.max(1),
+        timeout: ctx.args.timeout,
+        start_timeout: ctx.args.start_timeout,
+        shim_exe: ctx.args.shim_exe.as_deref(),
+    };
+    let levels = ctx.args.fanout.clone();
+    let run = f.run(&levels);
+    let (fan, rows) = tokio::select! {
+        r = run => r?,
+        _ = ctx.shutdown.cancelled() => anyhow::bail!("interrupted"),
+    };
+    ctx.fanout = fan;
+    ctx.rows.extend(rows);
     Ok(())
 }
 

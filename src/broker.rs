@@ -12,6 +12,7 @@ pub mod api;
 mod conn;
 mod error;
 pub mod lease;
+pub mod on_demand;
 pub mod reload;
 pub mod socket;
 mod tenants;
@@ -72,6 +73,10 @@ pub struct Broker {
     closing: AtomicBool,
     /// Set once the broker holds its listening socket.
     serving: AtomicBool,
+    /// Set in a per-user broker: its on-demand pools.
+    on_demand: std::sync::OnceLock<on_demand::Registry>,
+    /// Set in a per-user broker: the only uid whose connections are served.
+    owner: std::sync::OnceLock<u32>,
 }
 
 impl Broker {
@@ -122,6 +127,8 @@ impl Broker {
             limiter,
             closing: AtomicBool::new(false),
             serving: AtomicBool::new(false),
+            on_demand: std::sync::OnceLock::new(),
+            owner: std::sync::OnceLock::new(),
         });
         let mut adopted = Vec::new();
         let pools = config
@@ -206,6 +213,18 @@ impl Broker {
     /// Every pool, by name.
     pub fn pools(&self) -> Vec<Pool> {
         self.pools.read().expect("lock").values().cloned().collect()
+    }
+
+    /// Serves only connections whose peer runs as `uid` (a per-user
+    /// broker); others are answered `403` and closed before any request is
+    /// read. Called once at startup.
+    pub fn restrict_to_uid(&self, uid: u32) {
+        let _ = self.owner.set(uid);
+    }
+
+    /// The only uid served, when restricted.
+    pub fn owner_uid(&self) -> Option<u32> {
+        self.owner.get().copied()
     }
 
     /// Installs the ServiceAccount token verifier (`identity = "kubernetes"`).

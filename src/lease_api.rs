@@ -14,7 +14,8 @@
 //! | `POST /v1/pools/{pool}/messages` (one JSON-RPC message) | request: `200`, `application/x-ndjson`: every message the process emits for it, the response last; header [`LEASE_HEADER`]. Notification: `202` |
 //! | `POST /v1/leases/{lease}` (a response or notification) | `202`: delivered to the process holding the lease |
 //! | `DELETE /v1/pools/{pool}/sessions/{session}` | `204`: session ended (exclusive process discarded) |
-//! | `GET /v1/pools/{pool}/events` | NDJSON stream of server notifications not tied to a request |
+//! | `GET /v1/pools/{pool}/events` | NDJSON stream of server notifications not tied to a request; with [`HOLD_QUERY`] and a session, the session ends when the stream closes |
+//! | `POST /v1/on-demand` ([`OnDemandRequest`]) | `200` [`OnDemandPool`]: the pool for that command, created on first use. Only a per-user broker (`mcp-broker user-broker`) answers it; any other broker refuses with `403` ([`codes::NOT_ALLOWED`]) |
 //! | `GET /livez`, `/readyz`, `/metrics` | health and Prometheus text |
 //!
 //! Failures before a process was reached answer with an HTTP error status
@@ -39,6 +40,12 @@ pub const LEASE_HEADER: &str = "mcp-broker-lease";
 pub const MAX_SESSION_KEY: usize = 256;
 /// The pool list.
 pub const POOLS_PATH: &str = "/v1/pools";
+/// Query of `GET /v1/pools/{pool}/events`: the caller holds its session
+/// with this stream, which ends the session when it closes (the caller
+/// exited, even by `SIGKILL`), as `DELETE .../sessions/{session}` would.
+pub const HOLD_QUERY: &str = "hold=1";
+/// Where on-demand pools are asked for (per-user brokers only).
+pub const ON_DEMAND_PATH: &str = "/v1/on-demand";
 
 /// The broker's own JSON-RPC error codes. JSON-RPC reserves -32768..-32000
 /// and MCP claims -32020..-32099 of it, so these live just outside, in
@@ -152,6 +159,34 @@ pub struct PoolStatus {
     pub waiting: usize,
     pub failures: u32,
     pub last_error: Option<String>,
+}
+
+/// `POST /v1/on-demand`: the pool that runs exactly this command. Two
+/// requests get the same pool when every field is equal.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnDemandRequest {
+    /// The program (looked up in the broker's `PATH` when not a path).
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Absolute working directory of the server.
+    pub cwd: String,
+    /// The only variables the server gets besides the broker's base set
+    /// (`PATH`, `HOME`, `USER`, `LOGNAME`, `LANG`, `TMPDIR`).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// How host sessions share the pool's processes.
+    pub mode: Mode,
+}
+
+/// The answer to [`OnDemandRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnDemandPool {
+    /// The pool's name, for the other lease API paths.
+    pub pool: String,
+    /// Whether this request created it.
+    pub created: bool,
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@
 //! * [`shim`]: `mcp-broker connect`, a stdio MCP server for hosts that
 //!   spawn one, leasing from a pool per request.
 //! * [`handoff`]: take-overs by a new broker and in-place upgrades.
+//! * [`user_broker`]: one user's own broker with on-demand pools for the
+//!   commands its shims name, started on first use.
 //! * [`up`]: broker and proxy in one process for a laptop.
 //! * [`bench`]: the node-local benchmark (`mcp-broker bench`).
 
@@ -39,4 +41,5 @@ pub mod runtime;
 pub mod shim;
 pub mod shutdown;
 pub mod up;
+pub mod user_broker;
 pub mod web;

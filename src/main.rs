@@ -1,4 +1,5 @@
-//! The `mcp-broker` command line: `serve`, `proxy`, `connect`, `up`, `check`.
+//! The `mcp-broker` command line: `serve`, `proxy`, `connect`, `user-broker`,
+//! `up`, `check`.
 //!
 //! Only startup lives here: parse flags, load config, install logging and
 //! signal handling, then hand over to the library. Errors here are `anyhow`
@@ -87,17 +88,33 @@ enum Command {
     },
     /// Speak MCP over stdin/stdout like a stdio server, leasing from a
     /// broker's pool per request: put it in an MCP host's config in place
-    /// of the server's own command.
+    /// of the server's own command. `--pool NAME` uses a configured pool;
+    /// `-- CMD ARGS...` an on-demand pool of the per-user broker (started
+    /// on first use).
     Connect {
         /// The pool to lease from.
+        #[arg(long, conflicts_with = "command", required_unless_present = "command")]
+        pool: Option<String>,
+        /// The broker's lease API socket [default: /run/mcp-broker/broker.sock
+        /// with --pool; the per-user broker's socket with `-- CMD`].
         #[arg(long)]
-        pool: String,
-        /// The broker's lease API socket.
-        #[arg(long, default_value = config::DEFAULT_SOCKET)]
-        socket: PathBuf,
+        socket: Option<PathBuf>,
         /// A token file to present to the broker (`Authorization: Bearer`).
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// How this host session uses the pool: shared (any process per
+        /// request), sticky, or exclusive (a warm process of its own for the
+        /// session) [default: the pool's mode; exclusive for `-- CMD`].
+        #[arg(long, value_enum)]
+        mode: Option<Mode>,
+        /// Same as `--mode shared` (for on-demand pools of servers that keep
+        /// no per-session state).
+        #[arg(long, conflicts_with = "mode")]
+        shared: bool,
+        /// Variable the on-demand server gets: `K` (this process's value) or
+        /// `K=V` (repeatable); no other variable is passed.
+        #[arg(long = "env", value_name = "K[=V]", requires = "command")]
+        env: Vec<String>,
         /// Largest JSON-RPC message in bytes, either direction (beyond: a
         /// clear -31005 error).
         #[arg(long, default_value_t = config::DEFAULT_MAX_MESSAGE_SIZE as u64,
@@ -107,6 +124,27 @@ enum Command {
         #[arg(long, default_value_t = mcp_broker::shim::DEFAULT_MAX_INFLIGHT,
               value_parser = clap::value_parser!(usize))]
         max_inflight: usize,
+        /// The stdio server command and its arguments (an on-demand pool).
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Run one user's own broker: on-demand pools for the commands its
+    /// `connect -- CMD` shims name, on a socket only that user can reach.
+    /// Started by the first shim, or by systemd --user socket activation.
+    UserBroker {
+        /// The socket [default: $XDG_RUNTIME_DIR/mcp-broker/broker.sock,
+        /// else /tmp/mcp-broker-UID/broker.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// How long an on-demand pool stays after its last use.
+        #[arg(long, default_value = "5m", value_parser = config::parse_duration)]
+        pool_idle_timeout: Duration,
+        /// Processes one exclusive or sticky on-demand pool runs at most.
+        #[arg(long, default_value_t = mcp_broker::broker::on_demand::DEFAULT_MAX_PROCESSES)]
+        max_processes: usize,
+        /// Processes one shared on-demand pool runs at most.
+        #[arg(long, default_value_t = mcp_broker::broker::on_demand::DEFAULT_MAX_SHARED)]
+        max_shared_processes: usize,
     },
     /// Broker and proxy in one process: any stdio server becomes a pooled
     /// Streamable HTTP server.
@@ -276,7 +314,9 @@ fn main() -> std::process::ExitCode {
     }
     let threads = match (cli.threads, &cli.command) {
         (Some(n), _) => Threads::Fixed(n.into()),
-        (None, Command::Proxy { .. } | Command::Up { .. } | Command::Connect { .. }) => {
+        // The shim waits on its host and the broker: one thread, no workers.
+        (None, Command::Connect { .. }) => Threads::Current,
+        (None, Command::Proxy { .. } | Command::Up { .. } | Command::UserBroker { .. }) => {
             Threads::Fixed(runtime::DEFAULT_LEAN_THREADS)
         }
         // The bench's own load generator; its broker and proxy get a
@@ -357,23 +397,53 @@ async fn run(command: Command) -> anyhow::Result<()> {
             pool,
             socket,
             token_file,
+            mode,
+            shared,
+            env,
             max_message_bytes,
             max_inflight,
+            command,
         } => {
-            let settings = mcp_broker::shim::ShimSettings {
-                socket,
-                pool,
+            let mode = if shared { Some(Mode::Shared) } else { mode };
+            let mut settings = mcp_broker::shim::ShimSettings {
+                socket: socket
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(config::DEFAULT_SOCKET)),
+                pool: pool.unwrap_or_default(),
                 token_file,
                 max_message: usize::try_from(max_message_bytes).unwrap_or(usize::MAX),
                 max_inflight: max_inflight.max(1),
+                mode,
                 ..Default::default()
             };
+            if !command.is_empty() {
+                let args = mcp_broker::shim::on_demand::OnDemandArgs {
+                    command,
+                    env,
+                    mode: mode.unwrap_or(Mode::Exclusive),
+                    socket,
+                };
+                mcp_broker::shim::on_demand::prepare(&args, &mut settings).await?;
+            }
             match mcp_broker::shim::run(settings, shutdown).await {
                 mcp_broker::shim::Ended::ReadError(e) => {
                     anyhow::bail!("cannot read MCP messages from stdin: {e}")
                 }
                 _ => Ok(()),
             }
+        }
+        Command::UserBroker {
+            socket,
+            pool_idle_timeout,
+            max_processes,
+            max_shared_processes,
+        } => {
+            let settings = mcp_broker::broker::on_demand::OnDemandSettings {
+                idle_timeout: pool_idle_timeout,
+                max_processes: max_processes.max(1),
+                max_shared: max_shared_processes.max(1),
+            };
+            Ok(mcp_broker::user_broker::run(socket, settings, shutdown).await?)
         }
         Command::Up {
             http,

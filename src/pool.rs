@@ -216,6 +216,17 @@ impl Pool {
         self.inner.notifications.subscribe()
     }
 
+    /// Whether anything uses the pool now: a request running or waiting, a
+    /// bound exclusive session, or an open notification stream (a
+    /// connected shim holds one).
+    pub fn in_use(&self) -> bool {
+        if self.inner.notifications.receiver_count() > 0 {
+            return true;
+        }
+        let st = self.inner.state.lock().expect("lock");
+        !st.waiters.is_empty() || !st.bound.is_empty() || st.slots.values().any(|s| s.inflight > 0)
+    }
+
     /// The process bound to an exclusive session, if any.
     pub fn bound_process(&self, session: &str) -> Option<Arc<Process>> {
         let st = self.inner.state.lock().expect("lock");

@@ -23,11 +23,20 @@ pub enum Threads {
     PerCore,
     /// Exactly this many (at least one).
     Fixed(usize),
+    /// No worker threads: everything on the thread that blocks on the
+    /// runtime (the stdio shim: the smallest resident set).
+    Current,
 }
 
-/// Builds a multi-threaded runtime (timers and I/O enabled) with `threads`
+/// Builds a runtime (multi-threaded unless [`Threads::Current`]) (timers and I/O enabled) with `threads`
 /// workers, whose threads are named `name`.
 pub fn build(threads: Threads, name: &str) -> io::Result<Runtime> {
+    if threads == Threads::Current {
+        return Builder::new_current_thread()
+            .enable_all()
+            .thread_name(name)
+            .build();
+    }
     let mut b = Builder::new_multi_thread();
     b.enable_all().thread_name(name);
     if let Threads::Fixed(n) = threads {

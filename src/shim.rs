@@ -18,7 +18,8 @@
 //! * A server→client request reaches the host only when the host declared
 //!   the capability it needs; it is forwarded under an id of the shim's own
 //!   and the host's answer goes back into the lease that asked, under the
-//!   server's id. Otherwise the server gets `-32601`, as from the proxy.
+//!   server's id (a 2026-07-28 host gets it as an `InputRequiredResult`,
+//!   [`held`]). Otherwise the server gets `-32601`, as from the proxy.
 //! * At most [`ShimSettings::max_inflight`] leases run at once; more host
 //!   requests wait (bounded in number and time).
 //! * A line from the host that is not JSON gets `-32700`; one over the size
@@ -26,14 +27,19 @@
 //!   sends can make the shim panic.
 //! * Every wait is bounded. At stdin EOF, SIGTERM or SIGINT the shim cancels
 //!   every in-flight lease, ends its session at the broker and exits within
-//!   a few seconds.
+//!   a few seconds; if it dies instead, the broker ends the session when the
+//!   stream holding it closes ([`Shim::hold_session`]).
 //!
 //! The shim never imports the broker: it is a lease API client
 //! ([`crate::proxy::backend::Backend`]) like the proxy.
 
+mod held;
+pub mod on_demand;
 mod request;
+mod stdio;
 mod stdout;
 
+use crate::config::Mode;
 use crate::framing::{self, Frame, LineSplitter};
 use crate::jsonrpc::{self, codes, Kind};
 use crate::metrics::Metrics;
@@ -66,6 +72,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 const END_SESSION_WAIT: Duration = Duration::from_secs(2);
 /// At shutdown: time the writer gets to flush.
 const FLUSH_WAIT: Duration = Duration::from_secs(1);
+/// Bytes read from stdin at once (longer messages take several reads).
+const READ_BUFFER: usize = 16 * 1024;
 /// Longest wait for a call into the broker that is not a lease.
 const CALL_WAIT: Duration = Duration::from_secs(10);
 
@@ -86,6 +94,10 @@ pub struct ShimSettings {
     pub warm_wait: Duration,
     /// Longest life of one host request.
     pub request_timeout: Duration,
+    /// How this host session uses a named pool (`--mode`); `None`: as the
+    /// pool is configured. Checked against the pool's mode at first use
+    /// ([`mode_fits`]).
+    pub mode: Option<Mode>,
 }
 
 impl Default for ShimSettings {
@@ -98,6 +110,7 @@ impl Default for ShimSettings {
             max_inflight: DEFAULT_MAX_INFLIGHT,
             warm_wait: crate::proxy::DEFAULT_WARM_WAIT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            mode: None,
         }
     }
 }
@@ -141,6 +154,8 @@ struct Shim {
     inflight: Mutex<HashMap<String, Arc<InFlight>>>,
     /// Server→client requests waiting for the host, by the shim's id.
     asks: Mutex<HashMap<String, Ask>>,
+    /// Leases held for a 2026-07-28 host's retry, by request state.
+    held: Mutex<HashMap<String, held::Held>>,
     next_ask: AtomicU64,
     /// One permit per running lease.
     slots: Arc<Semaphore>,
@@ -155,9 +170,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether a pool of mode `pool` can serve a host session that asked for
+/// `want`: the same mode, or shared use of a sticky pool (no session key).
+pub fn mode_fits(want: Mode, pool: Mode) -> bool {
+    want == pool || (want == Mode::Shared && pool == Mode::Sticky)
+}
+
 /// Runs the shim on the process's stdin and stdout until EOF or `shutdown`.
 pub async fn run(settings: ShimSettings, shutdown: CancellationToken) -> Ended {
-    serve(settings, tokio::io::stdin(), tokio::io::stdout(), shutdown).await
+    serve(settings, stdio::input(), stdio::output(), shutdown).await
 }
 
 /// Runs the shim on `input` and `output` until EOF, a read error or
@@ -193,6 +214,7 @@ where
         host: Mutex::new(HostInfo::default()),
         inflight: Mutex::new(HashMap::new()),
         asks: Mutex::new(HashMap::new()),
+        held: Mutex::new(HashMap::new()),
         next_ask: AtomicU64::new(1),
         tasks: TaskTracker::new(),
         relaying: CancellationToken::new(),
@@ -200,7 +222,8 @@ where
     });
     tracing::debug!(pool = %shim.settings.pool, session = %shim.session, "shim reading stdin");
     let mut splitter = LineSplitter::new(shim.settings.max_message);
-    let mut buf = vec![0u8; 64 * 1024];
+    shim.tasks.spawn(shim.clone().hold_session());
+    let mut buf = vec![0u8; READ_BUFFER];
     let mut frames = Vec::new();
     let ended = loop {
         let read = tokio::select! {
@@ -355,7 +378,11 @@ impl Shim {
                     return self.out.send(jsonrpc::error(id, code, message)).await;
                 }
                 let host = if modern_host {
-                    Host::Modern
+                    let caps = jsonrpc::meta(&msg)
+                        .and_then(|m| m.get(protocol::META_CLIENT_CAPABILITIES))
+                        .cloned()
+                        .unwrap_or(json!({}));
+                    Host::Modern(caps)
                 } else {
                     Host::Legacy
                 };
@@ -405,7 +432,7 @@ impl Shim {
                 // Exclusive pools hand it to the session's process.
                 let shim = self.clone();
                 self.tasks.spawn(async move {
-                    if let Err(e) = shim.backend.notify(&msg, Some(&shim.session)).await {
+                    if let Err(e) = shim.backend.notify(&msg, shim.lease_session()).await {
                         tracing::debug!("host notification not delivered: {e}");
                     }
                 });
@@ -413,9 +440,52 @@ impl Shim {
         }
     }
 
-    /// The pool's cached handshake, waiting for the first warm process.
+    /// The pool's cached handshake, waiting for the first warm process;
+    /// refused when the pool cannot give the `--mode` asked for.
     async fn pool_info(&self) -> Result<Arc<backend::PoolInfo>, backend::BackendError> {
-        self.backend.pool_info_wait(self.settings.warm_wait).await
+        let info = self.backend.pool_info_wait(self.settings.warm_wait).await?;
+        match self.settings.mode {
+            Some(want) if !mode_fits(want, info.mode) => {
+                Err(backend::BackendError::Unsupported(format!(
+                    "pool {:?} is {}; --mode {want} needs a pool configured with mode = \"{want}\"{} \
+                     (or an on-demand pool: mcp-broker connect --mode {want} -- CMD ARGS...)",
+                    self.settings.pool,
+                    info.mode,
+                    if want == Mode::Shared { " or \"sticky\"" } else { "" },
+                )))
+            }
+            _ => Ok(info),
+        }
+    }
+
+    /// The session key leases carry: none when the host asked for shared
+    /// use (any process per request, even in a sticky pool).
+    fn lease_session(&self) -> Option<&str> {
+        (self.settings.mode != Some(Mode::Shared)).then_some(self.session.as_str())
+    }
+
+    /// Holds the session with an open stream until stop: if the shim dies
+    /// (even by SIGKILL) the broker ends the session when the stream
+    /// closes, and a pool with a connected shim is in use, so the per-user
+    /// broker does not reap it.
+    async fn hold_session(self: Arc<Self>) {
+        let held = tokio::select! {
+            l = self.backend.hold_session(&self.session) => l,
+            _ = self.relaying.cancelled() => return,
+        };
+        let mut lines = match held {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!("cannot hold the session at the broker: {e}");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                m = lines.next() => if m.is_none() { return },
+                _ = self.relaying.cancelled() => return,
+            }
+        }
     }
 
     /// The capabilities the host declared at `initialize`.
@@ -469,7 +539,7 @@ impl Shim {
     /// session's process in exclusive pools) to the host until stop.
     async fn relay_notifications(self: Arc<Self>) {
         let mut lines = tokio::select! {
-            l = self.backend.notifications(Some(&self.session)) => match l {
+            l = self.backend.notifications(self.lease_session()) => match l {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::debug!("no notification stream from the broker: {e}");
@@ -508,6 +578,8 @@ impl Shim {
                 json!({"reason": reason}),
             ));
         }
+        // Held leases end with their streams (the broker cancels them).
+        lock(&self.held).clear();
         self.tasks.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait())
             .await

@@ -4,113 +4,17 @@
 
 #[path = "support/harness.rs"]
 mod harness;
+#[path = "support/stdio_host.rs"]
+mod stdio_host;
 
 use harness::*;
 use mcp_broker::jsonrpc::codes;
 use serde_json::{json, Value};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use stdio_host::{Host, WAIT};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::mpsc;
-
-/// Longest wait for any one message from the shim.
-const WAIT: Duration = Duration::from_secs(15);
-
-/// The host's end of a running shim.
-struct Host {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::UnboundedReceiver<Value>,
-}
-
-impl Host {
-    async fn spawn(b: &TestBroker, pool: &str, extra: &[&str]) -> Host {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mcp-broker"))
-            .args(["connect", "--pool", pool, "--socket"])
-            .arg(&b.socket)
-            .args(extra)
-            .env("MCP_BROKER_LOG", "warn")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("mcp-broker connect starts");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut r = BufReader::new(stdout).lines();
-            while let Ok(Some(l)) = r.next_line().await {
-                let v: Value = serde_json::from_str(&l)
-                    .unwrap_or_else(|e| panic!("shim wrote a non-JSON line {l:?}: {e}"));
-                if tx.send(v).is_err() {
-                    return;
-                }
-            }
-        });
-        Host {
-            stdin: child.stdin.take(),
-            child,
-            lines: rx,
-        }
-    }
-
-    async fn send(&mut self, msg: &Value) {
-        self.send_raw(&serde_json::to_vec(msg).unwrap()).await;
-    }
-
-    async fn send_raw(&mut self, bytes: &[u8]) {
-        let w = self.stdin.as_mut().expect("stdin open");
-        w.write_all(bytes).await.unwrap();
-        w.write_all(b"\n").await.unwrap();
-        w.flush().await.unwrap();
-    }
-
-    /// The next message the shim writes.
-    async fn next(&mut self) -> Value {
-        tokio::time::timeout(WAIT, self.lines.recv())
-            .await
-            .expect("a message from the shim in time")
-            .expect("the shim's stdout is open")
-    }
-
-    /// Sends `msg` and returns the response to it, after the messages that
-    /// came before it.
-    async fn call(&mut self, msg: &Value) -> (Vec<Value>, Value) {
-        self.send(msg).await;
-        let mut before = Vec::new();
-        loop {
-            let m = self.next().await;
-            if m.get("id") == msg.get("id") && m.get("method").is_none() {
-                return (before, m);
-            }
-            before.push(m);
-        }
-    }
-
-    async fn initialize(&mut self, capabilities: Value) -> Value {
-        let (_, r) = self
-            .call(
-                &json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
-                "protocolVersion":"2025-06-18","capabilities":capabilities,
-                "clientInfo":{"name":"shim-test","version":"0"}}}),
-            )
-            .await;
-        self.send(&json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
-            .await;
-        r
-    }
-
-    /// Closes stdin and waits (bounded) for the shim to exit.
-    async fn close(mut self, limit: Duration) -> std::process::ExitStatus {
-        drop(self.stdin.take());
-        tokio::time::timeout(limit, self.child.wait())
-            .await
-            .expect("the shim exits in time")
-            .unwrap()
-    }
-}
+use tokio::process::Command;
 
 async fn broker(max: usize) -> TestBroker {
     let mut p = fixture_pool("fx", &[]);
@@ -348,5 +252,31 @@ async fn list_changed_notifications_reach_a_handshake_era_host() {
     assert!(seen, "no notifications/tools/list_changed reached the host");
     let status = host.close(Duration::from_secs(5)).await;
     assert!(status.success());
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn mode_the_pool_cannot_give_is_a_clear_error() {
+    let b = broker(1).await;
+    // The fixture pool is shared: exclusive use of it is refused at initialize.
+    let mut h = Host::spawn(&b, "fx", &["--mode", "exclusive"]).await;
+    let init = h.initialize(json!({})).await;
+    assert_eq!(code_of(&init), codes::INVALID_REQUEST, "{init}");
+    let msg = init["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("is shared") && msg.contains("--mode exclusive"),
+        "{msg}"
+    );
+    assert!(h.close(WAIT).await.success());
+    // Shared use of a shared pool works.
+    let mut h = Host::spawn(&b, "fx", &["--mode", "shared"]).await;
+    let init = h.initialize(json!({})).await;
+    assert_eq!(
+        init["result"]["serverInfo"]["name"], "mcp-fixture",
+        "{init}"
+    );
+    let (_, r) = h.call(&tool(1, "echo", json!({"text": "shared"}))).await;
+    assert_eq!(text_of(&r), "shared");
+    assert!(h.close(WAIT).await.success());
     b.stop().await;
 }

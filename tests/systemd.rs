@@ -291,9 +291,9 @@ async fn connections_wait_in_the_backlog_while_the_broker_restarts() {
 
 /// Copies the units to `dir` with the binary path pointing at the built
 /// binary: `systemd-analyze verify` checks that ExecStart= is executable.
-fn units_for_verify(dir: &Path) -> Vec<PathBuf> {
+fn units_for_verify(src: &str, dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir(repo().join("systemd")).unwrap().flatten() {
+    for e in std::fs::read_dir(repo().join(src)).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         if !(name.ends_with(".service") || name.ends_with(".socket")) {
             continue;
@@ -315,7 +315,7 @@ fn units_for_verify(dir: &Path) -> Vec<PathBuf> {
 fn units_pass_systemd_analyze_verify() {
     let analyze = require_tool("systemd-analyze");
     let dir = tempfile::tempdir().unwrap();
-    let units = units_for_verify(dir.path());
+    let units = units_for_verify("systemd", dir.path());
     let names: Vec<String> = units
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
@@ -327,9 +327,14 @@ fn units_pass_systemd_analyze_verify() {
     ] {
         assert!(names.iter().any(|n| n == want), "missing {want}: {names:?}");
     }
+    verify(&analyze, &units);
+}
+
+/// `systemd-analyze verify` passes `units` without a word.
+fn verify(analyze: &Path, units: &[PathBuf]) {
     let out = Command::new(analyze)
         .arg("verify")
-        .args(&units)
+        .args(units)
         .output()
         .unwrap();
     let text = format!(
@@ -343,6 +348,87 @@ fn units_pass_systemd_analyze_verify() {
         "systemd-analyze verify: {:?}\n{text}",
         out.status
     );
+}
+
+#[test]
+fn user_units_pass_verify_and_activate_the_per_user_broker() {
+    let analyze = require_tool("systemd-analyze");
+    let dir = tempfile::tempdir().unwrap();
+    let units = units_for_verify("systemd/user", dir.path());
+    assert_eq!(units.len(), 2, "{units:?}");
+    verify(&analyze, &units);
+    let read = |n: &str| std::fs::read_to_string(repo().join("systemd/user").join(n)).unwrap();
+    let socket_unit = read("mcp-broker.socket");
+    // The path shims look at by default, only the user may reach it.
+    assert!(socket_unit.contains("ListenStream=%t/mcp-broker/broker.sock"));
+    assert!(socket_unit.contains("SocketMode=0600") && socket_unit.contains("DirectoryMode=0700"));
+    assert!(read("mcp-broker.service").contains("mcp-broker user-broker"));
+
+    // What the units do, played by systemd-socket-activate: the per-user
+    // broker takes the socket from LISTEN_FDS and a shim's on-demand pool
+    // is served by it (the shim starts no broker of its own).
+    let activate = require_tool("systemd-socket-activate");
+    let run = tempfile::tempdir().unwrap();
+    let own = run.path().join("mcp-broker");
+    std::fs::create_dir(&own).unwrap();
+    let sock = own.join("broker.sock");
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let mut broker = Command::new(&activate)
+        .arg("-l")
+        .arg(&sock)
+        .args([BIN, "user-broker"])
+        .env(TAG_VAR, &tag)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(poll_blocking(Duration::from_secs(10), || sock.exists()));
+    let mut shim = Command::new(BIN)
+        .args(["connect", "--env"])
+        .arg(format!("{TAG_VAR}={tag}"))
+        .args(["--", FIXTURE])
+        .env("XDG_RUNTIME_DIR", run.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = shim.stdin.take().unwrap();
+    let init = json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{
+        "protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"0"}}});
+    {
+        use std::io::Write;
+        writeln!(stdin, "{init}").unwrap();
+        writeln!(stdin, "{}", tool(2, "echo", json!({"text": "activated"}))).unwrap();
+    }
+    // Answers come in any order; the echo's is the one with id 2.
+    let answer = {
+        use std::io::BufRead;
+        std::io::BufReader::new(shim.stdout.take().unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("\"id\":2"))
+            .unwrap_or_default()
+    };
+    assert!(answer.contains("\"activated\""), "{answer}");
+    drop(stdin);
+    assert!(wait_exit(&mut shim, Duration::from_secs(10)).success());
+    let pid = mcp_broker::user_broker::autostart::running_pid(&sock);
+    assert_eq!(
+        pid,
+        Some(broker.id() as i32),
+        "the activated broker served it"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(broker.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(wait_exit(&mut broker, Duration::from_secs(20)).success());
+    assert!(sock.exists(), "an inherited socket is systemd's to remove");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(assert_no_procs(&tag));
 }
 
 #[test]

@@ -331,14 +331,32 @@ where
         (&Method::GET, ["v1", "pools", name, "events"]) => {
             let who = who.take().unwrap_or_default();
             let caller = super::affinity::caller_key(&who);
+            let hold = req.uri().query() == Some(crate::lease_api::HOLD_QUERY);
             resolve(&broker, name, &who).and_then(|p| {
-                session_of(req.headers(), &caller).map(|s| lease::notifications(&broker, &p, s))
+                session_of(req.headers(), &caller)
+                    .map(|s| lease::notifications(&broker, &p, s, hold))
             })
         }
+        (&Method::POST, ["v1", "on-demand"]) => Box::pin(on_demand(&broker, req)).await,
         (_, ["v1", ..]) | (_, ["livez" | "readyz" | "metrics"]) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     };
     result.unwrap_or_else(|e| e.into_response(Value::Null))
+}
+
+/// `POST /v1/on-demand`: the pool for a command (per-user brokers only).
+async fn on_demand<B>(broker: &Broker, req: Request<B>) -> Result<Response<Body>, ApiError>
+where
+    B: web::ReadableBody,
+{
+    let body = read_message(broker, req).await?;
+    let want: crate::lease_api::OnDemandRequest = serde_json::from_value(body)
+        .map_err(|e| ApiError::BadRequest(format!("not an on-demand pool request: {e}")))?;
+    let got = broker.on_demand_pool(&want)?;
+    Ok(web::json(
+        StatusCode::OK,
+        &serde_json::to_value(got).expect("serializes"),
+    ))
 }
 
 fn readyz(broker: &Broker) -> Response<Body> {

@@ -476,6 +476,15 @@ pub async fn serve_connection(
     shutdown: CancellationToken,
 ) {
     match accept(&broker, &stream, &limiter) {
+        Ok((peer, _))
+            if broker
+                .owner_uid()
+                .is_some_and(|owner| peer.uid != Some(owner)) =>
+        {
+            // A per-user broker serves its user only.
+            let owner = broker.owner_uid().unwrap_or_default();
+            refuse_peer(stream, owner, peer.uid).await;
+        }
         Ok((peer, _)) if peer.uid.is_some_and(|u| broker.is_pool_user(u)) => {
             // A server process (or what runs inside it) never leases: it
             // could reach other pools around its own isolation.
@@ -527,4 +536,40 @@ fn accept(
             Err(refused)
         }
     }
+}
+
+/// Answers a peer of another user `403` and closes, reading nothing.
+async fn refuse_peer(mut stream: UnixStream, owner: u32, uid: Option<u32>) {
+    tracing::warn!(?uid, owner, "refused a connection from another user");
+    let why = format!(
+        "this per-user broker serves only uid {owner}; the caller runs as {}",
+        uid.map_or_else(|| "an unknown uid".to_string(), |u| u.to_string())
+    );
+    let body = crate::jsonrpc::error(
+        serde_json::Value::Null,
+        crate::lease_api::codes::NOT_ALLOWED,
+        why,
+    )
+    .to_string();
+    let head = format!(
+        "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await?;
+        // Closing with the peer's request unread would reset the connection
+        // before it reads the answer: drain (bounded) until it hangs up.
+        let mut sink = [0u8; 4096];
+        let mut left = MAX_HEADER_BYTES;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), write).await;
 }

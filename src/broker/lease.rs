@@ -535,7 +535,13 @@ pub async fn notify(pool: &Pool, session: Option<&str>, msg: Value) {
 
 /// `GET /v1/pools/{pool}/events`: server notifications not tied to a request,
 /// from the session's own process in exclusive pools, else from every process.
-pub fn notifications(broker: &Broker, pool: &Pool, session: Option<String>) -> Response<Body> {
+/// With `hold`, the session ends when the stream does (its caller is gone).
+pub fn notifications(
+    broker: &Broker,
+    pool: &Pool,
+    session: Option<String>,
+    hold: bool,
+) -> Response<Body> {
     let mut rx = pool.subscribe();
     let (tx, body) = web::channel_body(BODY_LINES);
     let pool = pool.clone();
@@ -558,6 +564,10 @@ pub fn notifications(broker: &Broker, pool: &Pool, session: Option<String>) -> R
                 },
                 _ = tx.closed() => break,
             }
+        }
+        if let (true, Some(s)) = (hold, &session) {
+            tracing::debug!(pool = %pool.config().name, "session holder left: ending the session");
+            pool.end_session(s);
         }
     });
     web::response(StatusCode::OK, "application/x-ndjson", body)

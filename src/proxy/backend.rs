@@ -47,6 +47,9 @@ pub enum BackendError {
     Malformed(String),
     #[error("pool {0:?} has no warm process yet")]
     NotWarm(String),
+    /// The pool cannot serve what the caller asked for (a shim's `--mode`).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// What the proxy needs to know about its pool: the parts of its
@@ -306,10 +309,31 @@ impl Backend {
     }
 
     async fn get_json(&self, path: &str) -> Result<Value, BackendError> {
+        self.call_json(Method::GET, path, Bytes::new()).await
+    }
+
+    /// Asks the per-user broker for the on-demand pool of `req` (creating
+    /// it on first use); refused by any other broker.
+    pub async fn on_demand_pool(
+        &self,
+        req: &lease_api::OnDemandRequest,
+    ) -> Result<lease_api::OnDemandPool, BackendError> {
+        let body = serde_json::to_vec(req).map_err(|e| BackendError::Malformed(e.to_string()))?;
+        let v = self
+            .call_json(Method::POST, lease_api::ON_DEMAND_PATH, Bytes::from(body))
+            .await?;
+        serde_json::from_value(v).map_err(|e| BackendError::Malformed(e.to_string()))
+    }
+
+    /// One call with a JSON answer, bounded by [`CALL_TIMEOUT`].
+    async fn call_json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Value, BackendError> {
         let fut = async {
-            let r = self
-                .send(Method::GET, path, None, None, Bytes::new())
-                .await?;
+            let r = self.send(method, path, None, None, body).await?;
             let status = r.status();
             let body = http_body_util::Limited::new(r.into_body(), self.max_message)
                 .collect()
@@ -475,7 +499,22 @@ impl Backend {
 
     /// The pool's stream of server notifications not tied to a request.
     pub async fn notifications(&self, session: Option<&str>) -> Result<Lines, BackendError> {
-        let path = lease_api::notifications_path(&self.pool);
+        self.events(lease_api::notifications_path(&self.pool), session)
+            .await
+    }
+
+    /// The same stream, holding `session`: the broker ends the session when
+    /// it closes (this process exited, however it did).
+    pub async fn hold_session(&self, session: &str) -> Result<Lines, BackendError> {
+        let path = format!(
+            "{}?{}",
+            lease_api::notifications_path(&self.pool),
+            lease_api::HOLD_QUERY
+        );
+        self.events(path, Some(session)).await
+    }
+
+    async fn events(&self, path: String, session: Option<&str>) -> Result<Lines, BackendError> {
         let r = self
             .send(Method::GET, &path, session, None, Bytes::new())
             .await?;
@@ -499,6 +538,7 @@ impl Backend {
 pub fn error_response(id: Value, e: &BackendError) -> Value {
     let code = match e {
         BackendError::Unreachable { .. } | BackendError::NotWarm(_) => codes::BROKER_UNAVAILABLE,
+        BackendError::Unsupported(_) => codes::INVALID_REQUEST,
         _ => codes::INTERNAL_ERROR,
     };
     jsonrpc::error(id, code, e.to_string())

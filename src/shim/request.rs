@@ -29,8 +29,20 @@ const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 pub(super) enum Host {
     /// Handshake era: capabilities from its `initialize`.
     Legacy,
-    /// 2026-07-28: each request carries its own `_meta`.
-    Modern,
+    /// 2026-07-28: each request carries its own `_meta`, with the
+    /// capabilities it declared.
+    Modern(Value),
+}
+
+/// How a lease's stream stopped.
+pub(super) enum Streamed {
+    /// Its response (or the error that ends the request).
+    Done(Value),
+    /// A server→client request for a 2026-07-28 host: asked as an
+    /// `InputRequiredResult`, the lease held for the retry ([`super::held`]).
+    Ask(Value),
+    /// The deadline passed.
+    Deadline,
 }
 
 /// A host request in flight: cancelled by the host or by shutdown.
@@ -50,7 +62,7 @@ impl InFlight {
 }
 
 /// The error a cancelled request ends with (what the broker answers too).
-fn cancelled(id: Value) -> Value {
+pub(super) fn cancelled(id: Value) -> Value {
     jsonrpc::error(
         id,
         codes::CANCELLED,
@@ -103,6 +115,9 @@ async fn relay(
             ),
         )
     };
+    if let Some(h) = super::held::take(shim, &msg) {
+        return super::held::resume(shim, h, &msg, id, method, host, entry, deadline).await;
+    }
     let _permit = tokio::select! {
         p = shim.slots.clone().acquire_owned() => match p {
             Ok(p) => p,
@@ -123,7 +138,7 @@ async fn relay(
         _ = entry.cancel.cancelled() => return cancelled(id.clone()),
     };
     match (host, info.era) {
-        (Host::Modern, Era::Legacy) => modern::strip_modern_meta(&mut msg),
+        (Host::Modern(_), Era::Legacy) => modern::strip_modern_meta(&mut msg),
         (Host::Legacy, Era::Stateless) => {
             // A stateless server learns what the host said at initialize.
             let (caps, client_info) = shim.host_meta();
@@ -134,7 +149,7 @@ async fn relay(
     // Dropping this call (cancel, deadline) closes its connection: the
     // broker takes the request out of the queue or cancels it.
     let started = tokio::select! {
-        l = shim.backend.lease(&msg, Some(&shim.session), lease) => l,
+        l = shim.backend.lease(&msg, shim.lease_session(), lease) => l,
         _ = entry.cancel.cancelled() => return cancelled(id.clone()),
         _ = sleep_until(deadline) => return timed_out(),
     };
@@ -157,13 +172,37 @@ async fn relay(
         return err;
     }
     let last = stream(shim, &mut lines, id, method, host, entry, lease, deadline).await;
-    lines.drain_in_background();
-    last.unwrap_or_else(timed_out)
+    conclude(shim, lines, lease, last, id, method, timed_out)
 }
 
-/// Relays the lease's messages; returns its response (`None`: deadline).
+/// The host's answer for how a lease's stream stopped; an ask holds the
+/// lease (its stream) for the host's retry.
+pub(super) fn conclude(
+    shim: &Arc<Shim>,
+    lines: Lines,
+    lease: &str,
+    last: Streamed,
+    id: &Value,
+    method: &str,
+    timed_out: impl FnOnce() -> Value,
+) -> Value {
+    match last {
+        Streamed::Done(v) => {
+            lines.drain_in_background();
+            v
+        }
+        Streamed::Deadline => {
+            lines.drain_in_background();
+            timed_out()
+        }
+        Streamed::Ask(req) => super::held::hold(shim, lines, lease, req, id, method),
+    }
+}
+
+/// Relays the lease's messages until its response, a question for a
+/// 2026-07-28 host, or the deadline.
 #[allow(clippy::too_many_arguments)]
-async fn stream(
+pub(super) async fn stream(
     shim: &Arc<Shim>,
     lines: &mut Lines,
     id: &Value,
@@ -172,7 +211,7 @@ async fn stream(
     entry: &InFlight,
     lease: &str,
     mut deadline: Instant,
-) -> Option<Value> {
+) -> Streamed {
     let mut cancel_sent = false;
     loop {
         let next = tokio::select! {
@@ -190,19 +229,21 @@ async fn stream(
                     Ok(Ok(())) => deadline = deadline.min(Instant::now() + CANCEL_WAIT),
                     // The lease is over or the broker is gone; dropping the
                     // stream cancels whatever is left.
-                    _ => return Some(cancelled(id.clone())),
+                    _ => return Streamed::Done(cancelled(id.clone())),
                 }
                 continue;
             }
             _ = sleep_until(deadline) => {
-                return cancel_sent.then(|| cancelled(id.clone()));
+                return if cancel_sent { Streamed::Done(cancelled(id.clone())) } else { Streamed::Deadline };
             }
         };
         let msg = match next {
             Some(Ok(m)) => m,
-            Some(Err(e)) => return Some(jsonrpc::error(id.clone(), codes::INTERNAL_ERROR, e)),
+            Some(Err(e)) => {
+                return Streamed::Done(jsonrpc::error(id.clone(), codes::INTERNAL_ERROR, e))
+            }
             None => {
-                return Some(jsonrpc::error(
+                return Streamed::Done(jsonrpc::error(
                     id.clone(),
                     codes::BROKER_UNAVAILABLE,
                     "the broker connection ended before the server answered (the broker \
@@ -211,17 +252,19 @@ async fn stream(
             }
         };
         match jsonrpc::classify(&msg) {
-            Ok(Kind::Response { .. }) => return Some(finish(msg, id, method, host)),
+            Ok(Kind::Response { .. }) => return Streamed::Done(finish(msg, id, method, host)),
             Ok(Kind::Notification { .. }) => shim.out.send(msg).await,
             Ok(Kind::Request { id: sid, method: m }) => {
                 let need = flow::capability_for(&m);
                 let declared = match (host, need) {
                     (_, None) => false,
                     (Host::Legacy, Some(c)) => declares(&shim.host_capabilities(), c),
-                    // A 2026-07-28 host takes questions as InputRequiredResult
-                    // only, which this shim does not make of a server request.
-                    (Host::Modern, Some(_)) => false,
+                    (Host::Modern(caps), Some(c)) => declares(caps, c),
                 };
+                if declared && !cancel_sent && matches!(host, Host::Modern(_)) {
+                    // A 2026-07-28 host takes questions as InputRequiredResult.
+                    return Streamed::Ask(msg);
+                }
                 if declared && !cancel_sent {
                     let mut ask = msg;
                     ask["id"] = shim.add_ask(lease, sid);
@@ -240,16 +283,16 @@ async fn stream(
     }
 }
 
-fn declares(capabilities: &Value, name: &str) -> bool {
+pub(super) fn declares(capabilities: &Value, name: &str) -> bool {
     capabilities.get(name).is_some_and(|v| !v.is_null())
 }
 
 /// The response as the host gets it: its own id, and the fields its era
 /// expects.
-fn finish(mut msg: Value, id: &Value, method: &str, host: &Host) -> Value {
+pub(super) fn finish(mut msg: Value, id: &Value, method: &str, host: &Host) -> Value {
     msg["id"] = id.clone();
     match host {
-        Host::Modern => modern::complete_result(method, &mut msg),
+        Host::Modern(_) => modern::complete_result(method, &mut msg),
         Host::Legacy => {
             if msg.pointer("/result/resultType").and_then(Value::as_str) == Some("input_required") {
                 return jsonrpc::error(
@@ -274,7 +317,7 @@ mod tests {
         let legacy = finish(m.clone(), &json!(7), "tools/list", &Host::Legacy);
         assert_eq!(legacy["id"], 7);
         assert!(legacy["result"].get("resultType").is_none());
-        let modern = finish(m, &json!(7), "tools/list", &Host::Modern);
+        let modern = finish(m, &json!(7), "tools/list", &Host::Modern(json!({})));
         assert_eq!(modern["result"]["resultType"], "complete");
         let ir = json!({"jsonrpc":"2.0","id":1,"result":{"resultType":"input_required"}});
         let e = finish(ir, &json!(2), "tools/call", &Host::Legacy);

@@ -217,7 +217,8 @@ def run_serve(pools: dict[str, list[str]], *, ready_timeout: float = READY_TIMEO
     exit, as run_broker does."""
     work = Path(tempfile.mkdtemp(prefix="mcp-interop-serve-"))
     sock = work / "broker.sock"
-    lines = ["[broker]", f"socket = {_toml_str(str(sock))}", ""]
+    # A port of its own: the default 9464 may be taken by any other broker on the machine.
+    lines = ["[broker]", f"socket = {_toml_str(str(sock))}", f"metrics_listen = \"127.0.0.1:{free_port()}\"", ""]
     for name, cmd in pools.items():
         lines += [
             "[[pool]]",
@@ -412,3 +413,60 @@ def raw_stdio_tools(cmd: list[str], capabilities: dict, *, timeout: float = 20.0
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=3)
+
+
+@contextlib.contextmanager
+def user_runtime_dir() -> Iterator[Path]:
+    """A private XDG_RUNTIME_DIR for `mcp-broker connect -- CMD` (on-demand pools): the first shim
+    starts the per-user broker there. At the end the broker gets SIGTERM and must exit, with every
+    server process it ran, within STOP_TIMEOUT."""
+    run = Path(tempfile.mkdtemp(prefix="mcp-interop-user-"))
+    run.chmod(0o700)
+    try:
+        yield run
+    finally:
+        pid_file = run / "mcp-broker" / "broker.pid"
+        if pid_file.exists():
+            pid = int(pid_file.read_text().strip())
+            servers = _descendants(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while (_alive(pid) or any(_alive(p) for p in servers)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            left = [p for p in [pid, *servers] if _alive(p)]
+            log = run / "mcp-broker" / "broker.log"
+            assert not left, f"per-user broker left processes {left}\n{log.read_text(errors='replace')[-4000:]}"
+
+
+def shim_command(way: str, backend: str, serve_socket: Path, user_dir: Path) -> tuple[str, list[str], dict[str, str]]:
+    """(command, args, env) a host config runs for `backend` ("everything" or "time") through the
+    shim: `way` "named" leases from pool `backend` of the `mcp-broker serve` on `serve_socket`;
+    "on-demand" prefixes the server's own command with `mcp-broker connect --` (per-user broker in
+    `user_dir`)."""
+    if way == "named":
+        return str(broker_bin()), ["connect", "--pool", backend, "--socket", str(serve_socket)], {}
+    return str(broker_bin()), ["connect", "--", *BACKENDS[backend]()], {"XDG_RUNTIME_DIR": str(user_dir)}
+
+
+def assert_utc_now(payload: dict) -> None:
+    """mcp-server-time's get_current_time answer for UTC is UTC and about now."""
+    from datetime import datetime, timezone
+
+    when = datetime.fromisoformat(payload["datetime"])
+    assert payload["timezone"] == "UTC" and when.utcoffset().total_seconds() == 0, payload
+    assert abs((datetime.now(timezone.utc) - when).total_seconds()) < 120, payload
+
+
+def ts_script(name: str) -> Path:
+    """tests/interop/ts/NAME copied (with the summary.mjs it imports) next to
+    target/interop/node/node_modules: ESM resolves bare specifiers from the script's own directory
+    upwards."""
+    import shutil
+
+    sdk = NODE_DIR / "node_modules" / "@modelcontextprotocol" / "sdk"
+    if not sdk.is_dir():
+        raise HarnessError(f"{sdk} missing ({INSTALL_HINT})")
+    for f in (name, "summary.mjs"):
+        shutil.copyfile(TS_CLIENT_SRC.parent / f, NODE_DIR / f)
+    return NODE_DIR / name

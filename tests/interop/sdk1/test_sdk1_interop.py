@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from datetime import datetime, timezone
 
@@ -13,8 +12,7 @@ from mcp import types
 
 from common.broker import (
     BROKER_BACKEND_CAPABILITIES,
-    NODE_DIR,
-    TS_CLIENT_SRC,
+    ts_script,
     everything_cmd,
     node_bin,
     raw_stdio_tools,
@@ -294,12 +292,7 @@ async def test_pipelined_calls_in_one_session(everything_broker, connect_http):
 
 
 def test_typescript_sdk_client(everything_broker):
-    sdk = NODE_DIR / "node_modules" / "@modelcontextprotocol" / "sdk"
-    assert sdk.is_dir(), f"{sdk} missing: run scripts/install-test-deps.sh"
-    # ESM resolves bare specifiers from the script's own directory upwards, so run a copy that
-    # sits next to target/interop/node/node_modules.
-    script = NODE_DIR / "client.mjs"
-    shutil.copyfile(TS_CLIENT_SRC, script)
+    script = ts_script("client.mjs")
     proc = subprocess.run(
         [node_bin(), str(script), everything_broker.url], capture_output=True, text=True, timeout=60
     )
