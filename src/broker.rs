@@ -258,6 +258,7 @@ impl Broker {
             conns.spawn(conn::serve_connection(
                 self.clone(),
                 stream,
+                None,
                 shutdown.clone(),
             ));
         })
@@ -269,6 +270,17 @@ impl Broker {
         self.drain().await;
         conns.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), conns.wait()).await;
+    }
+
+    /// Serves one lease API connection accepted on the CSI socket of `pod`:
+    /// every request on it is the pod's. `shutdown` closes it once idle.
+    pub async fn serve_pod_connection(
+        self: Arc<Self>,
+        stream: tokio::net::UnixStream,
+        pod: Arc<crate::policy::VolumePod>,
+        shutdown: CancellationToken,
+    ) {
+        conn::serve_connection(self, stream, Some(pod), shutdown).await
     }
 
     /// Refuses new leases, waits for in-flight ones, stops all processes.

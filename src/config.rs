@@ -4,6 +4,7 @@
 //! types the rest of the crate uses, so no other module ever sees a missing
 //! value or an unparsed duration. Every error names the pool and the field.
 
+pub mod csi;
 mod describe;
 pub mod raw;
 pub mod sandbox;
@@ -153,6 +154,8 @@ pub struct BrokerSettings {
     /// Kubernetes token verification; `None` when callers are identified by
     /// socket peer credentials only.
     pub kubernetes: Option<KubeSettings>,
+    /// The CSI node plugin (`[csi]`); `None` when the section is absent.
+    pub csi: Option<csi::CsiSettings>,
 }
 
 /// `[broker] identity = "kubernetes"`.
@@ -179,6 +182,7 @@ impl Default for BrokerSettings {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             read_timeout: DEFAULT_READ_TIMEOUT,
             kubernetes: None,
+            csi: None,
         }
     }
 }
@@ -388,6 +392,7 @@ impl Config {
             drain_timeout: b.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             read_timeout: b.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT),
             max_message_size,
+            csi: raw.csi.map(csi::RawCsi::validate).transpose()?,
             kubernetes: match b.identity {
                 None | Some(raw::IdentityKind::None) if b.peer_identity == Some(true) => {
                     return Err(ConfigError::Invalid {

@@ -424,6 +424,7 @@ async fn serve(
     let metrics = Arc::new(Metrics::new());
     let metrics_listen = cfg.broker.metrics_listen;
     let kube = cfg.broker.kubernetes.clone();
+    let csi_settings = cfg.broker.csi.clone();
     let broker = Broker::start(cfg, metrics);
     if let Some(k) = kube {
         start_kubernetes(&broker, &k, &shutdown).await?;
@@ -445,9 +446,45 @@ async fn serve(
         mcp_broker::broker::reload::DEFAULT_POLL,
         shutdown.clone(),
     ));
+    let csi = match csi_settings {
+        Some(c) => Some(start_csi(&broker, c, &shutdown).await?),
+        None => None,
+    };
     tracing::info!(socket = %socket.display(), "broker listening");
     broker.serve(listener, remove_at_exit, shutdown).await;
+    if let Some(p) = csi {
+        p.stopped().await;
+    }
     Ok(())
+}
+
+/// The CSI node plugin (`[csi]`).
+#[cfg(feature = "csi")]
+async fn start_csi(
+    broker: &Arc<Broker>,
+    c: mcp_broker::config::csi::CsiSettings,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<mcp_broker::csi::Plugin> {
+    Ok(mcp_broker::csi::Plugin::start(broker.clone(), c, shutdown.clone()).await?)
+}
+
+/// Stands in for the plugin in a build without it (never constructed).
+#[cfg(not(feature = "csi"))]
+enum NoCsi {}
+
+#[cfg(not(feature = "csi"))]
+impl NoCsi {
+    async fn stopped(self) {}
+}
+
+/// This build has no CSI plugin: say so instead of ignoring the section.
+#[cfg(not(feature = "csi"))]
+async fn start_csi(
+    _: &Arc<Broker>,
+    _: mcp_broker::config::csi::CsiSettings,
+    _: &CancellationToken,
+) -> anyhow::Result<NoCsi> {
+    anyhow::bail!("[csi] needs a build with the `csi` feature (this one was built without it)")
 }
 
 /// Identity and events from the Kubernetes API (`identity = "kubernetes"`).

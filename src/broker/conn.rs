@@ -26,7 +26,7 @@ mod rewind;
 use super::api::{self, MAX_HEADER_BYTES};
 use super::error::ApiError;
 use super::Broker;
-use crate::policy::Identity;
+use crate::policy::{Identity, VolumePod};
 use crate::web::Body;
 use ::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use bytes::{Buf, Bytes, BytesMut};
@@ -369,9 +369,11 @@ mod tests;
 pub async fn serve_connection(
     broker: Arc<Broker>,
     stream: UnixStream,
+    pod: Option<Arc<VolumePod>>,
     shutdown: CancellationToken,
 ) {
-    // Who is on the other end: the kernel's word, fixed for the connection.
+    // Who is on the other end: the kernel's word, fixed for the connection;
+    // on a pod's CSI socket, also the pod the kubelet named.
     let peer = match stream.peer_cred() {
         Ok(c) => Identity {
             uid: Some(c.uid()),
@@ -380,6 +382,10 @@ pub async fn serve_connection(
             ..Identity::default()
         },
         Err(_) => Identity::default(),
+    };
+    let peer = match pod {
+        Some(p) => Identity::of_volume(peer, p),
+        None => peer,
     };
     serve(broker, stream, peer, shutdown).await
 }
