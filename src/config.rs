@@ -424,7 +424,10 @@ impl Config {
         let mut pools = Vec::new();
         for (i, p) in raw.pool.into_iter().enumerate() {
             let peer = broker.kubernetes.as_ref().is_some_and(|k| k.peer_identity);
-            let pool = pool_from_raw(i, p, max_message_size, broker.kubernetes.is_some(), peer)?;
+            // Kubernetes identities come from verified tokens or from the
+            // kubelet (pods' CSI sockets).
+            let kube = broker.kubernetes.is_some() || broker.csi.is_some();
+            let pool = pool_from_raw(i, p, max_message_size, kube, peer)?;
             if !seen.insert(pool.name.clone()) {
                 return Err(ConfigError::Invalid {
                     at: format!("pool {:?}", pool.name),
@@ -476,7 +479,9 @@ fn pool_from_raw(
     let needs_kube = |field: &'static str| {
         bad(
             field,
-            "matching Kubernetes identities needs [broker] identity = \"kubernetes\"".into(),
+            "matching Kubernetes identities needs [broker] identity = \"kubernetes\" \
+             or a [csi] section"
+                .into(),
         )
     };
     if let Some(rules) = &p.allow {

@@ -32,6 +32,16 @@ pub fn describe(c: &Config) -> String {
             let _ = writeln!(out, "identity: socket peer credentials only");
         }
     }
+    if let Some(csi) = &b.csi {
+        let _ = writeln!(
+            out,
+            "csi: driver {} node {:?} endpoint={} state_dir={} (pods' sockets carry the kubelet's pod identity)",
+            csi.driver_name,
+            csi.node_id,
+            csi.endpoint.display(),
+            csi.state_dir.display()
+        );
+    }
     for p in &c.pools {
         let _ = writeln!(
             out,

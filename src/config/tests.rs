@@ -175,3 +175,19 @@ fn peer_identity_needs_kubernetes_and_a_node() {
     assert!(k.peer_identity);
     assert_eq!(k.node_name.as_deref(), Some("n1"));
 }
+
+#[test]
+fn a_csi_section_enables_kubernetes_rules_and_is_checked() {
+    let c = Config::from_toml(
+        "[csi]\nnode_id = \"n1\"\n[[pool]]\nname = \"a\"\ncommand = \"x\"\nisolate = \"namespace\"\nallow = [{ namespace = \"team-a\" }]\n",
+    )
+    .unwrap();
+    let csi = c.broker.csi.unwrap();
+    assert_eq!(csi.node_id, "n1");
+    assert!(
+        c.broker.kubernetes.is_none(),
+        "no token verification needed"
+    );
+    assert!(err("[csi]\nnode_id = \"n1\"\nendpoint = \"csi.sock\"\n").contains("`endpoint`"));
+    assert!(err("[csi]\nnode_id = \"n1\"\nsocket = \"/x\"\n").contains("socket"));
+}
