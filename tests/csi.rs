@@ -121,6 +121,15 @@ fn request(
     pod: (&str, &str, &str, &str),
     extra: &[(&str, &str)],
 ) -> NodePublishVolumeRequest {
+    request_at(&k.target(pod.2), pod, extra)
+}
+
+/// [`request`] for the target path `target`.
+fn request_at(
+    target: &Path,
+    pod: (&str, &str, &str, &str),
+    extra: &[(&str, &str)],
+) -> NodePublishVolumeRequest {
     let (ns, name, uid, sa) = pod;
     let mut ctx: std::collections::HashMap<String, String> = [
         (vol::POD_NAMESPACE, ns),
@@ -136,7 +145,7 @@ fn request(
     ctx.retain(|_, v| !v.is_empty());
     NodePublishVolumeRequest {
         volume_id: format!("csi-{uid}"),
-        target_path: k.target(uid).display().to_string(),
+        target_path: target.display().to_string(),
         volume_capability: Some(VolumeCapability {
             access_mode: Some(vc::AccessMode {
                 mode: vc::access_mode::Mode::SingleNodeWriter as i32,
@@ -154,8 +163,13 @@ const POD_B: (&str, &str, &str, &str) = ("team-b", "agent-0", "uid-b", "agent");
 
 /// A lease client on pod `uid`'s socket.
 fn pod_client(k: &Kubelet, uid: &str, pool: &str) -> mcp_broker::proxy::backend::Backend {
+    pod_backend(&k.target(uid), pool)
+}
+
+/// A lease client on the socket in volume directory `target`.
+fn pod_backend(target: &Path, pool: &str) -> mcp_broker::proxy::backend::Backend {
     mcp_broker::proxy::backend::Backend::new(
-        k.target(uid).join(SOCKET_NAME),
+        target.join(SOCKET_NAME),
         pool.into(),
         16 << 20,
         std::sync::Arc::new(mcp_broker::metrics::Metrics::new()),
@@ -480,4 +494,88 @@ async fn a_restarted_broker_serves_published_sockets_again() {
     k.unpublish("csi-uid-b", &k.target("uid-b")).await.unwrap();
     k.unpublish("csi-uid-a", &k.target("uid-a")).await.unwrap();
     stop_all(k, b).await;
+}
+
+/// `mcp-broker serve` with `config`, its output discarded.
+fn spawn_serve(config: &Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_mcp-broker"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// SIGTERM, then waits (bounded) for a clean exit.
+async fn sigterm(mut child: std::process::Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut status = None;
+    wait_until(Duration::from_secs(20), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    })
+    .await;
+    assert!(status.unwrap().success(), "{status:?}");
+}
+
+/// The daemon as deployed: `[csi]` in its config file turns the plugin on,
+/// and a restart of the process (an upgrade) keeps a pod's socket working.
+#[tokio::test]
+async fn the_daemon_serves_csi_from_its_config_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let endpoint = dir.path().join("plugin/csi.sock");
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[broker]\nsocket = \"{}\"\nmetrics_listen = \"\"\ndrain_timeout = \"2s\"\n\
+             [csi]\nendpoint = \"{}\"\nstate_dir = \"{}\"\nnode_id = \"node-9\"\n\
+             [[pool]]\nname = \"time\"\ncommand = \"{}\"\nmin_idle = 1\n\
+             allow = [{{ namespace = \"team-a\" }}]\nenv = {{ {TAG_VAR} = \"{tag}\" }}\n\
+             [[pool]]\nname = \"github\"\ncommand = \"{}\"\nmin_idle = 0\n\
+             allow = [{{ namespace = \"team-b\" }}]\n",
+            dir.path().join("b.sock").display(),
+            endpoint.display(),
+            dir.path().join("plugin").display(),
+            env!("CARGO_BIN_EXE_mcp-fixture"),
+            env!("CARGO_BIN_EXE_mcp-fixture"),
+        ),
+    )
+    .unwrap();
+    let target = dir.path().join("pods/uid-a/mount");
+    let pod = pod_backend(&target, "time");
+
+    let daemon = spawn_serve(&config);
+    wait_until(Duration::from_secs(10), || endpoint.exists()).await;
+    let mut node = NodeClient::new(channel(endpoint.clone()).await);
+    let info = node.node_get_info(NodeGetInfoRequest {}).await.unwrap();
+    assert_eq!(info.into_inner().node_id, "node-9");
+    node.node_publish_volume(request_at(&target, POD_A, &[]))
+        .await
+        .unwrap();
+    let first = served(&pod).await;
+    sigterm(daemon).await;
+    assert!(target.join(SOCKET_NAME).exists(), "the pod's socket stays");
+    assert_no_procs(&tag).await;
+
+    let daemon = spawn_serve(&config);
+    wait_until(Duration::from_secs(10), || endpoint.exists()).await;
+    let again = served(&pod).await;
+    assert_ne!(first, again, "a new broker's process answered");
+    // Still pod A, as the kubelet named it before the restart.
+    let msg = denied(&pod_backend(&target, "github")).await;
+    assert!(msg.contains("pod team-a/agent-0"), "{msg}");
+    let mut node = NodeClient::new(channel(endpoint.clone()).await);
+    node.node_unpublish_volume(NodeUnpublishVolumeRequest {
+        volume_id: "csi-uid-a".into(),
+        target_path: target.display().to_string(),
+    })
+    .await
+    .unwrap();
+    assert!(!target.exists());
+    sigterm(daemon).await;
+    assert_no_procs(&tag).await;
 }

@@ -75,9 +75,16 @@ impl NodeService {
         }
         let started = std::time::Instant::now();
         let id = v.volume_id.clone();
-        self.registry.open(v).map_err(|e| {
-            Status::internal(format!("creating the pod socket in {}: {e}", r.target_path))
-        })?;
+        let target = v.target_path.clone();
+        if let Err(e) = self.registry.open(v) {
+            // Nothing is served there (no volume holds the path): leave
+            // nothing behind for the kubelet's retry.
+            super::registry::remove_socket_dir(&target);
+            return Err(Status::internal(format!(
+                "creating the pod socket in {}: {e}",
+                r.target_path
+            )));
+        }
         if let Err(e) = self.save() {
             self.registry.close(&id).await;
             return Err(e);

@@ -146,14 +146,19 @@ impl Registry {
         Some(e.volume)
     }
 
-    /// Waits (bounded) for every pod's connections after broker shutdown.
+    /// Waits, [`CLOSE_TIMEOUT`] at most in all, for every pod's
+    /// connections after broker shutdown.
     pub async fn wait_stopped(&self) {
         let all: Vec<TaskTracker> = {
             let entries = self.entries.lock().expect("lock");
             entries.values().map(|e| e.tasks.clone()).collect()
         };
+        let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
         for t in all {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, t.wait()).await;
+            if tokio::time::timeout_at(deadline, t.wait()).await.is_err() {
+                tracing::warn!("pod connections still open at shutdown");
+                return;
+            }
         }
     }
 }
