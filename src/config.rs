@@ -4,6 +4,7 @@
 //! types the rest of the crate uses, so no other module ever sees a missing
 //! value or an unparsed duration. Every error names the pool and the field.
 
+pub mod csi;
 mod describe;
 pub mod front_door;
 pub mod node;
@@ -168,6 +169,8 @@ pub struct BrokerSettings {
     pub kubernetes: Option<KubeSettings>,
     /// Isolation between pools and the node-wide budget.
     pub node: NodeSettings,
+    /// The CSI node plugin (`[csi]`); `None` when the section is absent.
+    pub csi: Option<csi::CsiSettings>,
 }
 
 /// `[broker] identity = "kubernetes"`.
@@ -195,6 +198,7 @@ impl Default for BrokerSettings {
             front_door: FrontDoor::default(),
             kubernetes: None,
             node: NodeSettings::default(),
+            csi: None,
         }
     }
 }
@@ -414,6 +418,7 @@ impl Config {
             drain_timeout: b.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             front_door,
             max_message_size,
+            csi: raw.csi.map(csi::RawCsi::validate).transpose()?,
             kubernetes: match b.identity {
                 None | Some(raw::IdentityKind::None) if b.peer_identity == Some(true) => {
                     return Err(ConfigError::Invalid {
@@ -445,7 +450,10 @@ impl Config {
         let mut pools = Vec::new();
         for (i, p) in raw.pool.into_iter().enumerate() {
             let peer = broker.kubernetes.as_ref().is_some_and(|k| k.peer_identity);
-            let pool = pool_from_raw(i, p, max_message_size, broker.kubernetes.is_some(), peer)?;
+            // Kubernetes identities come from verified tokens or from the
+            // kubelet (pods' CSI sockets).
+            let kube = broker.kubernetes.is_some() || broker.csi.is_some();
+            let pool = pool_from_raw(i, p, max_message_size, kube, peer)?;
             if !seen.insert(pool.name.clone()) {
                 return Err(ConfigError::Invalid {
                     at: format!("pool {:?}", pool.name),
@@ -497,7 +505,9 @@ fn pool_from_raw(
     let needs_kube = |field: &'static str| {
         bad(
             field,
-            "matching Kubernetes identities needs [broker] identity = \"kubernetes\"".into(),
+            "matching Kubernetes identities needs [broker] identity = \"kubernetes\" \
+             or a [csi] section"
+                .into(),
         )
     };
     if let Some(rules) = &p.allow {

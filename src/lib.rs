@@ -10,6 +10,8 @@
 //! * [`lease_api`]: the contract between broker and proxy (paths, headers,
 //!   pool descriptions, error codes); both sides import it, never each other.
 //! * [`broker`]: the daemon: pools plus the lease API served on a Unix socket.
+//! * [`csi`]: the daemon as a CSI node plugin: a socket per pod, with the
+//!   pod's identity from the kubelet (feature `csi`).
 //! * [`proxy`]: MCP Streamable HTTP for clients of either protocol era,
 //!   turning each request into one lease.
 //! * [`shim`]: `mcp-broker connect`, a stdio MCP server for hosts that
@@ -24,6 +26,8 @@
 pub mod bench;
 pub mod broker;
 pub mod config;
+#[cfg(feature = "csi")]
+pub mod csi;
 pub mod framing;
 pub mod handoff;
 pub mod jsonrpc;

@@ -534,6 +534,7 @@ async fn serve(
     let metrics = Arc::new(Metrics::new());
     let metrics_listen = cfg.broker.metrics_listen;
     let kube = cfg.broker.kubernetes.clone();
+    let csi_settings = cfg.broker.csi.clone();
     let (ready, in_use) = match opened {
         start::Opened::Ready {
             listeners,
@@ -590,6 +591,10 @@ async fn serve(
             }
         },
     };
+    let csi = match csi_settings {
+        Some(c) => Some(start_csi(&broker, c, &shutdown).await?),
+        None => None,
+    };
     tracing::info!(socket = %socket_path.display(), "broker listening");
     let serving = run::Serving {
         broker,
@@ -601,11 +606,43 @@ async fn serve(
     };
     let ended = run::serve(serving, shutdown.clone()).await;
     tracing::info!(?ended, "broker stopped");
+    if let Some(p) = csi {
+        p.stopped().await;
+    }
     if ended == run::Ended::HandedOff && wait_after_handoff {
         tracing::info!("handed off and drained; waiting for SIGTERM (--after-handoff wait)");
         shutdown.cancelled().await;
     }
     Ok(())
+}
+
+/// The CSI node plugin (`[csi]`).
+#[cfg(feature = "csi")]
+async fn start_csi(
+    broker: &Arc<Broker>,
+    c: mcp_broker::config::csi::CsiSettings,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<mcp_broker::csi::Plugin> {
+    Ok(mcp_broker::csi::Plugin::start(broker.clone(), c, shutdown.clone()).await?)
+}
+
+/// Stands in for the plugin in a build without it (never constructed).
+#[cfg(not(feature = "csi"))]
+enum NoCsi {}
+
+#[cfg(not(feature = "csi"))]
+impl NoCsi {
+    async fn stopped(self) {}
+}
+
+/// This build has no CSI plugin: say so instead of ignoring the section.
+#[cfg(not(feature = "csi"))]
+async fn start_csi(
+    _: &Arc<Broker>,
+    _: mcp_broker::config::csi::CsiSettings,
+    _: &CancellationToken,
+) -> anyhow::Result<NoCsi> {
+    anyhow::bail!("[csi] needs a build with the `csi` feature (this one was built without it)")
 }
 
 /// Identity and events from the Kubernetes API (`identity = "kubernetes"`).

@@ -3,7 +3,11 @@
 //! Every lease API request carries an [`Identity`]: the peer credentials of
 //! the Unix socket connection (always), and, when the broker verifies
 //! Kubernetes ServiceAccount tokens, the caller's namespace and service
-//! account ([`tokenreview`]). A pool's `allow` list is a list of [`Rule`]s;
+//! account ([`tokenreview`]). A connection on a pod's own CSI socket
+//! carries the pod the kubelet named ([`VolumePod`]) instead: its namespace
+//! and service account fill the same Kubernetes part, so rules and
+//! `isolate` treat it like a verified token, and its volume's `pools` list
+//! can only narrow what the rules allow ([`VolumePod::permits`]). A pool's `allow` list is a list of [`Rule`]s;
 //! a caller may use the pool when any rule matches (all fields of a rule
 //! must match). No `allow` list means: anyone who can open the socket.
 //! Invariant: a rule naming a Kubernetes field never matches an identity
@@ -58,6 +62,28 @@ pub struct KubeIdentity {
     pub service_account: String,
 }
 
+/// The pod a CSI volume was published for, as the kubelet named it
+/// (`podInfoOnMount`); fixed for every connection on that pod's socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumePod {
+    /// Namespace and service account.
+    pub kube: KubeIdentity,
+    /// Pod name.
+    pub name: String,
+    /// Pod uid.
+    pub uid: String,
+    /// The volume's `pools` attribute: the only pools this pod may lease
+    /// (still subject to `allow`); `None`: every pool policy allows.
+    pub pools: Option<std::collections::BTreeSet<String>>,
+}
+
+impl VolumePod {
+    /// Whether the volume's own pool list lets the pod lease `pool`.
+    pub fn permits(&self, pool: &str) -> bool {
+        self.pools.as_ref().is_none_or(|p| p.contains(pool))
+    }
+}
+
 /// Everything the broker knows about a caller.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity {
@@ -75,13 +101,36 @@ pub struct Identity {
     pub kube_error: Option<String>,
     /// Labels of the caller's pod, when it was found by peer credentials.
     pub pod_labels: Option<std::collections::BTreeMap<String, String>>,
+    /// Set on a pod's own CSI socket: the pod the kubelet named. `kube`
+    /// then holds its namespace and service account, and no token or peer
+    /// lookup changes them.
+    pub volume_pod: Option<std::sync::Arc<VolumePod>>,
+}
+
+impl Identity {
+    /// A caller on the CSI socket of `pod`, with the connection's peer
+    /// credentials `peer`.
+    pub fn of_volume(peer: Identity, pod: std::sync::Arc<VolumePod>) -> Identity {
+        Identity {
+            kube: Some(pod.kube.clone()),
+            kube_error: None,
+            pod_labels: None,
+            volume_pod: Some(pod),
+            ..peer
+        }
+    }
 }
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.kube {
-            Some(k) => write!(f, "service account {}/{}", k.namespace, k.service_account)?,
-            None => write!(f, "an unauthenticated caller")?,
+        match (&self.volume_pod, &self.kube) {
+            (Some(p), _) => write!(
+                f,
+                "pod {}/{} (service account {}/{})",
+                p.kube.namespace, p.name, p.kube.namespace, p.kube.service_account
+            )?,
+            (None, Some(k)) => write!(f, "service account {}/{}", k.namespace, k.service_account)?,
+            (None, None) => write!(f, "an unauthenticated caller")?,
         }
         if let Some(e) = &self.kube_error {
             write!(f, " [{e}]")?;
@@ -217,6 +266,7 @@ mod tests {
             }),
             kube_error: None,
             pod_labels: None,
+            volume_pod: None,
         }
     }
 
@@ -279,6 +329,32 @@ mod tests {
         assert!(r.matches(&who));
         who.pod_labels = Some([("app".to_string(), "other".to_string())].into());
         assert!(!r.matches(&who));
+    }
+
+    #[test]
+    fn a_volume_pod_is_a_kubernetes_identity_its_pools_only_narrow() {
+        let pod = std::sync::Arc::new(VolumePod {
+            kube: KubeIdentity {
+                namespace: "team-a".into(),
+                service_account: "agent".into(),
+            },
+            name: "agent-0".into(),
+            uid: "u1".into(),
+            pools: Some(["time".to_string()].into()),
+        });
+        let who = Identity::of_volume(Identity::default(), pod.clone());
+        let r = Rule {
+            service_account: Some("team-a/agent".into()),
+            ..Rule::default()
+        };
+        assert!(r.matches(&who));
+        assert_eq!(
+            Isolate::ServiceAccount.tenant(&who),
+            Ok(Some("team-a.agent".into()))
+        );
+        assert!(pod.permits("time"));
+        assert!(!pod.permits("github"));
+        assert!(who.to_string().starts_with("pod team-a/agent-0"), "{who}");
     }
 
     #[test]

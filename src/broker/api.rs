@@ -69,6 +69,11 @@ pub(super) fn too_large(
 /// The caller of one request: the connection's peer credentials plus the
 /// verified ServiceAccount behind a `Bearer` token, if any.
 async fn caller<B>(broker: &Broker, req: &Request<B>, mut who: Identity) -> Identity {
+    // A pod's CSI socket: the kubelet named the caller; a token or a peer
+    // lookup can neither replace nor add to that.
+    if who.volume_pod.is_some() {
+        return who;
+    }
     let token = req
         .headers()
         .get(::http::header::AUTHORIZATION)
@@ -122,6 +127,12 @@ fn resolve(broker: &Broker, name: &str, who: &Identity) -> Result<Pool, ApiError
     };
     if !crate::policy::allowed(cfg.allow.as_deref(), who) {
         return Err(deny(format!("{who} may not use pool {name:?}")));
+    }
+    if let Some(pod) = who.volume_pod.as_ref().filter(|p| !p.permits(name)) {
+        let listed: Vec<&str> = pod.pools.iter().flatten().map(String::as_str).collect();
+        return Err(deny(format!(
+            "{who}: its CSI volume allows only pools {listed:?}, not {name:?}"
+        )));
     }
     match cfg.isolate.tenant(who) {
         Ok(None) => Ok(base),

@@ -34,7 +34,7 @@ mod rewind;
 use super::api::{self, MAX_HEADER_BYTES};
 use super::error::ApiError;
 use super::Broker;
-use crate::policy::Identity;
+use crate::policy::{Identity, VolumePod};
 use crate::web::conn_limit::{ConnLimiter, ConnPermit, Refused};
 use crate::web::Body;
 use ::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
@@ -473,9 +473,10 @@ pub async fn serve_connection(
     broker: Arc<Broker>,
     stream: UnixStream,
     limiter: Arc<ConnLimiter<String>>,
+    pod: Option<Arc<VolumePod>>,
     shutdown: CancellationToken,
 ) {
-    match accept(&broker, &stream, &limiter) {
+    match accept(&broker, &stream, &limiter, pod) {
         Ok((peer, _))
             if broker
                 .owner_uid()
@@ -508,6 +509,7 @@ fn accept(
     broker: &Broker,
     stream: &UnixStream,
     limiter: &Arc<ConnLimiter<String>>,
+    pod: Option<Arc<VolumePod>>,
 ) -> Result<(Box<Identity>, ConnPermit<String>), Refused> {
     let mut peer = match stream.peer_cred() {
         Ok(c) => Identity {
@@ -518,7 +520,11 @@ fn accept(
         },
         Err(_) => Identity::default(),
     };
-    if broker.pod_index().is_some() {
+    if let Some(p) = pod {
+        // A pod's CSI socket: the kubelet named the pod.
+        peer = Identity::of_volume(peer, p);
+        peer.pod_uid = peer.volume_pod.as_ref().map(|p| p.uid.clone());
+    } else if broker.pod_index().is_some() {
         peer.pod_uid = peer
             .pid
             .and_then(crate::policy::cgroup::live_cgroup)

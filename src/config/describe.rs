@@ -58,6 +58,16 @@ pub fn describe(c: &Config) -> String {
         n.tenant_idle_timeout,
         n.cgroups
     );
+    if let Some(csi) = &b.csi {
+        let _ = writeln!(
+            out,
+            "csi: driver {} node {:?} endpoint={} state_dir={} (pods' sockets carry the kubelet's pod identity)",
+            csi.driver_name,
+            csi.node_id,
+            csi.endpoint.display(),
+            csi.state_dir.display()
+        );
+    }
     for p in &c.pools {
         let _ = writeln!(
             out,

@@ -31,6 +31,8 @@ pub struct RawConfig {
     /// The pools, `[[pool]]` tables.
     #[serde(default)]
     pub pool: Vec<RawPool>,
+    /// The CSI node plugin, when the section is present.
+    pub csi: Option<super::csi::RawCsi>,
 }
 
 /// `[broker]`.

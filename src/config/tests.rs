@@ -211,3 +211,19 @@ fn front_door_limits_have_defaults_and_name_bad_fields() {
     let c = Config::from_toml("[broker]\nread_timeout = \"7s\"\n").unwrap();
     assert_eq!(c.broker.front_door.header_timeout, Duration::from_secs(7));
 }
+
+#[test]
+fn a_csi_section_enables_kubernetes_rules_and_is_checked() {
+    let c = Config::from_toml(
+        "[csi]\nnode_id = \"n1\"\n[[pool]]\nname = \"a\"\ncommand = \"x\"\nisolate = \"namespace\"\nallow = [{ namespace = \"team-a\" }]\n",
+    )
+    .unwrap();
+    let csi = c.broker.csi.unwrap();
+    assert_eq!(csi.node_id, "n1");
+    assert!(
+        c.broker.kubernetes.is_none(),
+        "no token verification needed"
+    );
+    assert!(err("[csi]\nnode_id = \"n1\"\nendpoint = \"csi.sock\"\n").contains("`endpoint`"));
+    assert!(err("[csi]\nnode_id = \"n1\"\nsocket = \"/x\"\n").contains("socket"));
+}
