@@ -70,8 +70,10 @@ mod tempfile_dir {
 }
 
 impl Stack {
-    /// Starts a broker with `pool` and a proxy in front of it on `rt`.
-    pub fn start(rt: &Runtime, mut pool: PoolConfig) -> anyhow::Result<Stack> {
+    /// Starts a broker with `pool` and a proxy in front of it on `rt`; the
+    /// proxy calls the broker in-process as `up` does, or over its socket
+    /// (`sidecar`) as a separate `mcp-broker proxy` does.
+    pub fn start(rt: &Runtime, mut pool: PoolConfig, sidecar: bool) -> anyhow::Result<Stack> {
         pool.name = POOL.to_string();
         pool.check()?;
         let dir = std::env::temp_dir().join(format!(
@@ -97,6 +99,7 @@ impl Stack {
             metrics.clone(),
         );
         let listener = socket::bind(&socket, 0o600, None)?;
+        let local = (!sidecar).then(|| crate::broker::local::Local::new(broker.clone()));
         let broker_done = CancellationToken::new();
         let broker_task = rt.spawn(broker.clone().serve(
             listener,
@@ -108,6 +111,7 @@ impl Stack {
         let settings = ProxySettings {
             listen: addr,
             socket,
+            local,
             pool: POOL.into(),
             drain_timeout: Duration::from_secs(5),
             ..ProxySettings::default()
