@@ -29,6 +29,23 @@ use crate::protocol::Era;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// The body of a lease API answer handed over in-process.
+pub type LocalBody =
+    http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, std::convert::Infallible>;
+
+/// An answer of [`LocalApi::request`].
+pub type LocalAnswer<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = http::Response<LocalBody>> + Send + 'a>>;
+
+/// The lease API served in this process (`mcp-broker up`): the same
+/// requests and answers as over the socket, without the socket. The broker
+/// implements it, the proxy calls it; neither names the other.
+pub trait LocalApi: Send + Sync + std::fmt::Debug {
+    /// Answers one lease API request. Dropping the answer (or its body)
+    /// before the end counts as the caller hanging up.
+    fn request(&self, req: http::Request<http_body_util::Full<bytes::Bytes>>) -> LocalAnswer<'_>;
+}
+
 /// Header binding a message to a client session (sticky and exclusive
 /// pools); 1 to [`MAX_SESSION_KEY`] visible ASCII bytes.
 pub const SESSION_HEADER: &str = "mcp-broker-session";

@@ -69,7 +69,7 @@ pub struct ProxySettings {
     pub socket: PathBuf,
     /// A broker in this process (`mcp-broker up`): called directly instead
     /// of over `socket`.
-    pub local: Option<crate::broker::local::Local>,
+    pub local: Option<Arc<dyn crate::lease_api::LocalApi>>,
     /// The pool to lease from.
     pub pool: String,
     /// `Origin` values allowed besides localhost ones.

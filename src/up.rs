@@ -3,7 +3,8 @@
 //! each at `/servers/NAME/mcp`).
 //!
 //! The broker listens on a private socket in a fresh temporary directory;
-//! the proxy calls the broker's lease API in-process ([`crate::broker::local`]):
+//! the proxy calls the broker's lease API in-process ([`crate::lease_api::LocalApi`],
+//! served by [`crate::broker::local`]):
 //! the same requests and the same handler as a sidecar's over the socket,
 //! without the socket round trip.
 
@@ -46,7 +47,7 @@ pub async fn run(
         metrics.clone(),
     );
     let listener = socket::bind(&socket, 0o600, None)?;
-    proxy.local = Some(crate::broker::local::Local::new(broker.clone()));
+    proxy.local = Some(Arc::new(crate::broker::local::Local::new(broker.clone())));
     let broker_done = CancellationToken::new();
     let serve = tokio::spawn(broker.serve(listener, Some(socket.clone()), broker_done.clone()));
     proxy.socket = socket;

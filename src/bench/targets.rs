@@ -99,7 +99,10 @@ impl Stack {
             metrics.clone(),
         );
         let listener = socket::bind(&socket, 0o600, None)?;
-        let local = (!sidecar).then(|| crate::broker::local::Local::new(broker.clone()));
+        let local = (!sidecar).then(|| {
+            Arc::new(crate::broker::local::Local::new(broker.clone()))
+                as Arc<dyn crate::lease_api::LocalApi>
+        });
         let broker_done = CancellationToken::new();
         let broker_task = rt.spawn(broker.clone().serve(
             listener,

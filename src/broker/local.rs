@@ -10,9 +10,9 @@
 //! abandoned, as a hang-up on the socket does.
 
 use super::{api, Broker};
+use crate::lease_api::{LocalAnswer, LocalApi};
 use crate::policy::Identity;
-use crate::web::Body;
-use ::http::{Request, Response};
+use ::http::Request;
 use bytes::Bytes;
 use http_body_util::Full;
 use std::fmt;
@@ -42,9 +42,10 @@ impl Local {
         };
         Self { broker, peer }
     }
+}
 
-    /// Answers one lease API request.
-    pub async fn request(&self, req: Request<Full<Bytes>>) -> Response<Body> {
-        api::handle(self.broker.clone(), req, self.peer.clone()).await
+impl LocalApi for Local {
+    fn request(&self, req: Request<Full<Bytes>>) -> LocalAnswer<'_> {
+        Box::pin(api::handle(self.broker.clone(), req, self.peer.clone()))
     }
 }

@@ -229,7 +229,7 @@ impl Backend {
     }
 
     /// Calls `broker`, in this process, instead of the socket.
-    pub fn with_local(mut self, broker: crate::broker::local::Local) -> Self {
+    pub fn with_local(mut self, broker: Arc<dyn crate::lease_api::LocalApi>) -> Self {
         self.link = Link::Local(broker);
         self
     }

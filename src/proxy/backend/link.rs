@@ -1,10 +1,10 @@
 //! How the proxy reaches the broker: over its Unix socket (a sidecar, a
 //! separate `proxy`), or by calling it in this process (`mcp-broker up`,
-//! see [`crate::broker::local`]). Everything above [`Link::request`] is the
-//! same for both: the same requests, the same answers and bodies.
+//! through [`LocalApi`], which the broker implements). Everything above
+//! [`Link::request`] is the same for both: the same requests, the same
+//! answers and bodies.
 
-use crate::broker::local::Local;
-use crate::web::Body;
+use crate::lease_api::{LocalApi, LocalBody as Body};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Frame, SizeHint};
@@ -12,7 +12,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{Client, Error};
 use std::pin::Pin;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
 /// The broker's end of the proxy.
@@ -21,7 +21,7 @@ pub enum Link {
     /// HTTP/1.1 over the broker's socket, pooled connections.
     Socket(Client<hyperlocal::UnixConnector, Full<Bytes>>),
     /// A broker in this process.
-    Local(Local),
+    Local(Arc<dyn LocalApi>),
 }
 
 impl Link {
