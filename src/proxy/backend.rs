@@ -156,6 +156,8 @@ type CachedInfo = Option<(Instant, Arc<PoolInfo>)>;
 pub struct Backend {
     link: Link,
     socket: PathBuf,
+    /// `unix://HEX(socket)/`: scheme and authority of every request's URI.
+    base: hyper::Uri,
     pool: String,
     max_message: usize,
     info: Arc<Mutex<CachedInfo>>,
@@ -213,6 +215,7 @@ impl Backend {
             .build(hyperlocal::UnixConnector);
         Self {
             link: Link::Socket(client),
+            base: hyperlocal::Uri::new(&socket, "/").into(),
             socket,
             pool,
             max_message,
@@ -239,8 +242,12 @@ impl Backend {
         &self.pool
     }
 
+    /// `unix://HEX(socket)/path`, with the socket's part encoded once.
     fn uri(&self, path: &str) -> hyper::Uri {
-        hyperlocal::Uri::new(&self.socket, path).into()
+        let mut parts = self.base.clone().into_parts();
+        parts.path_and_query = path.parse().ok();
+        hyper::Uri::from_parts(parts)
+            .unwrap_or_else(|_| hyperlocal::Uri::new(&self.socket, path).into())
     }
 
     async fn send(
