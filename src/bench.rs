@@ -52,8 +52,8 @@ pub struct BenchArgs {
     /// Directory for results.md, chart.svg and results.json.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
-    /// Scenarios to run: ceiling, direct, pool, exclusive, spawn, peer,
-    /// fanout, memory.
+    /// Scenarios to run: ceiling, direct, pool, sidecar (a pool of 1 with the
+    /// proxy on the broker's socket), exclusive, spawn, peer, fanout, memory.
     #[arg(
         long,
         value_delimiter = ',',
@@ -242,10 +242,11 @@ pub async fn run(mut args: BenchArgs, shutdown: CancellationToken) -> anyhow::Re
     };
     let wants = |s: &str| ctx.args.scenarios.iter().any(|x| x == s);
     let w_fanout = wants("fanout");
-    let (w_ceiling, w_direct, w_pool, w_excl, w_spawn, w_peer, w_mem) = (
+    let (w_ceiling, w_direct, w_pool, w_side, w_excl, w_spawn, w_peer, w_mem) = (
         wants("ceiling"),
         wants("direct"),
         wants("pool"),
+        wants("sidecar"),
         wants("exclusive"),
         wants("spawn"),
         wants("peer"),
@@ -262,8 +263,11 @@ pub async fn run(mut args: BenchArgs, shutdown: CancellationToken) -> anyhow::Re
         sizes.extend(ctx.args.pools.iter().copied().filter(|k| *k > 1));
         sizes.dedup();
         for k in sizes {
-            report_err(&format!("pool-{k}"), pooled(&mut ctx, k).await);
+            report_err(&format!("pool-{k}"), pooled(&mut ctx, k, false).await);
         }
+    }
+    if w_side {
+        report_err("sidecar-1", pooled(&mut ctx, 1, true).await);
     }
     if w_excl {
         report_err("exclusive", exclusive(&mut ctx).await);

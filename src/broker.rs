@@ -12,6 +12,7 @@ pub mod api;
 mod conn;
 mod error;
 pub mod lease;
+pub mod local;
 pub mod on_demand;
 pub mod reload;
 pub mod socket;

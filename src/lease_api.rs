@@ -30,6 +30,23 @@ use crate::protocol::Era;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// The body of a lease API answer handed over in-process.
+pub type LocalBody =
+    http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, std::convert::Infallible>;
+
+/// An answer of [`LocalApi::request`].
+pub type LocalAnswer<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = http::Response<LocalBody>> + Send + 'a>>;
+
+/// The lease API served in this process (`mcp-broker up`): the same
+/// requests and answers as over the socket, without the socket. The broker
+/// implements it, the proxy calls it; neither names the other.
+pub trait LocalApi: Send + Sync + std::fmt::Debug {
+    /// Answers one lease API request. Dropping the answer (or its body)
+    /// before the end counts as the caller hanging up.
+    fn request(&self, req: http::Request<http_body_util::Full<bytes::Bytes>>) -> LocalAnswer<'_>;
+}
+
 /// Header binding a message to a client session (sticky and exclusive
 /// pools); 1 to [`MAX_SESSION_KEY`] visible ASCII bytes.
 pub const SESSION_HEADER: &str = "mcp-broker-session";
@@ -110,9 +127,10 @@ pub fn valid_lease_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// A fresh random lease id.
+/// A fresh random lease id: 128 bits from the thread's CSPRNG (seeded by
+/// the OS) as 32 hex digits, without a `getrandom` call per request.
 pub fn new_lease_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    format!("{:032x}", rand::random::<u128>())
 }
 
 /// A session key: 1 to [`MAX_SESSION_KEY`] visible ASCII bytes.

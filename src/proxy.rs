@@ -71,6 +71,9 @@ pub struct ProxySettings {
     pub listen: SocketAddr,
     /// The broker's lease API socket.
     pub socket: PathBuf,
+    /// A broker in this process (`mcp-broker up`): called directly instead
+    /// of over `socket`.
+    pub local: Option<Arc<dyn crate::lease_api::LocalApi>>,
     /// The pool to lease from.
     pub pool: String,
     /// `Origin` values allowed besides localhost ones.
@@ -111,6 +114,7 @@ impl Default for ProxySettings {
         Self {
             listen: DEFAULT_LISTEN.parse().expect("valid default"),
             socket: PathBuf::from(crate::config::DEFAULT_SOCKET),
+            local: None,
             pool: String::new(),
             allow_origins: Vec::new(),
             max_sessions: DEFAULT_MAX_SESSIONS,
@@ -297,6 +301,9 @@ impl Proxy {
         );
         if let Some(path) = &settings.token_file {
             backend = backend.with_token_file(path.clone());
+        }
+        if let Some(local) = &settings.local {
+            backend = backend.with_local(local.clone());
         }
         let proxy = Arc::new(Proxy {
             sessions: Sessions::new(settings.max_sessions, settings.session_idle_timeout),

@@ -2,9 +2,11 @@
 //! pool (`up -- CMD`), or every pool of a config file (`up --config FILE`,
 //! each at `/servers/NAME/mcp`).
 //!
-//! The broker listens on a private socket in a fresh temporary directory and
-//! the proxy reaches it exactly as a sidecar would, so `up` exercises the
-//! same code paths as a node deployment.
+//! The broker listens on a private socket in a fresh temporary directory;
+//! the proxy calls the broker's lease API in-process ([`crate::lease_api::LocalApi`],
+//! served by [`crate::broker::local`]):
+//! the same requests and the same handler as a sidecar's over the socket,
+//! without the socket round trip.
 
 use crate::broker::{socket, Broker};
 use crate::config::{BrokerSettings, Config, PoolConfig};
@@ -45,6 +47,7 @@ pub async fn run(
         metrics.clone(),
     );
     let listener = socket::bind(&socket, 0o600, None)?;
+    proxy.local = Some(Arc::new(crate::broker::local::Local::new(broker.clone())));
     let broker_done = CancellationToken::new();
     let serve = tokio::spawn(broker.serve(listener, Some(socket.clone()), broker_done.clone()));
     proxy.socket = socket;

@@ -68,7 +68,7 @@ pub fn markdown(rows: &[Row], header: &str) -> String {
 }
 
 fn is_broker(name: &str) -> bool {
-    name.starts_with("pool-") || name.starts_with("exclusive")
+    name.starts_with("pool-") || name.starts_with("sidecar-") || name.starts_with("exclusive")
 }
 
 fn is_peer(name: &str) -> bool {

@@ -60,8 +60,10 @@ pub(super) async fn direct(ctx: &mut Ctx) -> anyhow::Result<()> {
     r
 }
 
-pub(super) async fn pooled(ctx: &mut Ctx, k: usize) -> anyhow::Result<()> {
-    let stack = Stack::start(ctx.rt(), ctx.pool_config(Mode::Shared, k))?;
+/// A shared pool of `k`; `sidecar`: the proxy reaches the broker over its
+/// socket, as a separate `mcp-broker proxy` does (else in-process, as `up`).
+pub(super) async fn pooled(ctx: &mut Ctx, k: usize, sidecar: bool) -> anyhow::Result<()> {
+    let stack = Stack::start(ctx.rt(), ctx.pool_config(Mode::Shared, k), sidecar)?;
     let connect = Connect::Http {
         addr: stack.addr,
         path: "/mcp".into(),
@@ -69,7 +71,7 @@ pub(super) async fn pooled(ctx: &mut Ctx, k: usize) -> anyhow::Result<()> {
     let mut r = stack.wait_idle(k, ctx.args.start_timeout).await;
     if r.is_ok() {
         for c in ctx.levels() {
-            let name = format!("pool-{k}");
+            let name = format!("{}-{k}", if sidecar { "sidecar" } else { "pool" });
             r = r.and(
                 ctx.step(
                     &name,
@@ -90,7 +92,7 @@ pub(super) async fn pooled(ctx: &mut Ctx, k: usize) -> anyhow::Result<()> {
 pub(super) async fn exclusive(ctx: &mut Ctx) -> anyhow::Result<()> {
     let most = ctx.args.max_processes;
     for c in ctx.levels().into_iter().filter(|c| *c <= most) {
-        let stack = Stack::start(ctx.rt(), ctx.pool_config(Mode::Exclusive, c))?;
+        let stack = Stack::start(ctx.rt(), ctx.pool_config(Mode::Exclusive, c), false)?;
         let connect = Connect::Http {
             addr: stack.addr,
             path: "/mcp".into(),

@@ -70,8 +70,10 @@ mod tempfile_dir {
 }
 
 impl Stack {
-    /// Starts a broker with `pool` and a proxy in front of it on `rt`.
-    pub fn start(rt: &Runtime, mut pool: PoolConfig) -> anyhow::Result<Stack> {
+    /// Starts a broker with `pool` and a proxy in front of it on `rt`; the
+    /// proxy calls the broker in-process as `up` does, or over its socket
+    /// (`sidecar`) as a separate `mcp-broker proxy` does.
+    pub fn start(rt: &Runtime, mut pool: PoolConfig, sidecar: bool) -> anyhow::Result<Stack> {
         pool.name = POOL.to_string();
         pool.check()?;
         let dir = std::env::temp_dir().join(format!(
@@ -97,6 +99,10 @@ impl Stack {
             metrics.clone(),
         );
         let listener = socket::bind(&socket, 0o600, None)?;
+        let local = (!sidecar).then(|| {
+            Arc::new(crate::broker::local::Local::new(broker.clone()))
+                as Arc<dyn crate::lease_api::LocalApi>
+        });
         let broker_done = CancellationToken::new();
         let broker_task = rt.spawn(broker.clone().serve(
             listener,
@@ -108,6 +114,7 @@ impl Stack {
         let settings = ProxySettings {
             listen: addr,
             socket,
+            local,
             pool: POOL.into(),
             drain_timeout: Duration::from_secs(5),
             ..ProxySettings::default()

@@ -154,7 +154,7 @@ pub async fn run(
             return Err(e.into());
         }
     };
-    let token = id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let token = id.unwrap_or_else(crate::lease_api::new_lease_id);
     let (reg, cancel) = Registration::new(&broker, scoped(&caller, &token), &token)?;
     let client_id = msg.get("id").cloned().unwrap_or(Value::Null);
     let (acquired, msg) = match pool.try_acquire(session.as_deref(), target) {

@@ -1,10 +1,13 @@
 //! The proxy's client for the broker's lease API (HTTP/1.1 over the Unix
-//! socket, pooled connections via hyperlocal).
+//! socket, pooled connections via hyperlocal; or a broker in this process,
+//! see [`link`]).
 //!
 //! Connection failures are retried with backoff for a bounded time: a failed
 //! connect means no byte reached the broker, so even a `tools/call` is safe
 //! to retry, and a broker restart costs clients latency rather than errors.
 //! Anything after the connect is never retried here.
+
+mod link;
 
 use crate::framing::{Frame, LineSplitter};
 use crate::jsonrpc::{self, codes};
@@ -15,9 +18,9 @@ use crate::protocol::Era;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use link::{ApiBody, Link};
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -80,7 +83,7 @@ pub struct Lease {
 
 /// NDJSON messages from a lease body, bounded per line.
 pub struct Lines {
-    body: Incoming,
+    body: ApiBody,
     splitter: LineSplitter,
     ready: VecDeque<Frame>,
     done: bool,
@@ -156,8 +159,10 @@ type CachedInfo = Option<(Instant, Arc<PoolInfo>)>;
 /// A cheap-to-clone handle on the broker.
 #[derive(Clone)]
 pub struct Backend {
-    client: Client<hyperlocal::UnixConnector, Full<Bytes>>,
+    link: Link,
     socket: PathBuf,
+    /// `unix://HEX(socket)/`: scheme and authority of every request's URI.
+    base: hyper::Uri,
     pool: String,
     max_message: usize,
     info: Arc<Mutex<CachedInfo>>,
@@ -214,7 +219,8 @@ impl Backend {
             .pool_idle_timeout(Duration::from_secs(30))
             .build(hyperlocal::UnixConnector);
         Self {
-            client,
+            link: Link::Socket(client),
+            base: hyperlocal::Uri::new(&socket, "/").into(),
             socket,
             pool,
             max_message,
@@ -230,13 +236,23 @@ impl Backend {
         self
     }
 
+    /// Calls `broker`, in this process, instead of the socket.
+    pub fn with_local(mut self, broker: Arc<dyn crate::lease_api::LocalApi>) -> Self {
+        self.link = Link::Local(broker);
+        self
+    }
+
     /// The pool name.
     pub fn pool(&self) -> &str {
         &self.pool
     }
 
+    /// `unix://HEX(socket)/path`, with the socket's part encoded once.
     fn uri(&self, path: &str) -> hyper::Uri {
-        hyperlocal::Uri::new(&self.socket, path).into()
+        let mut parts = self.base.clone().into_parts();
+        parts.path_and_query = path.parse().ok();
+        hyper::Uri::from_parts(parts)
+            .unwrap_or_else(|_| hyperlocal::Uri::new(&self.socket, path).into())
     }
 
     async fn send(
@@ -246,7 +262,7 @@ impl Backend {
         session: Option<&str>,
         lease: Option<&str>,
         body: Bytes,
-    ) -> Result<http::Response<Incoming>, BackendError> {
+    ) -> Result<http::Response<ApiBody>, BackendError> {
         let started = Instant::now();
         let mut delay = CONNECT_RETRY_BASE;
         let mut resent = 0;
@@ -269,7 +285,7 @@ impl Backend {
             let req = req
                 .body(Full::new(body.clone()))
                 .map_err(|e| BackendError::Malformed(e.to_string()))?;
-            match self.client.request(req).await {
+            match self.link.request(req).await {
                 Ok(r) => return Ok(r),
                 Err(e) if e.is_connect() && started.elapsed() < CONNECT_RETRY_FOR => {
                     self.metrics
@@ -453,7 +469,7 @@ impl Backend {
             })
     }
 
-    fn lines(&self, body: Incoming) -> Lines {
+    fn lines(&self, body: ApiBody) -> Lines {
         Lines {
             body,
             splitter: LineSplitter::new(self.max_message + 1024),
