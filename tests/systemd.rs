@@ -493,9 +493,12 @@ fn sysusers_file_parses() {
 #[test]
 fn shipped_configs_pass_check() {
     for cfg in ["systemd/broker.toml", "daemonset/broker.toml"] {
+        // The DaemonSet sets NODE_NAME (the CSI plugin's node_id) from
+        // spec.nodeName.
         let out = Command::new(BIN)
             .args(["check", "--config"])
             .arg(repo().join(cfg))
+            .env("NODE_NAME", "check-node")
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
