@@ -26,6 +26,7 @@ use crate::broker::Broker;
 use crate::config::csi::CsiSettings;
 use registry::Registry;
 use state::State;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
@@ -60,6 +61,10 @@ impl Plugin {
         let state = Arc::new(State::open(&settings.state_dir)?);
         let registry = Arc::new(Registry::new(broker.clone(), shutdown.clone()));
         restore(&state, &registry)?;
+        // This broker holds the lease socket already (bound, or taken over
+        // from a broker that is now draining): the endpoint is ours, even
+        // if the old broker still listens on the file it bound.
+        let _ = std::fs::remove_file(&settings.endpoint);
         let listener = crate::broker::socket::bind(&settings.endpoint, ENDPOINT_MODE, None)?;
         let node = node::NodeService {
             broker: broker.clone(),
@@ -79,7 +84,8 @@ impl Plugin {
             volumes = registry.len(),
             "CSI node plugin listening"
         );
-        let server = tokio::spawn(serve(listener, settings, ident, node, shutdown));
+        let bound = std::fs::metadata(&settings.endpoint).ok().map(|m| m.ino());
+        let server = tokio::spawn(serve(bound, listener, settings, ident, node, shutdown));
         Ok(Plugin { registry, server })
     }
 
@@ -92,6 +98,7 @@ impl Plugin {
 }
 
 async fn serve(
+    bound: Option<u64>,
     listener: UnixListener,
     settings: CsiSettings,
     ident: identity::IdentityService,
@@ -107,7 +114,11 @@ async fn serve(
     if let Err(e) = served {
         tracing::error!("CSI endpoint failed: {e}");
     }
-    let _ = std::fs::remove_file(&settings.endpoint);
+    // Only our own socket file: after a take-over the path is the new
+    // broker's, which the kubelet is using.
+    if std::fs::metadata(&settings.endpoint).is_ok_and(|m| Some(m.ino()) == bound) {
+        let _ = std::fs::remove_file(&settings.endpoint);
+    }
 }
 
 /// Serves every recorded volume whose target path still exists; forgets

@@ -591,8 +591,10 @@ async fn serve(
             }
         },
     };
+    // The plugin stops with the broker, also when it hands off to a new one.
+    let csi_stop = shutdown.child_token();
     let csi = match csi_settings {
-        Some(c) => Some(start_csi(&broker, c, &shutdown).await?),
+        Some(c) => Some(start_csi(&broker, c, &csi_stop).await?),
         None => None,
     };
     tracing::info!(socket = %socket_path.display(), "broker listening");
@@ -606,6 +608,7 @@ async fn serve(
     };
     let ended = run::serve(serving, shutdown.clone()).await;
     tracing::info!(?ended, "broker stopped");
+    csi_stop.cancel();
     if let Some(p) = csi {
         p.stopped().await;
     }

@@ -526,30 +526,15 @@ async fn sigterm(mut child: std::process::Child) {
 async fn the_daemon_serves_csi_from_its_config_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let tag = uuid::Uuid::new_v4().simple().to_string();
-    let endpoint = dir.path().join("plugin/csi.sock");
-    let config = dir.path().join("broker.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[broker]\nsocket = \"{}\"\nmetrics_listen = \"\"\ndrain_timeout = \"2s\"\n\
-             [csi]\nendpoint = \"{}\"\nstate_dir = \"{}\"\nnode_id = \"node-9\"\n\
-             [[pool]]\nname = \"time\"\ncommand = \"{}\"\nmin_idle = 1\n\
-             allow = [{{ namespace = \"team-a\" }}]\nenv = {{ {TAG_VAR} = \"{tag}\" }}\n\
-             [[pool]]\nname = \"github\"\ncommand = \"{}\"\nmin_idle = 0\n\
-             allow = [{{ namespace = \"team-b\" }}]\n",
-            dir.path().join("b.sock").display(),
-            endpoint.display(),
-            dir.path().join("plugin").display(),
-            env!("CARGO_BIN_EXE_mcp-fixture"),
-            env!("CARGO_BIN_EXE_mcp-fixture"),
-        ),
-    )
-    .unwrap();
+    let (config, endpoint) = daemon_config(dir.path(), &tag);
     let target = dir.path().join("pods/uid-a/mount");
     let pod = pod_backend(&target, "time");
 
     let daemon = spawn_serve(&config);
-    wait_until(Duration::from_secs(10), || endpoint.exists()).await;
+    wait_until(Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(&endpoint).is_ok()
+    })
+    .await;
     let mut node = NodeClient::new(channel(endpoint.clone()).await);
     let info = node.node_get_info(NodeGetInfoRequest {}).await.unwrap();
     assert_eq!(info.into_inner().node_id, "node-9");
@@ -560,15 +545,28 @@ async fn the_daemon_serves_csi_from_its_config_across_a_restart() {
     sigterm(daemon).await;
     assert!(target.join(SOCKET_NAME).exists(), "the pod's socket stays");
     assert_no_procs(&tag).await;
-
     let daemon = spawn_serve(&config);
-    wait_until(Duration::from_secs(10), || endpoint.exists()).await;
+    wait_until(Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(&endpoint).is_ok()
+    })
+    .await;
     let again = served(&pod).await;
     assert_ne!(first, again, "a new broker's process answered");
     // Still pod A, as the kubelet named it before the restart.
     let msg = denied(&pod_backend(&target, "github")).await;
     assert!(msg.contains("pod team-a/agent-0"), "{msg}");
-    let mut node = NodeClient::new(channel(endpoint.clone()).await);
+    unpublish_and_stop(&endpoint, &target, daemon, &tag).await;
+}
+
+/// Unpublishes pod A's volume through the daemon's endpoint (its socket
+/// directory goes), then stops the daemon: nothing of the test is left.
+async fn unpublish_and_stop(
+    endpoint: &Path,
+    target: &Path,
+    daemon: std::process::Child,
+    tag: &str,
+) {
+    let mut node = NodeClient::new(channel(endpoint.to_path_buf()).await);
     node.node_unpublish_volume(NodeUnpublishVolumeRequest {
         volume_id: "csi-uid-a".into(),
         target_path: target.display().to_string(),
@@ -577,5 +575,70 @@ async fn the_daemon_serves_csi_from_its_config_across_a_restart() {
     .unwrap();
     assert!(!target.exists());
     sigterm(daemon).await;
-    assert_no_procs(&tag).await;
+    assert_no_procs(tag).await;
+}
+
+/// `[csi]` daemon config in `dir` (endpoint under `dir/plugin`); returns
+/// the config file and the endpoint.
+fn daemon_config(dir: &Path, tag: &str) -> (PathBuf, PathBuf) {
+    let endpoint = dir.join("plugin/csi.sock");
+    let config = dir.join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[broker]\nsocket = \"{}\"\nmetrics_listen = \"\"\ndrain_timeout = \"2s\"\n\
+             [csi]\nendpoint = \"{}\"\nstate_dir = \"{}\"\nnode_id = \"node-9\"\n\
+             [[pool]]\nname = \"time\"\ncommand = \"{}\"\nmin_idle = 1\n\
+             allow = [{{ namespace = \"team-a\" }}]\nenv = {{ {TAG_VAR} = \"{tag}\" }}\n\
+             [[pool]]\nname = \"github\"\ncommand = \"{}\"\nmin_idle = 0\n\
+             allow = [{{ namespace = \"team-b\" }}]\n",
+            dir.join("b.sock").display(),
+            endpoint.display(),
+            dir.join("plugin").display(),
+            env!("CARGO_BIN_EXE_mcp-fixture"),
+            env!("CARGO_BIN_EXE_mcp-fixture"),
+        ),
+    )
+    .unwrap();
+    (config, endpoint)
+}
+
+/// A take-over by a new broker (a DaemonSet rollout with maxSurge) keeps the
+/// CSI endpoint and a pod's socket working: the new broker binds both anew,
+/// and the old one, leaving, does not remove the new broker's files.
+#[tokio::test]
+async fn a_take_over_keeps_the_plugin_and_the_pods_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let (config, endpoint) = daemon_config(dir.path(), &tag);
+    let target = dir.path().join("pods/uid-a/mount");
+    let pod = pod_backend(&target, "time");
+    let mut old = spawn_serve(&config);
+    wait_until(Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(&endpoint).is_ok()
+    })
+    .await;
+    let mut node = NodeClient::new(channel(endpoint.clone()).await);
+    node.node_publish_volume(request_at(&target, POD_A, &[]))
+        .await
+        .unwrap();
+    served(&pod).await;
+
+    let new = spawn_serve(&config);
+    // The old broker hands its listeners over, drains and exits.
+    let mut status = None;
+    wait_until(Duration::from_secs(30), || {
+        status = old.try_wait().unwrap();
+        status.is_some()
+    })
+    .await;
+    assert!(status.unwrap().success(), "{status:?}");
+    assert!(endpoint.exists(), "the new broker's endpoint is left alone");
+    served(&pod).await;
+    let msg = denied(&pod_backend(&target, "github")).await;
+    assert!(msg.contains("pod team-a/agent-0"), "{msg}");
+    let mut node = NodeClient::new(channel(endpoint.clone()).await);
+    let info = node.node_get_info(NodeGetInfoRequest {}).await.unwrap();
+    assert_eq!(info.into_inner().node_id, "node-9");
+    unpublish_and_stop(&endpoint, &target, new, &tag).await;
 }
