@@ -8,11 +8,14 @@
 
 pub mod adopt;
 pub mod group;
+mod lines;
 pub mod router;
 pub mod sandbox;
+use lines::log_stderr;
+pub use lines::read_lines;
 
 use crate::config::PoolConfig;
-use crate::framing::{sniff_id, Frame, LineSplitter};
+use crate::framing::{sniff_id, Frame};
 use crate::jsonrpc::{self, codes};
 use crate::metrics::Metrics;
 use crate::node::budget::Permit;
@@ -26,15 +29,13 @@ use std::os::fd::AsRawFd;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Courtesy replies queued for a process's stdin at most.
 const STDIN_QUEUE: usize = 256;
-/// Longest stderr line kept for the log.
-const STDERR_LINE_MAX: usize = 8 * 1024;
 /// Longest wait to write a `notifications/cancelled`.
 const CANCEL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the reaper waits for stdout to drain after the exit.
@@ -535,36 +536,6 @@ async fn read_stdout(
     })
     .await;
     done.cancel();
-}
-
-/// Reads `r` to EOF, calling `f` for every frame.
-pub async fn read_lines(mut r: impl AsyncRead + Unpin, max: usize, mut f: impl FnMut(Frame)) {
-    let mut splitter = LineSplitter::new(max);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut frames = Vec::new();
-    loop {
-        match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                splitter.push(&buf[..n], &mut frames);
-                for frame in frames.drain(..) {
-                    f(frame);
-                }
-            }
-        }
-    }
-}
-
-async fn log_stderr(pool: String, pid: u32, stderr: impl AsyncRead + Unpin) {
-    read_lines(stderr, STDERR_LINE_MAX, |frame| match frame {
-        Frame::Line(line) => {
-            tracing::info!(target: "mcp_broker::server_stderr", pool = %pool, pid, "{}", String::from_utf8_lossy(&line));
-        }
-        Frame::Oversized { len, .. } => {
-            tracing::info!(target: "mcp_broker::server_stderr", pool = %pool, pid, "<{len}-byte stderr line omitted>");
-        }
-    })
-    .await;
 }
 
 async fn reap(worker: Arc<Process>, leader: Leader, stdout_done: CancellationToken) {
