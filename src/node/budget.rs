@@ -190,11 +190,6 @@ impl Budget {
         self.hungry_len.store(h.len(), Ordering::Release);
     }
 
-    /// Pool `me` was refused for too long or stopped waiting.
-    pub fn forget(&self, me: &str) {
-        self.fed(me);
-    }
-
     /// Whether a pool other than `me` waits for budget: `me` should give a
     /// process back after its lease instead of keeping it.
     pub fn others_hungry(&self, me: &str) -> bool {
