@@ -13,6 +13,7 @@ use mcp_broker::config::{self, Config, Mode, Protocol};
 use mcp_broker::metrics::Metrics;
 use mcp_broker::proxy::{self, ProxySettings};
 use mcp_broker::runtime::{self, Threads};
+use mcp_broker::shim::cli::{self as shim_cli, ConnectArgs};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -94,44 +95,9 @@ enum Command {
     /// broker's pool per request: put it in an MCP host's config in place
     /// of the server's own command. `--pool NAME` uses a configured pool;
     /// `-- CMD ARGS...` an on-demand pool of the per-user broker (started
-    /// on first use).
-    Connect {
-        /// The pool to lease from.
-        #[arg(long, conflicts_with = "command", required_unless_present = "command")]
-        pool: Option<String>,
-        /// The broker's lease API socket [default: /run/mcp-broker/broker.sock
-        /// with --pool; the per-user broker's socket with `-- CMD`].
-        #[arg(long)]
-        socket: Option<PathBuf>,
-        /// A token file to present to the broker (`Authorization: Bearer`).
-        #[arg(long)]
-        token_file: Option<PathBuf>,
-        /// How this host session uses the pool: shared (any process per
-        /// request), sticky, or exclusive (a warm process of its own for the
-        /// session) [default: the pool's mode; exclusive for `-- CMD`].
-        #[arg(long, value_enum)]
-        mode: Option<Mode>,
-        /// Same as `--mode shared` (for on-demand pools of servers that keep
-        /// no per-session state).
-        #[arg(long, conflicts_with = "mode")]
-        shared: bool,
-        /// Variable the on-demand server gets: `K` (this process's value) or
-        /// `K=V` (repeatable); no other variable is passed.
-        #[arg(long = "env", value_name = "K[=V]", requires = "command")]
-        env: Vec<String>,
-        /// Largest JSON-RPC message in bytes, either direction (beyond: a
-        /// clear -31005 error).
-        #[arg(long, default_value_t = config::DEFAULT_MAX_MESSAGE_SIZE as u64,
-              value_parser = clap::value_parser!(u64).range(1024..))]
-        max_message_bytes: u64,
-        /// Requests leased at once; more wait.
-        #[arg(long, default_value_t = mcp_broker::shim::DEFAULT_MAX_INFLIGHT,
-              value_parser = clap::value_parser!(usize))]
-        max_inflight: usize,
-        /// The stdio server command and its arguments (an on-demand pool).
-        #[arg(last = true, value_name = "CMD")]
-        command: Vec<String>,
-    },
+    /// on first use). Runs as the slim `mcp-broker-connect` when that sits
+    /// beside this binary.
+    Connect(ConnectArgs),
     /// Run one user's own broker: on-demand pools for the commands its
     /// `connect -- CMD` shims name, on a socket only that user can reach.
     /// Started by the first shim, or by systemd --user socket activation.
@@ -302,6 +268,13 @@ fn parse_object(s: &str) -> Result<serde_json::Value, String> {
 }
 
 fn main() -> std::process::ExitCode {
+    // `connect` becomes the slim shim beside this binary when there is one
+    // (the host's session keeps it resident; see mcp_broker::shim::cli).
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let slim_failed = match argv.get(1) {
+        Some(c) if c == "connect" => shim_cli::slim_exec(&argv[2..]),
+        _ => None,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MCP_BROKER_LOG")
@@ -309,7 +282,10 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    if let Some(e) = slim_failed {
+        tracing::debug!("cannot execute {}: {e}; running in-process", shim_cli::SLIM_NAME);
+    }
+    let cli = Cli::parse_from(argv);
     // Before any thread exists, so every thread inherits the mask and only
     // the signal thread takes signals (see mcp_broker::shutdown).
     if let Err(e) = mcp_broker::shutdown::block() {
@@ -397,44 +373,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             settings.token_file = token_file;
             proxy::run(settings, metrics, shutdown).await
         }
-        Command::Connect {
-            pool,
-            socket,
-            token_file,
-            mode,
-            shared,
-            env,
-            max_message_bytes,
-            max_inflight,
-            command,
-        } => {
-            let mode = if shared { Some(Mode::Shared) } else { mode };
-            let mut settings = mcp_broker::shim::ShimSettings {
-                socket: socket
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from(config::DEFAULT_SOCKET)),
-                pool: pool.unwrap_or_default(),
-                token_file,
-                max_message: usize::try_from(max_message_bytes).unwrap_or(usize::MAX),
-                max_inflight: max_inflight.max(1),
-                mode,
-                ..Default::default()
-            };
-            if !command.is_empty() {
-                let args = mcp_broker::shim::on_demand::OnDemandArgs {
-                    command,
-                    env,
-                    mode: mode.unwrap_or(Mode::Exclusive),
-                    socket,
-                };
-                mcp_broker::shim::on_demand::prepare(&args, &mut settings).await?;
-            }
-            match mcp_broker::shim::run(settings, shutdown).await {
-                mcp_broker::shim::Ended::ReadError(e) => {
-                    anyhow::bail!("cannot read MCP messages from stdin: {e}")
-                }
-                _ => Ok(()),
-            }
+        Command::Connect(args) => {
+            let exe = std::env::current_exe().context("cannot find this executable")?;
+            Ok(shim_cli::run(args, &exe, shutdown).await?)
         }
         Command::UserBroker {
             socket,

@@ -33,6 +33,7 @@
 //! The shim never imports the broker: it is a lease API client
 //! ([`crate::proxy::backend::Backend`]) like the proxy.
 
+pub mod cli;
 mod held;
 pub mod on_demand;
 mod request;

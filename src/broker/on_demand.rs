@@ -40,6 +40,12 @@ pub const DEFAULT_MAX_SHARED: usize = 4;
 pub const BASE_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "TMPDIR"];
 /// Longest accepted command line (command plus args), in bytes.
 const MAX_COMMAND_BYTES: usize = 64 * 1024;
+/// How long a host request waits for a process of an on-demand pool. A
+/// burst of exclusive sessions each waits for a cold start of its own, which
+/// a spawned server would have made the host wait for too; on a loaded
+/// laptop that takes longer than a node pool's queue allows (64 node servers
+/// starting at once on 2 cores: ~45 s). Twice the default start timeout.
+pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What `mcp-broker user-broker` is told about its on-demand pools.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +134,7 @@ pub fn pool_config(
             Mode::Sticky | Mode::Exclusive => settings.max_processes.max(1),
         }),
         idle_timeout: Some(settings.idle_timeout),
+        queue_timeout: Some(QUEUE_TIMEOUT),
         ..RawPool::default()
     };
     let mut cfg = config::pool_from_flags(raw, max_message)
@@ -269,6 +276,9 @@ mod tests {
         assert_eq!(c.min_idle, 1);
         assert_eq!(c.mode, Mode::Exclusive);
         assert_eq!(c.max, DEFAULT_MAX_PROCESSES);
+        // A burst of sessions waits for its cold starts, not for a node
+        // pool's queue timeout.
+        assert_eq!(c.queue_timeout, QUEUE_TIMEOUT);
         let mut shared = req("/bin/x");
         shared.mode = Mode::Shared;
         let c = pool_config("p", &shared, &OnDemandSettings::default(), 1024).unwrap();
