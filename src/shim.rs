@@ -94,9 +94,9 @@ pub struct ShimSettings {
     pub warm_wait: Duration,
     /// Longest life of one host request.
     pub request_timeout: Duration,
-    /// How this host session uses a named pool (`--mode`); `None`: as the
-    /// pool is configured. Checked against the pool's mode at first use
-    /// ([`mode_fits`]).
+    /// How this host session uses a named pool (`--mode`), sent with its
+    /// session; `None`: as the pool is configured (its `mode`). Checked
+    /// against the modes the pool allows at first use ([`mode_fits`]).
     pub mode: Option<Mode>,
 }
 
@@ -170,10 +170,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Whether a pool of mode `pool` can serve a host session that asked for
-/// `want`: the same mode, or shared use of a sticky pool (no session key).
-pub fn mode_fits(want: Mode, pool: Mode) -> bool {
-    want == pool || (want == Mode::Shared && pool == Mode::Sticky)
+/// Whether a pool that allows sessions the modes `allowed` (its `mode` and
+/// `modes`, as [`backend::PoolInfo::modes`] lists them) can serve a host
+/// session that asked for `want`.
+pub fn mode_fits(want: Mode, allowed: &[Mode]) -> bool {
+    allowed.contains(&want)
 }
 
 /// Runs the shim on the process's stdin and stdout until EOF or `shutdown`.
@@ -202,6 +203,9 @@ where
     );
     if let Some(path) = &settings.token_file {
         backend = backend.with_token_file(path.clone());
+    }
+    if let Some(mode) = settings.mode {
+        backend = backend.with_mode(mode);
     }
     let (tx, rx) = mpsc::channel(OUT_BUFFER);
     let writer = tokio::spawn(writer(output, rx));
@@ -441,27 +445,28 @@ impl Shim {
     }
 
     /// The pool's cached handshake, waiting for the first warm process;
-    /// refused when the pool cannot give the `--mode` asked for.
+    /// refused when the pool does not allow the `--mode` asked for.
     async fn pool_info(&self) -> Result<Arc<backend::PoolInfo>, backend::BackendError> {
         let info = self.backend.pool_info_wait(self.settings.warm_wait).await?;
         match self.settings.mode {
-            Some(want) if !mode_fits(want, info.mode) => {
+            Some(want) if !mode_fits(want, &info.modes) => {
+                let allowed: Vec<String> = info.modes.iter().map(|m| format!("\"{m}\"")).collect();
                 Err(backend::BackendError::Unsupported(format!(
-                    "pool {:?} is {}; --mode {want} needs a pool configured with mode = \"{want}\"{} \
-                     (or an on-demand pool: mcp-broker connect --mode {want} -- CMD ARGS...)",
+                    "pool {:?} does not allow --mode {want} (it allows {}); add \"{want}\" to the \
+                     pool's `modes` setting in the broker's config, e.g. modes = [\"{}\", \"{want}\"] \
+                     (or use an on-demand pool: mcp-broker connect --mode {want} -- CMD ARGS...)",
                     self.settings.pool,
+                    allowed.join(", "),
                     info.mode,
-                    if want == Mode::Shared { " or \"sticky\"" } else { "" },
                 )))
             }
             _ => Ok(info),
         }
     }
 
-    /// The session key leases carry: none when the host asked for shared
-    /// use (any process per request, even in a sticky pool).
+    /// The session key leases carry (with the `--mode` it named).
     fn lease_session(&self) -> Option<&str> {
-        (self.settings.mode != Some(Mode::Shared)).then_some(self.session.as_str())
+        Some(self.session.as_str())
     }
 
     /// Holds the session with an open stream until stop: if the shim dies
