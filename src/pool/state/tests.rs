@@ -469,3 +469,5 @@ fn failures_probe_one_process_at_a_time_after_backoff() {
         "closed pools spawn nothing"
     );
 }
+
+mod modes;
