@@ -34,6 +34,7 @@
 //! ([`crate::proxy::backend::Backend`]) like the proxy.
 
 mod held;
+mod mode;
 pub mod on_demand;
 mod request;
 mod stdio;
@@ -46,6 +47,7 @@ use crate::metrics::Metrics;
 use crate::protocol;
 use crate::proxy::backend::{self, Backend};
 use crate::proxy::{legacy, modern};
+pub use mode::mode_fits;
 use request::{Host, InFlight};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -168,13 +170,6 @@ struct Shim {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Whether a pool that allows sessions the modes `allowed` (its `mode` and
-/// `modes`, as [`backend::PoolInfo::modes`] lists them) can serve a host
-/// session that asked for `want`.
-pub fn mode_fits(want: Mode, allowed: &[Mode]) -> bool {
-    allowed.contains(&want)
 }
 
 /// Runs the shim on the process's stdin and stdout until EOF or `shutdown`.
@@ -449,17 +444,9 @@ impl Shim {
     async fn pool_info(&self) -> Result<Arc<backend::PoolInfo>, backend::BackendError> {
         let info = self.backend.pool_info_wait(self.settings.warm_wait).await?;
         match self.settings.mode {
-            Some(want) if !mode_fits(want, &info.modes) => {
-                let allowed: Vec<String> = info.modes.iter().map(|m| format!("\"{m}\"")).collect();
-                Err(backend::BackendError::Unsupported(format!(
-                    "pool {:?} does not allow --mode {want} (it allows {}); add \"{want}\" to the \
-                     pool's `modes` setting in the broker's config, e.g. modes = [\"{}\", \"{want}\"] \
-                     (or use an on-demand pool: mcp-broker connect --mode {want} -- CMD ARGS...)",
-                    self.settings.pool,
-                    allowed.join(", "),
-                    info.mode,
-                )))
-            }
+            Some(want) if !mode_fits(want, &info.modes) => Err(backend::BackendError::Unsupported(
+                mode::refusal(&self.settings.pool, want, &info),
+            )),
             _ => Ok(info),
         }
     }
