@@ -7,6 +7,7 @@
 pub mod csi;
 mod describe;
 pub mod front_door;
+mod modes;
 pub mod node;
 pub mod raw;
 pub mod sandbox;
@@ -211,7 +212,11 @@ pub struct PoolConfig {
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub cwd: Option<PathBuf>,
+    /// How sessions that name no mode use the pool.
     pub mode: Mode,
+    /// Other modes a session may ask for (`modes`); empty: only `mode`.
+    /// Read through [`PoolConfig::allows`].
+    pub modes: Vec<Mode>,
     pub min_idle: usize,
     pub max: usize,
     pub max_inflight: usize,
@@ -252,6 +257,7 @@ impl PoolConfig {
             env: BTreeMap::new(),
             cwd: None,
             mode: Mode::Shared,
+            modes: Vec::new(),
             min_idle: DEFAULT_MIN_IDLE,
             max: DEFAULT_MAX,
             max_inflight: DEFAULT_MAX_INFLIGHT,
@@ -301,6 +307,7 @@ impl PoolConfig {
         if self.max_inflight == 0 {
             return Err(bad("max_inflight", "must be at least 1"));
         }
+        modes::check(self).map_err(|msg| bad("modes", &msg))?;
         if self.mode == Mode::Exclusive && self.max_inflight > 1 {
             // A session owns its process; sharing slots would break that.
             return Err(bad(
@@ -538,6 +545,7 @@ fn pool_from_raw(
     c.env = p.env.clone();
     c.cwd = p.cwd.as_ref().map(PathBuf::from);
     c.mode = p.mode.unwrap_or_default();
+    c.modes = p.modes.clone().unwrap_or_default();
     c.min_idle = p.min_idle.unwrap_or(DEFAULT_MIN_IDLE);
     c.max = p.max.unwrap_or(DEFAULT_MAX.max(c.min_idle));
     c.max_inflight = p.max_inflight.unwrap_or(DEFAULT_MAX_INFLIGHT);

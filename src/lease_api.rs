@@ -50,6 +50,11 @@ pub trait LocalApi: Send + Sync + std::fmt::Debug {
 /// Header binding a message to a client session (sticky and exclusive
 /// pools); 1 to [`MAX_SESSION_KEY`] visible ASCII bytes.
 pub const SESSION_HEADER: &str = "mcp-broker-session";
+/// Header naming the mode a session uses the pool in (`shared`, `sticky`
+/// or `exclusive`); only with [`SESSION_HEADER`]. The pool must allow it
+/// (its `modes`, listed in [`PoolDescription::modes`]); a session keeps
+/// the mode it named first until it ends. Without it: the pool's `mode`.
+pub const MODE_HEADER: &str = "mcp-broker-mode";
 /// Header carrying the lease id: chosen by the caller on the request (so it
 /// can cancel before the first answer), echoed on the answer.
 pub const LEASE_HEADER: &str = "mcp-broker-lease";
@@ -142,7 +147,12 @@ pub fn valid_session_key(s: &str) -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolDescription {
     pub name: String,
+    /// The mode of sessions that name none.
     pub mode: Mode,
+    /// Every mode a session may name ([`MODE_HEADER`]), `mode` first.
+    /// Empty from brokers that predate it: then only `mode`.
+    #[serde(default)]
+    pub modes: Vec<Mode>,
     /// The pool's `protocol` setting (how processes are warmed).
     pub protocol: Protocol,
     /// The era the pool learned its server speaks, once a process warmed.
@@ -229,6 +239,7 @@ mod tests {
         let d = PoolDescription {
             name: "p".into(),
             mode: Mode::Sticky,
+            modes: vec![Mode::Sticky, Mode::Shared],
             protocol: Protocol::Auto,
             learned_era: Some(Era::Stateless),
             min_idle: 1,
@@ -244,6 +255,7 @@ mod tests {
         };
         let v = serde_json::to_value(&d).unwrap();
         assert_eq!(v["mode"], "sticky");
+        assert_eq!(v["modes"], json!(["sticky", "shared"]));
         assert_eq!(v["protocol"], "auto");
         assert_eq!(v["learned_era"], "stateless");
         assert_eq!(v["handshake"]["protocolVersion"], "2026-07-28");

@@ -24,6 +24,7 @@ use crate::protocol::Era;
 pub use guard::LeaseGuard;
 use guard::Queued;
 use serde_json::Value;
+pub use state::ModeError;
 use state::{State, Target, Waiter, FAILING_THRESHOLD};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -225,6 +226,20 @@ impl Pool {
         }
         let st = self.inner.state.lock().expect("lock");
         !st.waiters.is_empty() || !st.bound.is_empty() || st.slots.values().any(|s| s.inflight > 0)
+    }
+
+    /// Records the mode `session` uses the pool in, for the session's life
+    /// (see [`state::State::join`]).
+    pub fn join(&self, session: &str, mode: Mode) -> Result<(), ModeError> {
+        let mut st = self.inner.state.lock().expect("lock");
+        st.join(&self.inner.cfg, session, mode)
+    }
+
+    /// The mode `session` uses the pool in: the one it named, else the
+    /// pool's `mode`.
+    pub fn mode_of(&self, session: Option<&str>) -> Mode {
+        let st = self.inner.state.lock().expect("lock");
+        st.mode_of(&self.inner.cfg, session)
     }
 
     /// The process bound to an exclusive session, if any.
@@ -480,9 +495,10 @@ impl Pool {
     /// [`fair`]).
     fn dispatch_fairly(&self, st: &mut State) {
         let cfg = &self.inner.cfg;
-        // Nothing has room: nobody can be served (exclusive pools pick by
-        // session, so they always look).
-        if st.waiters.is_empty() || (cfg.mode != Mode::Exclusive && st.pick(cfg, None).is_none()) {
+        // Nothing has room: nobody can be served (pools that allow
+        // exclusive sessions pick by session, so they always look).
+        let by_session = cfg.allows(Mode::Exclusive);
+        if st.waiters.is_empty() || (!by_session && st.pick(cfg, None).is_none()) {
             return;
         }
         let order = fair::order(st);
@@ -495,7 +511,7 @@ impl Pool {
                     fair::served(st, &waiter.caller);
                     self.hand_over(st, waiter, id);
                 }
-                None if cfg.mode == Mode::Exclusive => {}
+                None if by_session => {}
                 None => break,
             }
         }
@@ -506,6 +522,7 @@ impl Pool {
     fn hand_over(&self, st: &mut State, waiter: Waiter, id: u64) {
         let cfg = &self.inner.cfg;
         let session = waiter.session.as_deref();
+        let fresh = !st.slots[&id].used;
         let worker = st.take(cfg, id, session);
         let mut guard = self.guard(worker, session);
         // Disarmed while in flight: if the send fails we undo by
@@ -516,10 +533,15 @@ impl Pool {
                 back.armed = false;
             }
             st.untake(id);
-            if let Some(s) = session {
-                if cfg.mode == Mode::Exclusive && st.slots[&id].inflight == 0 {
+            let exclusive = st.mode_of(cfg, session) == Mode::Exclusive;
+            let slot = st.slots.get_mut(&id).expect("present");
+            if slot.inflight == 0 {
+                // As it was: still fresh, nobody's.
+                slot.used = !fresh;
+                slot.alone = false;
+                if let (true, Some(s)) = (exclusive, session) {
+                    slot.session = None;
                     st.bound.remove(s);
-                    st.slots.get_mut(&id).expect("present").session = None;
                 }
             }
         }
@@ -540,7 +562,7 @@ impl Pool {
     pub fn end_session(&self, session: &str) {
         let w = {
             let mut st = self.inner.state.lock().expect("lock");
-            let w = st.end_session(&self.inner.cfg, session);
+            let w = st.end_session(session);
             self.dispatch(&mut st);
             w
         };

@@ -35,6 +35,7 @@
 
 pub mod cli;
 mod held;
+mod mode;
 pub mod on_demand;
 mod request;
 mod stdio;
@@ -47,6 +48,7 @@ use crate::metrics::Metrics;
 use crate::protocol;
 use crate::proxy::backend::{self, Backend};
 use crate::proxy::{legacy, modern};
+pub use mode::mode_fits;
 use request::{Host, InFlight};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -95,9 +97,9 @@ pub struct ShimSettings {
     pub warm_wait: Duration,
     /// Longest life of one host request.
     pub request_timeout: Duration,
-    /// How this host session uses a named pool (`--mode`); `None`: as the
-    /// pool is configured. Checked against the pool's mode at first use
-    /// ([`mode_fits`]).
+    /// How this host session uses a named pool (`--mode`), sent with its
+    /// session; `None`: as the pool is configured (its `mode`). Checked
+    /// against the modes the pool allows at first use ([`mode_fits`]).
     pub mode: Option<Mode>,
 }
 
@@ -171,12 +173,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Whether a pool of mode `pool` can serve a host session that asked for
-/// `want`: the same mode, or shared use of a sticky pool (no session key).
-pub fn mode_fits(want: Mode, pool: Mode) -> bool {
-    want == pool || (want == Mode::Shared && pool == Mode::Sticky)
-}
-
 /// Runs the shim on the process's stdin and stdout until EOF or `shutdown`.
 pub async fn run(settings: ShimSettings, shutdown: CancellationToken) -> Ended {
     serve(settings, stdio::input(), stdio::output(), shutdown).await
@@ -203,6 +199,9 @@ where
     );
     if let Some(path) = &settings.token_file {
         backend = backend.with_token_file(path.clone());
+    }
+    if let Some(mode) = settings.mode {
+        backend = backend.with_mode(mode);
     }
     let (tx, rx) = mpsc::channel(OUT_BUFFER);
     let writer = tokio::spawn(writer(output, rx));
@@ -442,27 +441,20 @@ impl Shim {
     }
 
     /// The pool's cached handshake, waiting for the first warm process;
-    /// refused when the pool cannot give the `--mode` asked for.
+    /// refused when the pool does not allow the `--mode` asked for.
     async fn pool_info(&self) -> Result<Arc<backend::PoolInfo>, backend::BackendError> {
         let info = self.backend.pool_info_wait(self.settings.warm_wait).await?;
         match self.settings.mode {
-            Some(want) if !mode_fits(want, info.mode) => {
-                Err(backend::BackendError::Unsupported(format!(
-                    "pool {:?} is {}; --mode {want} needs a pool configured with mode = \"{want}\"{} \
-                     (or an on-demand pool: mcp-broker connect --mode {want} -- CMD ARGS...)",
-                    self.settings.pool,
-                    info.mode,
-                    if want == Mode::Shared { " or \"sticky\"" } else { "" },
-                )))
-            }
+            Some(want) if !mode_fits(want, &info.modes) => Err(backend::BackendError::Unsupported(
+                mode::refusal(&self.settings.pool, want, &info),
+            )),
             _ => Ok(info),
         }
     }
 
-    /// The session key leases carry: none when the host asked for shared
-    /// use (any process per request, even in a sticky pool).
+    /// The session key leases carry (with the `--mode` it named).
     fn lease_session(&self) -> Option<&str> {
-        (self.settings.mode != Some(Mode::Shared)).then_some(self.session.as_str())
+        Some(self.session.as_str())
     }
 
     /// Holds the session with an open stream until stop: if the shim dies

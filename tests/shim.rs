@@ -264,7 +264,7 @@ async fn mode_the_pool_cannot_give_is_a_clear_error() {
     assert_eq!(code_of(&init), codes::INVALID_REQUEST, "{init}");
     let msg = init["error"]["message"].as_str().unwrap_or_default();
     assert!(
-        msg.contains("is shared") && msg.contains("--mode exclusive"),
+        msg.contains("does not allow --mode exclusive") && msg.contains("`modes`"),
         "{msg}"
     );
     assert!(h.close(WAIT).await.success());

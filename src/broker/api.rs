@@ -16,7 +16,9 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-use crate::lease_api::{LEASE_HEADER, MAX_SESSION_KEY, SESSION_HEADER};
+mod head;
+
+use head::{lease_id_of, Session};
 
 pub use super::error::ApiError;
 
@@ -293,14 +295,21 @@ where
             let caller = super::affinity::caller_key(&who);
             // Boxed, sized exactly: inline, the copies rustc keeps of async
             // arguments made every waiting connection's task ~2 KiB larger.
-            let head = session_of(req.headers(), &caller)
+            let head = Session::of(req.headers(), &caller)
                 .and_then(|s| Ok((s, lease_id_of(req.headers())?)));
             let (session, lease_id) = match head {
                 Ok(h) => h,
                 Err(e) => return e.into_response(Value::Null),
             };
             let msg = read_message(&broker, req).await;
-            return match submit(&broker, name, msg, &who) {
+            let submitted = submit(&broker, name, msg, &who);
+            if let Some((pool, id)) = submitted.pool() {
+                if let Err(e) = session.join(pool) {
+                    return e.into_response(id);
+                }
+            }
+            let session = session.key;
+            return match submitted {
                 Submitted::Answer(r) => r,
                 Submitted::Request {
                     pool,
@@ -344,8 +353,9 @@ where
             let caller = super::affinity::caller_key(&who);
             let hold = req.uri().query() == Some(crate::lease_api::HOLD_QUERY);
             resolve(&broker, name, &who).and_then(|p| {
-                session_of(req.headers(), &caller)
-                    .map(|s| lease::notifications(&broker, &p, s, hold))
+                let s = Session::of(req.headers(), &caller)?;
+                s.join(&p)?;
+                Ok(lease::notifications(&broker, &p, s.key, hold))
             })
         }
         (&Method::POST, ["v1", "on-demand"]) => Box::pin(on_demand(&broker, req)).await,
@@ -397,39 +407,6 @@ fn readyz(broker: &Broker) -> Response<Body> {
     }
 }
 
-/// The session a message belongs to, scoped to its caller: another caller
-/// naming the same key reaches a different session (see [`lease::scoped`]).
-fn session_of(headers: &::http::HeaderMap, caller: &str) -> Result<Option<String>, ApiError> {
-    match headers.get(SESSION_HEADER) {
-        None => Ok(None),
-        Some(v) => {
-            let s = v
-                .to_str()
-                .map_err(|_| ApiError::BadRequest(format!("{SESSION_HEADER} must be ASCII")))?;
-            if !crate::lease_api::valid_session_key(s) {
-                return Err(ApiError::BadRequest(format!(
-                    "{SESSION_HEADER} must be 1 to {MAX_SESSION_KEY} visible ASCII bytes"
-                )));
-            }
-            Ok(Some(lease::scoped(caller, s)))
-        }
-    }
-}
-
-/// The caller's own id for the lease (header `mcp-broker-lease`), so it can
-/// cancel the request before the first answer arrives.
-fn lease_id_of(headers: &::http::HeaderMap) -> Result<Option<String>, ApiError> {
-    match headers.get(LEASE_HEADER) {
-        None => Ok(None),
-        Some(v) => match v.to_str() {
-            Ok(s) if crate::lease_api::valid_lease_id(s) => Ok(Some(s.to_string())),
-            _ => Err(ApiError::BadRequest(format!(
-                "{LEASE_HEADER} must be 16 to 64 of [A-Za-z0-9_-]"
-            ))),
-        },
-    }
-}
-
 async fn read_message<B>(broker: &Broker, req: Request<B>) -> Result<Value, ApiError>
 where
     B: web::ReadableBody,
@@ -458,6 +435,17 @@ enum Submitted {
     },
     /// A client notification.
     Notification { pool: Pool, msg: Value },
+}
+
+impl Submitted {
+    /// The pool a request or notification goes to, and the id to answer.
+    fn pool(&self) -> Option<(&Pool, Value)> {
+        match self {
+            Submitted::Request { pool, id, .. } => Some((pool, id.clone())),
+            Submitted::Notification { pool, .. } => Some((pool, Value::Null)),
+            Submitted::Answer(_) => None,
+        }
+    }
 }
 
 /// `POST /v1/pools/{pool}/messages`, once the message was read: the checks

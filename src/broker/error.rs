@@ -2,7 +2,7 @@
 //! status and a JSON-RPC error body (`Retry-After` on `503`).
 
 use crate::jsonrpc::{self, codes};
-use crate::pool::PoolError;
+use crate::pool::{ModeError, PoolError};
 use crate::web::{self, Body};
 use ::http::{Response, StatusCode};
 use serde_json::Value;
@@ -35,6 +35,10 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("not allowed: {0}")]
     NotAllowed(String),
+    /// A session named a mode the pool does not allow, or another mode
+    /// than it uses already.
+    #[error("{0}")]
+    Mode(crate::pool::ModeError),
     #[error("{0}")]
     State(#[from] crate::broker::affinity::StateError),
 }
@@ -55,7 +59,10 @@ impl ApiError {
             ApiError::Process(_) => StatusCode::BAD_GATEWAY,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::LeaseConflict(_) => StatusCode::CONFLICT,
-            ApiError::NotAllowed(_) => StatusCode::FORBIDDEN,
+            ApiError::NotAllowed(_) | ApiError::Mode(ModeError::NotAllowed { .. }) => {
+                StatusCode::FORBIDDEN
+            }
+            ApiError::Mode(ModeError::Switched { .. }) => StatusCode::CONFLICT,
         }
     }
 
@@ -73,7 +80,10 @@ impl ApiError {
             ApiError::BadRequest(_) => codes::INVALID_REQUEST,
             ApiError::TooLarge(_) => codes::MESSAGE_TOO_LARGE,
             ApiError::Process(_) => codes::PROCESS_EXITED,
-            ApiError::NotAllowed(_) => codes::NOT_ALLOWED,
+            ApiError::NotAllowed(_) | ApiError::Mode(ModeError::NotAllowed { .. }) => {
+                codes::NOT_ALLOWED
+            }
+            ApiError::Mode(ModeError::Switched { .. }) => codes::INVALID_REQUEST,
             ApiError::UnknownLease(_)
             | ApiError::HeadTooLarge(_)
             | ApiError::LeaseConflict(_)

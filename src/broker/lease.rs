@@ -39,6 +39,7 @@ pub fn describe(pool: &Pool) -> PoolDescription {
     PoolDescription {
         name: c.name.clone(),
         mode: c.mode,
+        modes: c.allowed_modes(),
         protocol: c.protocol,
         learned_era: pool.learned_era(),
         min_idle: c.min_idle,
@@ -519,7 +520,7 @@ impl Lease {
 /// sessions forward it to their process; elsewhere no single process owns
 /// the session, so it is dropped and counted.
 pub async fn notify(pool: &Pool, session: Option<&str>, msg: Value) {
-    let bound = match (pool.config().mode, session) {
+    let bound = match (pool.mode_of(session), session) {
         (Mode::Exclusive, Some(s)) => pool.bound_process(s),
         _ => None,
     };
@@ -534,7 +535,8 @@ pub async fn notify(pool: &Pool, session: Option<&str>, msg: Value) {
 }
 
 /// `GET /v1/pools/{pool}/events`: server notifications not tied to a request,
-/// from the session's own process in exclusive pools, else from every process.
+/// from the session's own process for an exclusive session, else from every
+/// process.
 /// With `hold`, the session ends when the stream does (its caller is gone).
 pub fn notifications(
     broker: &Broker,
@@ -545,13 +547,12 @@ pub fn notifications(
     let mut rx = pool.subscribe();
     let (tx, body) = web::channel_body(BODY_LINES);
     let pool = pool.clone();
-    let exclusive = pool.config().mode == Mode::Exclusive;
     broker.tracker.spawn(async move {
         loop {
             tokio::select! {
                 ev = rx.recv() => match ev {
                     Ok((wid, msg)) => {
-                        if exclusive {
+                        if pool.mode_of(session.as_deref()) == Mode::Exclusive {
                             let mine = session.as_deref().and_then(|s| pool.bound_process(s)).map(|w| w.id);
                             if mine != Some(wid) { continue; }
                         }

@@ -125,6 +125,8 @@ pub struct RawPool {
     pub env: BTreeMap<String, String>,
     pub cwd: Option<String>,
     pub mode: Option<Mode>,
+    /// The modes host sessions may ask for (`mode` among them).
+    pub modes: Option<Vec<Mode>>,
     pub min_idle: Option<usize>,
     pub max: Option<usize>,
     pub max_inflight: Option<usize>,

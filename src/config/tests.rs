@@ -227,3 +227,23 @@ fn a_csi_section_enables_kubernetes_rules_and_is_checked() {
     assert!(err("[csi]\nnode_id = \"n1\"\nendpoint = \"csi.sock\"\n").contains("`endpoint`"));
     assert!(err("[csi]\nnode_id = \"n1\"\nsocket = \"/x\"\n").contains("socket"));
 }
+
+#[test]
+fn modes_list_what_sessions_may_ask_for() {
+    let ok = "[[pool]]\nname = \"a\"\ncommand = \"x\"\nmodes = [\"shared\", \"exclusive\"]\n";
+    let p = &Config::from_toml(ok).unwrap().pools[0];
+    assert_eq!(p.modes, vec![Mode::Shared, Mode::Exclusive]);
+    assert!(p.allows(Mode::Exclusive) && !p.allows(Mode::Sticky));
+    let plain = &Config::from_toml("[[pool]]\nname = \"a\"\ncommand = \"x\"\n")
+        .unwrap()
+        .pools[0];
+    assert_eq!(
+        plain.allowed_modes(),
+        vec![Mode::Shared],
+        "default: its mode"
+    );
+    let e = err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nmodes = [\"shared\", \"pooled\"]\n");
+    assert!(e.contains("modes") && e.contains("pooled"), "{e}");
+    let e = err("[[pool]]\nname = \"a\"\ncommand = \"x\"\nmodes = [\"exclusive\"]\n");
+    assert!(e.contains("`modes`") && e.contains("must include"), "{e}");
+}

@@ -38,6 +38,9 @@ pub struct PoolState {
 pub struct AdoptedProcess {
     pub process: ProcessState,
     pub session: Option<String>,
+    /// It served a lease: never given to a new exclusive session.
+    #[serde(default)]
+    pub used: bool,
 }
 
 /// A config's identity: adopted processes must run the same command with
@@ -81,6 +84,7 @@ impl Pool {
                 Some(AdoptedProcess {
                     process: s.worker.export()?,
                     session: s.session.clone(),
+                    used: s.used,
                 })
             })
             .collect();
@@ -130,8 +134,13 @@ impl Pool {
                 ids.fetch_max(w.id, Ordering::Relaxed);
                 adopted.push(w.pid);
                 let mut slot = Slot::new(w.clone());
+                slot.used = p.used;
                 if let Some(s) = &p.session {
-                    st.bound.insert(s.clone(), (w.id, Instant::now()));
+                    // Only exclusive sessions are bound.
+                    let now = Instant::now();
+                    st.bound.insert(s.clone(), (w.id, now));
+                    st.modes
+                        .insert(s.clone(), (crate::config::Mode::Exclusive, now));
                     slot.session = Some(s.clone());
                 }
                 st.slots.insert(w.id, slot);

@@ -11,6 +11,14 @@
 //! retry carrying the state names its process as a *target* and is served
 //! before any new lease for it. A session-less exclusive process that
 //! issued a state is *reserved* for the retry instead of being discarded.
+//!
+//! Modes per session: a session may name its mode ([`State::join`]); one
+//! that names none uses the pool's `mode`. Every decision reads the
+//! effective mode ([`State::mode_of`]). A process serving an exclusive
+//! session (bound, or a session-less lease of an exclusive pool: *alone*)
+//! is never picked for anyone else; an exclusive session gets only a
+//! process that never served a lease (*fresh*), so it sees what a direct
+//! spawn gives it.
 
 use crate::config::{Mode, PoolConfig};
 use crate::process::Process;
@@ -53,6 +61,11 @@ pub struct Slot {
     /// Exclusive pools: kept for the retry of the session-less request
     /// that was answered with a `requestState`; no other lease gets it.
     pub reserved: bool,
+    /// It served a lease: no longer fresh for an exclusive session.
+    pub used: bool,
+    /// Serving a session-less exclusive lease (a session of one), which
+    /// discards it at its end: nobody else may have it meanwhile.
+    pub alone: bool,
 }
 
 impl Slot {
@@ -66,6 +79,8 @@ impl Slot {
             retire: false,
             pinned_until: None,
             reserved: false,
+            used: false,
+            alone: false,
         }
     }
 
@@ -78,6 +93,21 @@ impl Slot {
     pub fn usable(&self) -> bool {
         !self.retire && !self.worker.is_exited()
     }
+
+    /// Free for an exclusive session (or a session of one): usable, idle,
+    /// never leased, nobody's.
+    pub fn fresh(&self) -> bool {
+        !self.used
+            && self.inflight == 0
+            && self.session.is_none()
+            && !self.reserved
+            && self.usable()
+    }
+
+    /// Open to shared and sticky leases: nobody's own process.
+    pub fn open(&self) -> bool {
+        self.session.is_none() && !self.alone && !self.reserved && self.usable()
+    }
 }
 
 /// Whether a retry's target process can take it.
@@ -89,6 +119,27 @@ pub enum Target {
     Busy,
     /// It ended, is being retired, or belongs to another session.
     Gone,
+}
+
+/// Why a session cannot use the pool in the mode it named.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ModeError {
+    #[error("pool {pool:?} does not allow mode \"{mode}\" (it allows {}); add \"{mode}\" to the pool's `modes` setting to allow it", list(allowed))]
+    NotAllowed {
+        pool: String,
+        mode: Mode,
+        allowed: Vec<Mode>,
+    },
+    #[error("this session already uses pool {pool:?} in mode \"{was}\", not \"{mode}\"; a session keeps its mode until it ends")]
+    Switched { pool: String, was: Mode, mode: Mode },
+}
+
+fn list(modes: &[Mode]) -> String {
+    let names: Vec<String> = modes
+        .iter()
+        .map(|m| format!("{:?}", m.to_string()))
+        .collect();
+    names.join(", ")
 }
 
 /// A request waiting for a process.
@@ -114,6 +165,8 @@ pub struct State {
     pub sticky: HashMap<String, (u64, Instant)>,
     /// exclusive: session → (worker, last use).
     pub bound: HashMap<String, (u64, Instant)>,
+    /// Sessions that named their mode: session → (mode, last use).
+    pub modes: HashMap<String, (Mode, Instant)>,
     pub failures: u32,
     pub next_spawn_at: Instant,
     pub last_error: Option<String>,
@@ -137,6 +190,7 @@ impl State {
             turn_seq: 0,
             sticky: HashMap::new(),
             bound: HashMap::new(),
+            modes: HashMap::new(),
             failures: 0,
             next_spawn_at: Instant::now(),
             last_error: None,
@@ -162,6 +216,43 @@ impl State {
         self.waiters.retain(|w| !w.tx.is_closed());
     }
 
+    /// The mode `session` uses the pool in: the one it named, else the
+    /// pool's.
+    pub fn mode_of(&self, cfg: &PoolConfig, session: Option<&str>) -> Mode {
+        session
+            .and_then(|s| self.modes.get(s))
+            .map_or(cfg.mode, |(m, _)| *m)
+    }
+
+    /// Records that `session` uses the pool in `mode` (for its life).
+    /// Refused when the pool does not allow the mode, or the session is
+    /// live in another one (a session keeps its mode until it ends).
+    pub fn join(&mut self, cfg: &PoolConfig, session: &str, mode: Mode) -> Result<(), ModeError> {
+        if !cfg.allows(mode) {
+            return Err(ModeError::NotAllowed {
+                pool: cfg.name.clone(),
+                mode,
+                allowed: cfg.allowed_modes(),
+            });
+        }
+        let now = Instant::now();
+        match self.modes.get_mut(session) {
+            Some((m, _)) if *m != mode => Err(ModeError::Switched {
+                pool: cfg.name.clone(),
+                was: *m,
+                mode,
+            }),
+            Some((_, t)) => {
+                *t = now;
+                Ok(())
+            }
+            None => {
+                self.modes.insert(session.to_string(), (mode, now));
+                Ok(())
+            }
+        }
+    }
+
     /// Chooses a process for `session`, if one has room now.
     pub fn pick(&self, cfg: &PoolConfig, session: Option<&str>) -> Option<u64> {
         let has_room = |id: &u64| {
@@ -169,7 +260,8 @@ impl State {
                 .get(id)
                 .is_some_and(|s| s.inflight < cfg.max_inflight && s.usable() && !s.reserved)
         };
-        match cfg.mode {
+        let mode = self.mode_of(cfg, session);
+        match mode {
             Mode::Exclusive => {
                 if let Some((id, _)) = session.and_then(|s| self.bound.get(s)) {
                     if self.slots.contains_key(id) {
@@ -178,26 +270,31 @@ impl State {
                 }
                 self.slots
                     .iter()
-                    .filter(|(_, s)| {
-                        s.inflight == 0 && s.session.is_none() && !s.reserved && s.usable()
-                    })
+                    .filter(|(_, s)| s.fresh())
                     .max_by_key(|(_, s)| s.last_used)
                     .map(|(id, _)| *id)
             }
             Mode::Sticky | Mode::Shared => {
-                if cfg.mode == Mode::Sticky {
+                let open = |id: &u64| has_room(id) && self.slots[id].open();
+                if mode == Mode::Sticky {
                     if let Some((id, _)) = session.and_then(|s| self.sticky.get(s)) {
-                        if has_room(id) {
+                        if open(id) {
                             return Some(*id);
                         }
                     }
                 }
-                // Least loaded; among equals the most recently used, so
-                // surplus processes stay idle long enough to be retired.
+                // Least loaded; among equals (when exclusive sessions may
+                // come, which need fresh ones) one that served before; then
+                // the most recently used, so surplus processes stay idle
+                // long enough to be retired.
+                let spare_fresh = cfg.allows(Mode::Exclusive);
                 self.slots
                     .iter()
-                    .filter(|(id, _)| has_room(id))
-                    .min_by_key(|(_, s)| (s.inflight, std::cmp::Reverse(s.last_used)))
+                    .filter(|(id, _)| open(id))
+                    .min_by_key(|(_, s)| {
+                        let fresh = spare_fresh && !s.used;
+                        (s.inflight, fresh, std::cmp::Reverse(s.last_used))
+                    })
                     .map(|(id, _)| *id)
             }
         }
@@ -211,7 +308,7 @@ impl State {
         if !s.usable() {
             return Target::Gone;
         }
-        if cfg.mode == Mode::Exclusive && s.session.is_some() && s.session.as_deref() != session {
+        if s.session.is_some() && s.session.as_deref() != session {
             // Bound to another session: not this caller's process.
             return Target::Gone;
         }
@@ -229,8 +326,16 @@ impl State {
         slot.inflight += 1;
         slot.last_used = now;
         slot.reserved = false;
+        slot.used = true;
+        let mode = session
+            .and_then(|s| self.modes.get_mut(s))
+            .map_or(cfg.mode, |(m, t)| {
+                *t = now;
+                *m
+            });
+        slot.alone = mode == Mode::Exclusive && session.is_none();
         if let Some(s) = session {
-            match cfg.mode {
+            match mode {
                 Mode::Exclusive => {
                     slot.session = Some(s.to_string());
                     self.bound.insert(s.to_string(), (id, now));
@@ -296,12 +401,20 @@ impl State {
             .map(|(s, _)| s.clone())
             .collect();
         for s in expired {
-            if let Some(w) = self.end_session(cfg, &s) {
+            if let Some(w) = self.end_session(&s) {
                 out.push(w);
             }
         }
         self.sticky
             .retain(|_, (_, t)| now.duration_since(*t) < cfg.session_idle_timeout);
+        // A session's mode lives as long as the session: while it holds a
+        // process, waits, or was used within the timeout.
+        let (bound, waiters) = (&self.bound, &self.waiters);
+        self.modes.retain(|s, (_, t)| {
+            now.duration_since(*t) < cfg.session_idle_timeout
+                || bound.contains_key(s)
+                || waiters.iter().any(|w| w.session.as_deref() == Some(s))
+        });
         // Reserved for a retry that never came: the state expired.
         let lapsed: Vec<u64> = self
             .slots
@@ -312,6 +425,7 @@ impl State {
         for id in lapsed {
             out.push(self.slots.remove(&id).expect("listed").worker);
         }
+        self.make_room_for_fresh(cfg, now, &mut out);
         let mut idle: Vec<(u64, Instant)> = self
             .slots
             .iter()
@@ -333,20 +447,53 @@ impl State {
         out
     }
 
+    /// Exclusive sessions need a fresh process: when they wait on a pool
+    /// at `max` whose idle processes all served leases before, the oldest
+    /// of those are retired to make room (an exclusive process counts
+    /// against `max` like any other).
+    fn make_room_for_fresh(&mut self, cfg: &PoolConfig, now: Instant, out: &mut Vec<Arc<Process>>) {
+        let want = self
+            .waiters
+            .iter()
+            .filter(|w| {
+                w.target.is_none() && self.mode_of(cfg, w.session.as_deref()) == Mode::Exclusive
+            })
+            .filter(|w| {
+                !w.session
+                    .as_ref()
+                    .is_some_and(|s| self.bound.contains_key(s))
+            })
+            .count();
+        let have = self.slots.values().filter(|s| s.fresh()).count() + self.starting;
+        if want <= have || self.slots.len() + self.starting < cfg.max {
+            return;
+        }
+        let mut stale: Vec<(u64, Instant)> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.used && s.inflight == 0 && s.open() && !s.pinned(now))
+            .map(|(id, s)| (*id, s.last_used))
+            .collect();
+        stale.sort_by_key(|(_, t)| *t);
+        for (id, _) in stale.into_iter().take(want - have) {
+            out.push(self.slots.remove(&id).expect("listed").worker);
+        }
+    }
+
     /// Forgets a session; returns an exclusive process to discard (if idle;
     /// a busy one is discarded when its lease ends).
-    pub fn end_session(&mut self, cfg: &PoolConfig, session: &str) -> Option<Arc<Process>> {
+    pub fn end_session(&mut self, session: &str) -> Option<Arc<Process>> {
         self.sticky.remove(session);
+        self.modes.remove(session);
+        // Only exclusive sessions are bound.
         let (id, _) = self.bound.remove(session)?;
         let slot = self.slots.get_mut(&id)?;
         slot.session = None;
-        if cfg.mode == Mode::Exclusive {
-            if slot.inflight == 0 {
-                return self.slots.remove(&id).map(|s| s.worker);
-            }
-            // Still busy: release discards it.
-            slot.retire = true;
+        if slot.inflight == 0 {
+            return self.slots.remove(&id).map(|s| s.worker);
         }
+        // Still busy: release discards it.
+        slot.retire = true;
         None
     }
 }

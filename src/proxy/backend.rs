@@ -8,11 +8,13 @@
 //! Anything after the connect is never retried here.
 
 mod link;
+mod token;
 
+use crate::config::Mode;
 use crate::framing::{Frame, LineSplitter};
 use crate::jsonrpc::{self, codes};
 pub use crate::lease_api::new_lease_id;
-use crate::lease_api::{self, PoolDescription, LEASE_HEADER, SESSION_HEADER};
+use crate::lease_api::{self, PoolDescription, LEASE_HEADER, MODE_HEADER, SESSION_HEADER};
 use crate::metrics::Metrics;
 use crate::protocol::Era;
 use bytes::Bytes;
@@ -26,6 +28,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+pub use token::TokenFile;
 
 /// How long connect failures are retried before the request fails.
 const CONNECT_RETRY_FOR: Duration = Duration::from_secs(5);
@@ -59,8 +62,10 @@ pub enum BackendError {
 /// [`PoolDescription`] a warm pool has.
 #[derive(Debug, Clone)]
 pub struct PoolInfo {
-    /// How the pool shares processes between sessions.
-    pub mode: crate::config::Mode,
+    /// How the pool shares processes between sessions that name no mode.
+    pub mode: Mode,
+    /// Every mode a session may name, `mode` first.
+    pub modes: Vec<Mode>,
     /// The era the pool's server speaks.
     pub era: Era,
     /// The version the server settled on at warm-up.
@@ -168,48 +173,8 @@ pub struct Backend {
     info: Arc<Mutex<CachedInfo>>,
     metrics: Arc<Metrics>,
     token: Option<Arc<TokenFile>>,
-}
-
-/// A ServiceAccount token file (kubelet rotates it), re-read at most every
-/// [`TOKEN_REREAD`].
-pub struct TokenFile {
-    path: PathBuf,
-    cached: Mutex<Option<(Instant, String)>>,
-}
-
-/// How long a read token is reused before the file is read again.
-const TOKEN_REREAD: Duration = Duration::from_secs(30);
-
-impl TokenFile {
-    /// A token read from `path`.
-    pub fn new(path: PathBuf) -> Self {
-        Self {
-            path,
-            cached: Mutex::new(None),
-        }
-    }
-
-    /// The current token; `None` when the file cannot be read (the broker
-    /// then sees an unauthenticated caller and its policy decides).
-    pub fn get(&self) -> Option<String> {
-        let mut c = self.cached.lock().expect("lock");
-        if let Some((at, t)) = c.as_ref() {
-            if at.elapsed() < TOKEN_REREAD {
-                return Some(t.clone());
-            }
-        }
-        match std::fs::read_to_string(&self.path) {
-            Ok(t) if !t.trim().is_empty() => {
-                let t = t.trim().to_string();
-                *c = Some((Instant::now(), t.clone()));
-                Some(t)
-            }
-            _ => {
-                tracing::warn!(path = %self.path.display(), "cannot read the ServiceAccount token");
-                None
-            }
-        }
-    }
+    /// The mode named with every session ([`MODE_HEADER`]).
+    mode: Option<Mode>,
 }
 
 impl Backend {
@@ -227,12 +192,19 @@ impl Backend {
             info: Arc::new(Mutex::new(None)),
             metrics,
             token: None,
+            mode: None,
         }
     }
 
     /// Presents the token in `path` (`Authorization: Bearer`) on every call.
     pub fn with_token_file(mut self, path: PathBuf) -> Self {
         self.token = Some(Arc::new(TokenFile::new(path)));
+        self
+    }
+
+    /// Names `mode` as the mode of every session this client sends.
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.mode = Some(mode);
         self
     }
 
@@ -272,6 +244,9 @@ impl Backend {
                 .uri(self.uri(path));
             if let Some(s) = session {
                 req = req.header(SESSION_HEADER, s);
+                if let Some(m) = self.mode {
+                    req = req.header(MODE_HEADER, m.to_string());
+                }
             }
             if let Some(l) = lease {
                 req = req.header(LEASE_HEADER, l);
@@ -389,8 +364,15 @@ impl Backend {
         let Some(hs) = d.handshake else {
             return Err(BackendError::NotWarm(self.pool.clone()));
         };
+        // A broker that predates `modes` serves sessions in its `mode` only.
+        let modes = if d.modes.is_empty() {
+            vec![d.mode]
+        } else {
+            d.modes
+        };
         let info = Arc::new(PoolInfo {
             mode: d.mode,
+            modes,
             era: hs.era,
             protocol_version: hs.protocol_version,
             result: hs.result,

@@ -303,6 +303,7 @@ mod tests {
     fn discover_from_legacy_handshake() {
         let info = PoolInfo {
             mode: crate::config::Mode::Shared,
+            modes: vec![crate::config::Mode::Shared],
             era: Era::Legacy,
             protocol_version: "2025-06-18".into(),
             result: json!({"protocolVersion":"2025-06-18","capabilities":{"tools":{}},

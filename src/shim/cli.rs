@@ -42,7 +42,8 @@ pub struct ConnectArgs {
     pub token_file: Option<PathBuf>,
     /// How this host session uses the pool: shared (any process per
     /// request), sticky, or exclusive (a warm process of its own for the
-    /// session) [default: the pool's mode; exclusive for `-- CMD`].
+    /// session); on a named pool, one its `modes` setting allows
+    /// [default: the pool's mode; exclusive for `-- CMD`].
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
     /// Same as `--mode shared` (for on-demand pools of servers that keep

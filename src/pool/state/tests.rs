@@ -190,7 +190,7 @@ async fn sticky_sessions_return_to_their_process_and_fall_back_when_full() {
     st.untake(2);
     assert!(st.to_retire(&c2, now + Duration::from_secs(5)).is_empty());
     assert!(st.sticky.contains_key("t"));
-    assert!(st.end_session(&c2, "t").is_none(), "nothing to discard");
+    assert!(st.end_session("t").is_none(), "nothing to discard");
     assert!(!st.sticky.contains_key("t") && st.sticky.contains_key("u"));
     assert!(st.to_retire(&c2, now + Duration::from_secs(11)).is_empty());
     assert!(st.sticky.is_empty(), "affinity lapsed");
@@ -367,22 +367,19 @@ async fn end_session_discards_exclusive_processes_only() {
     st.take(&excl, 1, Some("a"));
     st.untake(1);
     st.take(&excl, 2, Some("b"));
-    let w = st.end_session(&excl, "a").expect("idle: discarded now");
+    let w = st.end_session("a").expect("idle: discarded now");
     assert_eq!(w.id, 1);
     assert!(!st.slots.contains_key(&1) && !st.bound.contains_key("a"));
-    assert!(
-        st.end_session(&excl, "b").is_none(),
-        "busy: discarded at release"
-    );
+    assert!(st.end_session("b").is_none(), "busy: discarded at release");
     assert!(st.slots[&2].retire);
     assert!(st.slots[&2].session.is_none() && st.bound.is_empty());
-    assert!(st.end_session(&excl, "nobody").is_none());
+    assert!(st.end_session("nobody").is_none());
     // Sticky: only the affinity goes.
     let sticky = mode(Mode::Sticky, 1);
     let mut st = cats.state(&[3], &at[..1]);
     st.take(&sticky, 3, Some("s"));
     st.untake(3);
-    assert!(st.end_session(&sticky, "s").is_none());
+    assert!(st.end_session("s").is_none());
     assert!(st.sticky.is_empty());
     assert!(!st.slots[&3].retire);
     cats.stop().await;
@@ -472,3 +469,5 @@ fn failures_probe_one_process_at_a_time_after_backoff() {
         "closed pools spawn nothing"
     );
 }
+
+mod modes;
