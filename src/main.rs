@@ -283,7 +283,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     if let Some(e) = slim_failed {
-        tracing::debug!("cannot execute {}: {e}; running in-process", shim_cli::SLIM_NAME);
+        tracing::debug!(
+            "cannot execute {}: {e}; running in-process",
+            shim_cli::SLIM_NAME
+        );
     }
     let cli = Cli::parse_from(argv);
     // Before any thread exists, so every thread inherits the mask and only

@@ -1,5 +1,5 @@
 //! The proxy's client for the broker's lease API (HTTP/1.1 over the Unix
-//! socket, pooled connections via hyperlocal; or a broker in this process,
+//! socket, kept-alive connections from [`uds`]; or a broker in this process,
 //! see [`link`]).
 //!
 //! Connection failures are retried with backoff for a bounded time: a failed
@@ -9,6 +9,7 @@
 
 mod link;
 mod token;
+mod uds;
 
 use crate::config::Mode;
 use crate::framing::{Frame, LineSplitter};
@@ -20,8 +21,6 @@ use crate::protocol::Era;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use link::{ApiBody, Link};
 use serde_json::Value;
 use std::collections::VecDeque;
@@ -166,8 +165,6 @@ type CachedInfo = Option<(Instant, Arc<PoolInfo>)>;
 pub struct Backend {
     link: Link,
     socket: PathBuf,
-    /// `unix://HEX(socket)/`: scheme and authority of every request's URI.
-    base: hyper::Uri,
     pool: String,
     max_message: usize,
     info: Arc<Mutex<CachedInfo>>,
@@ -180,12 +177,8 @@ pub struct Backend {
 impl Backend {
     /// A client for pool `pool` of the broker on `socket`.
     pub fn new(socket: PathBuf, pool: String, max_message: usize, metrics: Arc<Metrics>) -> Self {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(hyperlocal::UnixConnector);
         Self {
-            link: Link::Socket(client),
-            base: hyperlocal::Uri::new(&socket, "/").into(),
+            link: Link::Socket(uds::UdsClient::new(socket.clone())),
             socket,
             pool,
             max_message,
@@ -219,14 +212,6 @@ impl Backend {
         &self.pool
     }
 
-    /// `unix://HEX(socket)/path`, with the socket's part encoded once.
-    fn uri(&self, path: &str) -> hyper::Uri {
-        let mut parts = self.base.clone().into_parts();
-        parts.path_and_query = path.parse().ok();
-        hyper::Uri::from_parts(parts)
-            .unwrap_or_else(|_| hyperlocal::Uri::new(&self.socket, path).into())
-    }
-
     async fn send(
         &self,
         method: Method,
@@ -241,7 +226,8 @@ impl Backend {
         loop {
             let mut req = Request::builder()
                 .method(method.clone())
-                .uri(self.uri(path));
+                .uri(path)
+                .header(http::header::HOST, "localhost");
             if let Some(s) = session {
                 req = req.header(SESSION_HEADER, s);
                 if let Some(m) = self.mode {
@@ -278,7 +264,7 @@ impl Backend {
                 // closes idle ones) just as this request went out: no
                 // response head came, so no lease began; sending it again
                 // (on another connection) is safe.
-                Err(e) if resent < MAX_RESENDS && unsent(&e) => {
+                Err(e) if resent < MAX_RESENDS && e.is_unsent() => {
                     resent += 1;
                     self.metrics
                         .broker_errors
@@ -551,28 +537,4 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
-}
-
-/// Whether a request that failed before any response head can be sent
-/// again: its connection was closed or reset under it (before it was sent,
-/// while writing it, or before the broker answered). The broker answers a
-/// lease's head as soon as the process has the request, so a request that
-/// got no head began no lease (connect failures are retried separately).
-fn unsent(e: &hyper_util::client::legacy::Error) -> bool {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(err) = src {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            if h.is_canceled() || h.is_incomplete_message() {
-                return true;
-            }
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if matches!(io.kind(), BrokenPipe | ConnectionReset) {
-                return true;
-            }
-        }
-        src = err.source();
-    }
-    false
 }

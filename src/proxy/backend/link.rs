@@ -4,25 +4,21 @@
 //! [`Link::request`] is the same for both: the same requests, the same
 //! answers and bodies.
 
+use super::uds::{Pooled, UdsClient, UdsError};
 use crate::lease_api::{LocalApi, LocalBody as Body};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Frame, SizeHint};
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::client::legacy::{Client, Error};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
 /// The broker's end of the proxy.
-// One per backend, held for the proxy's life: the client's size is paid
-// once, and boxing it would add a pointer chase to every request.
-#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum Link {
-    /// HTTP/1.1 over the broker's socket, pooled connections.
-    Socket(Client<hyperlocal::UnixConnector, Full<Bytes>>),
+    /// HTTP/1.1 over the broker's socket, kept-alive connections.
+    Socket(UdsClient),
     /// A broker in this process.
     Local(Arc<dyn LocalApi>),
 }
@@ -30,7 +26,7 @@ pub enum Link {
 impl Link {
     /// Sends one lease API request. Only the socket can fail (to connect,
     /// or when the connection breaks).
-    pub async fn request(&self, req: Request<Full<Bytes>>) -> Result<Response<ApiBody>, Error> {
+    pub async fn request(&self, req: Request<Full<Bytes>>) -> Result<Response<ApiBody>, UdsError> {
         match self {
             Link::Socket(c) => Ok(c.request(req).await?.map(ApiBody::Socket)),
             Link::Local(l) => Ok(l.request(req).await.map(|b| ApiBody::Local(Mutex::new(b)))),
@@ -44,7 +40,7 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 /// The body of a lease API answer.
 pub enum ApiBody {
     /// Read from the socket.
-    Socket(Incoming),
+    Socket(Pooled),
     /// Handed over in this process. In a mutex only so that the lease can be
     /// shared by reference across tasks (the broker's body is not `Sync`);
     /// reading goes through `&mut` and never locks.
