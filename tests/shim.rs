@@ -280,3 +280,40 @@ async fn mode_the_pool_cannot_give_is_a_clear_error() {
     assert!(h.close(WAIT).await.success());
     b.stop().await;
 }
+
+/// The executable a running process was started from.
+fn exe_of(pid: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+/// `mcp-broker connect` becomes the slim `mcp-broker-connect` beside it
+/// (same pid, so a host keeps its handle), unless told to stay in-process;
+/// both serve the session alike.
+#[tokio::test]
+async fn connect_runs_as_the_slim_shim_beside_it() {
+    let b = broker(1).await;
+    for (no_slim, want) in [("0", "/mcp-broker-connect"), ("1", "/mcp-broker")] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcp-broker"));
+        cmd.args(["connect", "--pool", "fx", "--socket"])
+            .arg(&b.socket)
+            .env("MCP_BROKER_NO_SLIM", no_slim);
+        let mut h = Host::spawn_cmd(cmd);
+        let init = h.initialize(json!({})).await;
+        assert_eq!(init["result"]["serverInfo"]["name"], "mcp-fixture");
+        let (_, echo) = h.call(&tool(2, "echo", json!({"text": no_slim}))).await;
+        assert_eq!(text_of(&echo), no_slim);
+        let exe = exe_of(h.child.id().expect("running"));
+        assert!(exe.ends_with(want), "MCP_BROKER_NO_SLIM={no_slim}: {exe}");
+        assert!(h.close(Duration::from_secs(5)).await.success());
+    }
+    // The slim binary is a shim on its own too, with the same flags.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcp-broker-connect"));
+    cmd.args(["--pool", "fx", "--socket"]).arg(&b.socket);
+    let mut h = Host::spawn_cmd(cmd);
+    let init = h.initialize(json!({})).await;
+    assert_eq!(init["result"]["serverInfo"]["name"], "mcp-fixture");
+    assert!(h.close(Duration::from_secs(5)).await.success());
+    b.stop().await;
+}
