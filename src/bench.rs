@@ -127,6 +127,12 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = crate::runtime::DEFAULT_LEAN_THREADS as u16,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub server_threads: u16,
+    /// Run the pools' servers without a uid and cgroup of their own (as
+    /// `[broker] isolation = "off"`, `cgroups = "off"`), to see what the
+    /// isolation costs; by default the broker isolates where it can, as it
+    /// does when deployed.
+    #[arg(long)]
+    pub no_isolation: bool,
     /// The stdio server command (default: the mcp-fixture next to this binary).
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -387,6 +393,16 @@ impl Ctx {
             rate: self.args.rate,
             timeout: self.args.timeout,
         }
+    }
+
+    /// The broker's node settings: isolation as deployed, or off.
+    fn node(&self) -> crate::config::NodeSettings {
+        let mut n = crate::config::NodeSettings::default();
+        if self.args.no_isolation {
+            n.isolation = crate::config::raw::Isolation::Off;
+            n.cgroups = crate::config::raw::Isolation::Off;
+        }
+        n
     }
 
     fn pool_config(&self, mode: Mode, size: usize) -> PoolConfig {

@@ -12,6 +12,7 @@ pub mod adopt;
 mod fair;
 mod guard;
 mod lifecycle;
+mod queue;
 mod share;
 pub mod state;
 pub mod warm;
@@ -462,7 +463,9 @@ impl Pool {
     fn dispatch(&self, st: &mut State) {
         let cfg = &self.inner.cfg;
         let mut i = 0;
-        while i < st.waiters.len() {
+        // Retries that must reach one process first (none, usually: then
+        // the queue is not scanned at all).
+        while st.waiters.targeted() > 0 && i < st.waiters.len() {
             if st.waiters[i].tx.is_closed() {
                 st.waiters.remove(i);
                 continue;
@@ -501,8 +504,24 @@ impl Pool {
         if st.waiters.is_empty() || (!by_session && st.pick(cfg, None).is_none()) {
             return;
         }
+        if !by_session && st.waiters.callers() == 1 && st.waiters.targeted() == 0 {
+            // One caller: fair order is arrival order. Serve from the
+            // front until a waiter finds no room (the general path below
+            // stops there too), without sorting or rebuilding the queue.
+            while let Some(w) = st.waiters.front() {
+                let session = w.session.clone();
+                let Some(id) = st.pick(cfg, session.as_deref()) else {
+                    break;
+                };
+                let waiter = st.waiters.pop_front().expect("front exists");
+                fair::served(st, &waiter.caller);
+                self.hand_over(st, waiter, id);
+            }
+            return;
+        }
         let order = fair::order(st);
-        let mut waiters: Vec<Option<Waiter>> = st.waiters.drain(..).map(Some).collect();
+        let mut waiters: Vec<Option<Waiter>> =
+            st.waiters.take_all().into_iter().map(Some).collect();
         for i in order {
             let session = waiters[i].as_ref().and_then(|w| w.session.clone());
             match st.pick(cfg, session.as_deref()) {
@@ -515,7 +534,9 @@ impl Pool {
                 None => break,
             }
         }
-        st.waiters = waiters.into_iter().flatten().collect();
+        for w in waiters.into_iter().flatten() {
+            st.waiters.push_back(w);
+        }
     }
 
     /// Gives process `id` to `waiter`, or takes it back if the waiter left.

@@ -63,7 +63,12 @@ pub(super) async fn direct(ctx: &mut Ctx) -> anyhow::Result<()> {
 /// A shared pool of `k`; `sidecar`: the proxy reaches the broker over its
 /// socket, as a separate `mcp-broker proxy` does (else in-process, as `up`).
 pub(super) async fn pooled(ctx: &mut Ctx, k: usize, sidecar: bool) -> anyhow::Result<()> {
-    let stack = Stack::start(ctx.rt(), ctx.pool_config(Mode::Shared, k), sidecar)?;
+    let stack = Stack::start(
+        ctx.rt(),
+        ctx.pool_config(Mode::Shared, k),
+        ctx.node(),
+        sidecar,
+    )?;
     let connect = Connect::Http {
         addr: stack.addr,
         path: "/mcp".into(),
@@ -92,7 +97,12 @@ pub(super) async fn pooled(ctx: &mut Ctx, k: usize, sidecar: bool) -> anyhow::Re
 pub(super) async fn exclusive(ctx: &mut Ctx) -> anyhow::Result<()> {
     let most = ctx.args.max_processes;
     for c in ctx.levels().into_iter().filter(|c| *c <= most) {
-        let stack = Stack::start(ctx.rt(), ctx.pool_config(Mode::Exclusive, c), false)?;
+        let stack = Stack::start(
+            ctx.rt(),
+            ctx.pool_config(Mode::Exclusive, c),
+            ctx.node(),
+            false,
+        )?;
         let connect = Connect::Http {
             addr: stack.addr,
             path: "/mcp".into(),

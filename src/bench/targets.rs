@@ -8,7 +8,7 @@
 
 use super::client::HttpSession;
 use crate::broker::{socket, Broker};
-use crate::config::{BrokerSettings, Config, PoolConfig};
+use crate::config::{BrokerSettings, Config, NodeSettings, PoolConfig};
 use crate::metrics::Metrics;
 use crate::process::group::Group;
 use crate::proxy::{self, ProxySettings};
@@ -73,7 +73,12 @@ impl Stack {
     /// Starts a broker with `pool` and a proxy in front of it on `rt`; the
     /// proxy calls the broker in-process as `up` does, or over its socket
     /// (`sidecar`) as a separate `mcp-broker proxy` does.
-    pub fn start(rt: &Runtime, mut pool: PoolConfig, sidecar: bool) -> anyhow::Result<Stack> {
+    pub fn start(
+        rt: &Runtime,
+        mut pool: PoolConfig,
+        node: NodeSettings,
+        sidecar: bool,
+    ) -> anyhow::Result<Stack> {
         pool.name = POOL.to_string();
         pool.check()?;
         let dir = std::env::temp_dir().join(format!(
@@ -92,6 +97,7 @@ impl Stack {
                     socket: socket.clone(),
                     metrics_listen: None,
                     drain_timeout: Duration::from_secs(5),
+                    node,
                     ..BrokerSettings::default()
                 },
                 pools: vec![pool],

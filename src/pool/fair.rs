@@ -43,12 +43,8 @@ pub fn admit(st: &mut State, caller: &str, limit: usize) -> Admit {
     if len < limit / (len + 1) {
         return Admit::Yes;
     }
-    let mut per: HashMap<&str, usize> = HashMap::new();
-    for w in &st.waiters {
-        *per.entry(&*w.caller).or_default() += 1;
-    }
-    let mine = per.get(caller).copied().unwrap_or(0);
-    let callers = per.len() + usize::from(mine == 0);
+    let mine = st.waiters.count_of(caller);
+    let callers = st.waiters.callers() + usize::from(mine == 0);
     let share = (limit / callers).max(1);
     if mine >= share {
         return Admit::No;
@@ -58,11 +54,7 @@ pub fn admit(st: &mut State, caller: &str, limit: usize) -> Admit {
     }
     // Full: take the place of the heaviest caller's newest waiter, if that
     // caller is over the share (its turn-less newest request loses least).
-    let Some((heavy, n)) = per
-        .iter()
-        .max_by_key(|(_, n)| **n)
-        .map(|(c, n)| (c.to_string(), *n))
-    else {
+    let Some((heavy, n)) = st.waiters.heaviest() else {
         return Admit::No;
     };
     if n <= share {
@@ -101,11 +93,11 @@ pub fn served(st: &mut State, caller: &Arc<str>) {
 
 /// Forgets the turns of callers with no waiter left (bounds the record).
 pub fn prune(st: &mut State) {
-    if st.turns.len() <= st.waiters.len() {
+    if st.turns.len() <= st.waiters.callers() {
         return;
     }
-    let waiting: std::collections::HashSet<&str> = st.waiters.iter().map(|w| &*w.caller).collect();
-    st.turns.retain(|c, _| waiting.contains(&**c));
+    let (turns, waiters) = (&mut st.turns, &st.waiters);
+    turns.retain(|c, _| waiters.count_of(c) > 0);
 }
 
 #[cfg(test)]
@@ -187,8 +179,10 @@ mod tests {
         let got = callers(&st, &order(&st));
         assert_eq!(got, ["b", "c", "a", "c", "a", "a"]);
         // Targeted waiters (retries) are dispatched separately.
-        st.waiters[3].target = Some(1);
-        assert!(!order(&st).contains(&3));
+        let mut w = st.waiters.remove(3).expect("present");
+        w.target = Some(1);
+        st.waiters.push_back(w);
+        assert!(!order(&st).contains(&5));
         st.waiters.clear();
         prune(&mut st);
         assert!(st.turns.is_empty(), "no waiters, no turns kept");

@@ -22,7 +22,7 @@
 
 use crate::config::{Mode, PoolConfig};
 use crate::process::Process;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -156,7 +156,7 @@ pub struct Waiter {
 pub struct State {
     pub slots: HashMap<u64, Slot>,
     pub starting: usize,
-    pub waiters: VecDeque<Waiter>,
+    pub waiters: super::queue::Queue,
     /// Fair dispatch: caller → when it was last served (`turn_seq`), only
     /// for callers with waiters.
     pub turns: HashMap<Arc<str>, u64>,
@@ -185,7 +185,7 @@ impl State {
         Self {
             slots: HashMap::new(),
             starting: 0,
-            waiters: VecDeque::new(),
+            waiters: super::queue::Queue::default(),
             turns: HashMap::new(),
             turn_seq: 0,
             sticky: HashMap::new(),
@@ -208,7 +208,7 @@ impl State {
 
     /// Waiters not tied to one process (they may make the pool grow).
     pub fn untargeted_waiters(&self) -> usize {
-        self.waiters.iter().filter(|w| w.target.is_none()).count()
+        self.waiters.untargeted()
     }
 
     /// Drops waiters whose requester gave up.
