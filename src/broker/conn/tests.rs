@@ -69,3 +69,28 @@ fn bad_heads_are_refused() {
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
     );
 }
+
+/// Every open lease API connection is a task holding this future (and a
+/// queued lease waits inside it): its size is paid per connection, 10,000
+/// times at 10,000 queued calls (docs/performance.md, "Memory").
+#[tokio::test]
+async fn connection_task_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::config::Config {
+        broker: crate::config::BrokerSettings {
+            socket: dir.path().join("b.sock"),
+            metrics_listen: None,
+            ..Default::default()
+        },
+        pools: vec![],
+    };
+    let broker = Broker::start(config, Arc::new(crate::metrics::Metrics::new()));
+    let (a, _b) = UnixStream::pair().unwrap();
+    let limiter = crate::web::conn_limit::ConnLimiter::new(10, 10);
+    let conn = serve_connection(broker.clone(), a, limiter, None, CancellationToken::new());
+    let size = std::mem::size_of_val(&conn);
+    eprintln!("serve_connection future: {size} bytes");
+    // Debug builds lay futures out larger than release ones; this bound
+    // catches a state that grows by kilobytes, not the exact size.
+    assert!(size < 6 * 1024, "{size}");
+}
