@@ -20,6 +20,7 @@
 //! * [`user_broker`]: one user's own broker with on-demand pools for the
 //!   commands its shims name, started on first use.
 //! * [`up`]: broker and proxy in one process for a laptop.
+//! * [`slim`]: the shim and proxy as binaries of their own (a few MiB each).
 //! * [`bench`]: the node-local benchmark (`mcp-broker bench`).
 
 #[cfg(feature = "bench")]
@@ -44,6 +45,7 @@ pub mod proxy;
 pub mod runtime;
 pub mod shim;
 pub mod shutdown;
+pub mod slim;
 pub mod up;
 pub mod user_broker;
 pub mod web;

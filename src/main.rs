@@ -6,15 +6,15 @@
 //! and end the process with a message naming what is wrong.
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use mcp_broker::broker::Broker;
 use mcp_broker::config::raw::RawPool;
 use mcp_broker::config::{self, Config, Mode, Protocol};
 use mcp_broker::metrics::Metrics;
-use mcp_broker::proxy::{self, ProxySettings};
+use mcp_broker::proxy::cli::{self as proxy_cli, HttpFlags, ProxyArgs};
 use mcp_broker::runtime::{self, Threads};
 use mcp_broker::shim::cli::{self as shim_cli, ConnectArgs};
-use std::net::SocketAddr;
+use mcp_broker::slim;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,20 +77,8 @@ enum Command {
         config: PathBuf,
     },
     /// Serve MCP Streamable HTTP at /mcp, leasing from a broker per request.
-    Proxy {
-        /// The broker's lease API socket.
-        #[arg(long, default_value = config::DEFAULT_SOCKET)]
-        socket: PathBuf,
-        /// The pool to lease from.
-        #[arg(long)]
-        pool: String,
-        /// A projected ServiceAccount token (audience mcp-broker) to present
-        /// to the broker, e.g. /var/run/secrets/mcp-broker/token.
-        #[arg(long)]
-        token_file: Option<PathBuf>,
-        #[command(flatten)]
-        http: HttpFlags,
-    },
+    /// Runs as the slim `mcp-broker-proxy` when that sits beside this binary.
+    Proxy(ProxyArgs),
     /// Speak MCP over stdin/stdout like a stdio server, leasing from a
     /// broker's pool per request: put it in an MCP host's config in place
     /// of the server's own command. `--pool NAME` uses a configured pool;
@@ -195,62 +183,6 @@ enum AfterHandoff {
     Wait,
 }
 
-#[derive(Args)]
-struct HttpFlags {
-    /// Address to serve MCP on.
-    #[arg(long, default_value = proxy::DEFAULT_LISTEN)]
-    listen: SocketAddr,
-    /// Extra allowed `Origin` values (localhost origins are always allowed).
-    #[arg(long = "allow-origin")]
-    allow_origins: Vec<String>,
-    /// Extra allowed `Host` values (on a loopback listener localhost is
-    /// always allowed; on others, when given, only these are).
-    #[arg(long = "allow-host")]
-    allow_hosts: Vec<String>,
-    /// Open MCP sessions at most.
-    #[arg(long, default_value_t = proxy::DEFAULT_MAX_SESSIONS)]
-    max_sessions: usize,
-    /// Open notification streams (GET /mcp, subscriptions/listen) at most.
-    #[arg(long, default_value_t = proxy::DEFAULT_MAX_STREAMS)]
-    max_streams: usize,
-    /// Open GET /mcp streams of one session at most.
-    #[arg(long, default_value_t = proxy::DEFAULT_MAX_STREAMS_PER_SESSION)]
-    max_streams_per_session: usize,
-    /// Open HTTP connections at most (beyond: 503).
-    #[arg(long, default_value_t = proxy::DEFAULT_MAX_CONNECTIONS)]
-    max_connections: usize,
-    /// Open HTTP connections from one client address at most (beyond: 429).
-    #[arg(long, default_value_t = proxy::DEFAULT_MAX_CONNECTIONS_PER_PEER)]
-    max_connections_per_peer: usize,
-    /// Largest request body in bytes (beyond: 413).
-    #[arg(long, default_value_t = proxy::DEFAULT_MAX_BODY as u64, value_parser = clap::value_parser!(u64).range(1024..))]
-    max_body_bytes: u64,
-    /// Largest request line plus headers in bytes (beyond: 431).
-    #[arg(long, default_value_t = proxy::DEFAULT_MAX_HEADER_BYTES as u64,
-          value_parser = clap::value_parser!(u64).range(8192..))]
-    max_header_bytes: u64,
-}
-
-impl HttpFlags {
-    fn settings(self, socket: PathBuf, pool: String) -> ProxySettings {
-        ProxySettings {
-            listen: self.listen,
-            socket,
-            pool,
-            allow_origins: self.allow_origins,
-            allow_hosts: self.allow_hosts,
-            max_sessions: self.max_sessions,
-            max_streams: self.max_streams,
-            max_streams_per_session: self.max_streams_per_session,
-            max_connections: self.max_connections,
-            max_connections_per_peer: self.max_connections_per_peer,
-            max_body: usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
-            max_header_bytes: usize::try_from(self.max_header_bytes).unwrap_or(usize::MAX),
-            ..ProxySettings::default()
-        }
-    }
-}
-
 fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) => Ok((k.to_string(), v.to_string())),
@@ -271,8 +203,9 @@ fn main() -> std::process::ExitCode {
     // `connect` becomes the slim shim beside this binary when there is one
     // (the host's session keeps it resident; see mcp_broker::shim::cli).
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let slim_failed = match argv.get(1) {
-        Some(c) if c == "connect" => shim_cli::slim_exec(&argv[2..]),
+    let slim_failed = match argv.get(1).and_then(|c| c.to_str()) {
+        Some("connect") => slim::exec_beside(slim::SHIM, &argv[2..]),
+        Some("proxy") => slim::exec_beside(slim::PROXY, &argv[2..]),
         _ => None,
     };
     tracing_subscriber::fmt()
@@ -283,10 +216,7 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     if let Some(e) = slim_failed {
-        tracing::debug!(
-            "cannot execute {}: {e}; running in-process",
-            shim_cli::SLIM_NAME
-        );
+        tracing::debug!("cannot execute the slim binary beside this one: {e}; running in-process");
     }
     let cli = Cli::parse_from(argv);
     // Before any thread exists, so every thread inherits the mask and only
@@ -299,7 +229,7 @@ fn main() -> std::process::ExitCode {
         (Some(n), _) => Threads::Fixed(n.into()),
         // The shim waits on its host and the broker: one thread, no workers.
         (None, Command::Connect { .. }) => Threads::Current,
-        (None, Command::Proxy { .. } | Command::Up { .. } | Command::UserBroker { .. }) => {
+        (None, Command::Proxy(_) | Command::Up { .. } | Command::UserBroker { .. }) => {
             Threads::Fixed(runtime::DEFAULT_LEAN_THREADS)
         }
         // The bench's own load generator; its broker and proxy get a
@@ -365,17 +295,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         #[cfg(feature = "bench")]
         Command::Bench(args) => mcp_broker::bench::run(args, shutdown).await,
-        Command::Proxy {
-            socket,
-            pool,
-            token_file,
-            http,
-        } => {
-            let metrics = Arc::new(Metrics::new());
-            let mut settings = http.settings(socket, pool);
-            settings.token_file = token_file;
-            proxy::run(settings, metrics, shutdown).await
-        }
+        Command::Proxy(args) => proxy_cli::run(args, shutdown).await,
         Command::Connect(args) => {
             let exe = std::env::current_exe().context("cannot find this executable")?;
             Ok(shim_cli::run(args, &exe, shutdown).await?)

@@ -11,6 +11,7 @@
 pub mod ask;
 pub mod backend;
 mod checks;
+pub mod cli;
 pub mod error;
 pub mod flow;
 pub mod held;

@@ -88,19 +88,17 @@ fn up_rejects_bad_flags() {
     assert!(String::from_utf8(out.stderr).unwrap().contains("min_idle"));
 }
 
-#[test]
-fn serve_runs_until_sigterm_and_cleans_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("b.sock");
-    let tag = uuid::Uuid::new_v4().simple().to_string();
+/// `mcp-broker serve` on `sock` with one pool `fx` of the fixture (`pool`:
+/// more of its settings), once its socket exists.
+fn serve_fixture(dir: &std::path::Path, sock: &std::path::Path, pool: &str) -> std::process::Child {
     let c = config(
-        dir.path(),
+        dir,
         &format!(
-            "[broker]\nsocket = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\ndrain_timeout = \"2s\"\n[[pool]]\nname = \"fx\"\ncommand = \"{FIXTURE}\"\nmin_idle = 2\nenv = {{ {TAG_VAR} = \"{tag}\" }}\n",
+            "[broker]\nsocket = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\ndrain_timeout = \"2s\"\n[[pool]]\nname = \"fx\"\ncommand = \"{FIXTURE}\"\n{pool}",
             sock.display()
         ),
     );
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&c)
         .stdout(Stdio::null())
@@ -110,6 +108,19 @@ fn serve_runs_until_sigterm_and_cleans_up() {
     assert!(
         poll_blocking(Duration::from_secs(10), || sock.exists()),
         "socket never appeared"
+    );
+    child
+}
+
+#[test]
+fn serve_runs_until_sigterm_and_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("b.sock");
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let mut child = serve_fixture(
+        dir.path(),
+        &sock,
+        &format!("min_idle = 2\nenv = {{ {TAG_VAR} = \"{tag}\" }}\n"),
     );
     // A second broker on the same socket takes it over (tests/upgrade.rs).
     // SIGTERM with the pool's processes running: they go with the broker.
@@ -135,4 +146,74 @@ fn serve_runs_until_sigterm_and_cleans_up() {
         Vec::<u32>::new(),
         "processes left behind"
     );
+}
+
+/// One blocking HTTP/1.1 POST of `body` to 127.0.0.1:`port`/mcp; the
+/// answer's status line and body.
+fn post_mcp(port: u16, body: &str) -> Option<(String, String)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\nMCP-Protocol-Version: 2025-06-18\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, rest) = out.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_string(), rest.to_string()))
+}
+
+/// `mcp-broker proxy` becomes the slim `mcp-broker-proxy` beside it (same
+/// pid) and serves a pod's MCP clients as before; with
+/// `MCP_BROKER_NO_SLIM=1` it stays the full binary.
+#[test]
+fn proxy_runs_as_the_slim_proxy_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("b.sock");
+    let mut broker = serve_fixture(dir.path(), &sock, "min_idle = 1\n");
+    for (no_slim, want) in [("0", "/mcp-broker-proxy"), ("1", "/mcp-broker")] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut proxy = Command::new(BIN)
+            .args(["proxy", "--pool", "fx", "--socket"])
+            .arg(&sock)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("MCP_BROKER_NO_SLIM", no_slim)
+            .env("MCP_BROKER_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+        let mut answer = None;
+        assert!(
+            poll_blocking(Duration::from_secs(10), || {
+                answer = post_mcp(port, init);
+                answer.is_some()
+            }),
+            "the proxy never answered"
+        );
+        let (status, body) = answer.unwrap();
+        assert!(status.contains("200"), "{status}: {body}");
+        assert!(body.contains("mcp-fixture"), "{body}");
+        let exe = std::fs::read_link(format!("/proc/{}/exe", proxy.id())).unwrap();
+        assert!(
+            exe.display().to_string().ends_with(want),
+            "MCP_BROKER_NO_SLIM={no_slim}: {}",
+            exe.display()
+        );
+        let pid = nix::unistd::Pid::from_raw(proxy.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        assert!(proxy.wait().unwrap().success());
+    }
+    let pid = nix::unistd::Pid::from_raw(broker.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(broker.wait().unwrap().success());
 }

@@ -2,7 +2,7 @@
 //! session. Same flags and behaviour as `mcp-broker connect` (which
 //! re-executes into this binary when it sits beside it); it links only the
 //! shim's code, so each session's shim keeps a few MiB resident instead of
-//! the node daemon's pages (`mcp_broker::shim::cli` says why that matters).
+//! the node daemon's pages (`mcp_broker::slim` says why that matters).
 //!
 //! Logging is a level from `MCP_BROKER_LOG` (`error`..`trace`, default
 //! `info`), to stderr: stdout carries JSON-RPC only.
@@ -11,7 +11,6 @@ use clap::Parser;
 use mcp_broker::shim::cli::{self, ConnectArgs};
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
-use tracing::level_filters::LevelFilter;
 
 #[derive(Parser)]
 #[command(
@@ -25,20 +24,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let level = std::env::var("MCP_BROKER_LOG")
-        .ok()
-        .and_then(|v| v.parse::<LevelFilter>().ok())
-        .unwrap_or(LevelFilter::INFO);
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .init();
-    // `mcp-broker-connect connect ...` reads as `mcp-broker connect ...`.
-    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if argv.get(1).is_some_and(|a| a == "connect") {
-        argv.remove(1);
-    }
-    let cli = Cli::parse_from(argv);
+    let cli = Cli::parse_from(mcp_broker::slim::start("connect"));
     if let Err(e) = mcp_broker::shutdown::block() {
         eprintln!("mcp-broker-connect: cannot block signals: {e}");
         return ExitCode::FAILURE;

@@ -1,31 +1,12 @@
 //! The flags of `mcp-broker connect` and the start-up both of its binaries
-//! share: `mcp-broker connect ...` and the slim `mcp-broker-connect ...`.
-//!
-//! Why two binaries: a host spawns one shim per session and keeps it for
-//! the session's life, so its resident set is paid per session. The full
-//! `mcp-broker` maps the whole node daemon (Kubernetes client, CSI, bench);
-//! the pages a shim touches are scattered across it, and the kernel maps
-//! neighbouring pages with every fault, so the shim's RSS is mostly code it
-//! never runs. `mcp-broker-connect` links only the shim (the same library
-//! code). `mcp-broker connect` re-executes into it when it sits beside the
-//! full binary ([`slim_exec`]) and runs in-process otherwise, so a host's
-//! config names either and gets the same behaviour.
+//! share: `mcp-broker connect ...` and the slim `mcp-broker-connect ...`
+//! ([`crate::slim`] says why there are two).
 
 use super::on_demand::{self, OnDemandArgs, OnDemandError};
 use super::{Ended, ShimSettings};
 use crate::config::{self, Mode};
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
-
-/// The slim shim's file name, beside `mcp-broker`.
-pub const SLIM_NAME: &str = "mcp-broker-connect";
-/// Set by `mcp-broker connect` when it re-executes into the slim shim: the
-/// full binary, which starts the per-user broker. Also honoured when a host
-/// runs `mcp-broker-connect` from somewhere else.
-pub const FULL_EXE_ENV: &str = "MCP_BROKER_EXE";
-/// Set to anything but `0` to keep `mcp-broker connect` in-process.
-pub const NO_SLIM_ENV: &str = "MCP_BROKER_NO_SLIM";
 
 /// `mcp-broker connect` flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -120,33 +101,9 @@ pub async fn run(
 /// The full `mcp-broker` binary as seen from the slim shim: `$MCP_BROKER_EXE`,
 /// else `mcp-broker` beside this executable.
 pub fn full_exe_for_slim() -> Result<PathBuf, OnDemandError> {
-    if let Some(p) = std::env::var_os(FULL_EXE_ENV).filter(|p| !p.is_empty()) {
+    if let Some(p) = std::env::var_os(crate::slim::FULL_EXE_ENV).filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
     let me = std::env::current_exe().map_err(OnDemandError::Exe)?;
     Ok(me.with_file_name("mcp-broker"))
-}
-
-/// For `mcp-broker connect ARGS`: replaces this process with the slim shim
-/// beside it (`mcp-broker-connect ARGS`, told where the full binary is) and
-/// never returns when that works. Returns when there is no slim shim or it
-/// cannot be executed (or `MCP_BROKER_NO_SLIM` is set), with the error of a
-/// failed attempt: the caller then runs the shim in-process. Call it first
-/// thing in `main`, before any thread or runtime exists.
-pub fn slim_exec(args: &[OsString]) -> Option<std::io::Error> {
-    use std::os::unix::process::CommandExt;
-    if std::env::var_os(NO_SLIM_ENV).is_some_and(|v| v != "0") {
-        return None;
-    }
-    let me = std::env::current_exe().ok()?;
-    let slim = me.with_file_name(SLIM_NAME);
-    if !slim.is_file() {
-        return None;
-    }
-    Some(
-        std::process::Command::new(&slim)
-            .args(args)
-            .env(FULL_EXE_ENV, &me)
-            .exec(),
-    )
 }

@@ -6,7 +6,7 @@
 //! services, pool keys, HTTP/2 negotiation, an executor per connection
 //! checkout) is cost without use on the proxy's hottest path; and it links
 //! HTTP/2 into every binary that uses it, which is most of the slim shim's
-//! code pages (`shim::cli` says why those matter).
+//! code pages (`crate::slim` says why those matter).
 //!
 //! Invariants:
 //! * A connection goes back to the stack only after its answer's body
