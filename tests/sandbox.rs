@@ -226,7 +226,10 @@ async fn runs_as_another_user_with_a_process_limit() {
     );
     assert_eq!(status_field(pid, "Groups"), uid.to_string());
     // The first call leaves the main thread, the child and its reaper
-    // thread (3); the second call's request thread makes 4, so its fork fails.
+    // thread (3); the second call's request thread makes 4, so its fork
+    // fails. (If the first call's thread has not exited yet, the second
+    // call's thread cannot start: the fixture answers that with the same
+    // EAGAIN, naming the tool.)
     let first = call(&b, "spawn_child", json!({})).await;
     assert!(text_of(&first).parse::<u32>().is_ok(), "{}", short(&first));
     let second = call(&b, "spawn_child", json!({})).await;

@@ -240,14 +240,27 @@ fn dispatch(state: &Arc<State>, msg: Value) {
                 return;
             }
             let st = Arc::clone(state);
-            let spawned = thread::Builder::new()
-                .name(format!("req-{id}"))
-                .spawn(move || {
-                    serve(&st, id, &method, &params);
-                    st.in_flight.fetch_sub(1, Ordering::SeqCst);
-                });
+            // What to name in an error if the thread cannot start (out of
+            // threads under a process limit): the tool, else the method.
+            let what = params
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or(&method)
+                .to_string();
+            let (rid, thread_name) = (id.clone(), format!("req-{id}"));
+            let spawned = thread::Builder::new().name(thread_name).spawn(move || {
+                serve(&st, id, &method, &params);
+                st.in_flight.fetch_sub(1, Ordering::SeqCst);
+            });
             if let Err(e) = spawned {
+                // Answered here, on the reader thread: a request must never
+                // go unanswered because its thread could not start.
                 log(&format!("cannot spawn request thread: {e}"));
+                state.fail(
+                    &rid,
+                    INTERNAL_ERROR,
+                    &format!("{what}: cannot start a thread for the request: {e}"),
+                );
                 state.in_flight.fetch_sub(1, Ordering::SeqCst);
             }
         }
@@ -533,7 +546,11 @@ fn spawn_child() -> RpcResult {
         Ok(mut child) => {
             let pid = child.id();
             log(&format!("spawn_child: started sleep 600 as pid {pid}"));
-            thread::spawn(move || child.wait());
+            // Without a reaper thread (out of threads) the child is reaped
+            // when the fixture exits; the answer does not depend on it.
+            if let Err(e) = thread::Builder::new().spawn(move || child.wait()) {
+                log(&format!("spawn_child: no reaper thread for pid {pid}: {e}"));
+            }
             text(pid.to_string())
         }
         Err(e) => Err((INTERNAL_ERROR, format!("spawn_child: {e}"))),
