@@ -296,10 +296,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         #[cfg(feature = "bench")]
         Command::Bench(args) => mcp_broker::bench::run(args, shutdown).await,
         Command::Proxy(args) => proxy_cli::run(args, shutdown).await,
-        Command::Connect(args) => {
-            let exe = std::env::current_exe().context("cannot find this executable")?;
-            Ok(shim_cli::run(args, &exe, shutdown).await?)
-        }
+        Command::Connect(args) => Ok(shim_cli::run(args, shutdown).await?),
         Command::UserBroker {
             socket,
             pool_idle_timeout,

@@ -12,6 +12,10 @@
 //! when there is none, so configs may name either.
 
 use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// The full binary (node daemon, per-user broker, bench).
+pub const FULL: &str = "mcp-broker";
 
 /// The stdio shim alone (`mcp-broker connect`).
 pub const SHIM: &str = "mcp-broker-connect";
@@ -45,6 +49,18 @@ pub fn exec_beside(name: &str, args: &[OsString]) -> Option<std::io::Error> {
             .env(FULL_EXE_ENV, &me)
             .exec(),
     )
+}
+
+/// The full `mcp-broker` binary, which an on-demand shim starts the
+/// per-user broker with: `$MCP_BROKER_EXE`, else this executable, unless it
+/// is a slim one: then `mcp-broker` beside it.
+pub fn full_exe() -> std::io::Result<PathBuf> {
+    if let Some(p) = std::env::var_os(FULL_EXE_ENV).filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let me = std::env::current_exe()?;
+    let slim = me.file_name().is_some_and(|n| n == SHIM || n == PROXY);
+    Ok(if slim { me.with_file_name(FULL) } else { me })
 }
 
 /// The start of a slim binary's `main`: logging to stderr at the level in

@@ -4,7 +4,8 @@
 #[path = "support/harness.rs"]
 mod harness;
 
-use harness::{poll_blocking, procs_with_tag, TAG_VAR};
+use harness::{poll_blocking, poll_until, procs_with_tag, send, CT_JSON, JSON_SSE, TAG_VAR};
+use serde_json::json;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -148,31 +149,11 @@ fn serve_runs_until_sigterm_and_cleans_up() {
     );
 }
 
-/// One blocking HTTP/1.1 POST of `body` to 127.0.0.1:`port`/mcp; the
-/// answer's status line and body.
-fn post_mcp(port: u16, body: &str) -> Option<(String, String)> {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
-         Accept: application/json, text/event-stream\r\nMCP-Protocol-Version: 2025-06-18\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, rest) = out.split_once("\r\n\r\n")?;
-    Some((head.lines().next()?.to_string(), rest.to_string()))
-}
-
 /// `mcp-broker proxy` becomes the slim `mcp-broker-proxy` beside it (same
 /// pid) and serves a pod's MCP clients as before; with
 /// `MCP_BROKER_NO_SLIM=1` it stays the full binary.
-#[test]
-fn proxy_runs_as_the_slim_proxy_beside_it() {
+#[tokio::test]
+async fn proxy_runs_as_the_slim_proxy_beside_it() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("b.sock");
     let mut broker = serve_fixture(dir.path(), &sock, "min_idle = 1\n");
@@ -191,18 +172,26 @@ fn proxy_runs_as_the_slim_proxy_beside_it() {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-        let mut answer = None;
+        // Listening once a connection is accepted; then a real session.
         assert!(
-            poll_blocking(Duration::from_secs(10), || {
-                answer = post_mcp(port, init);
-                answer.is_some()
-            }),
-            "the proxy never answered"
+            poll_until(Duration::from_secs(10), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            })
+            .await,
+            "the proxy never listened"
         );
-        let (status, body) = answer.unwrap();
-        assert!(status.contains("200"), "{status}: {body}");
-        assert!(body.contains("mcp-fixture"), "{body}");
+        let url = format!("http://127.0.0.1:{port}/mcp");
+        let init = json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{
+            "protocolVersion":"2025-06-18","capabilities":{},
+            "clientInfo":{"name":"t","version":"1"}}});
+        let r = send("POST", &url, &[JSON_SSE, CT_JSON], &init.to_string()).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(
+            r.json()["result"]["serverInfo"]["name"],
+            "mcp-fixture",
+            "{}",
+            r.body
+        );
         let exe = std::fs::read_link(format!("/proc/{}/exe", proxy.id())).unwrap();
         assert!(
             exe.display().to_string().ends_with(want),

@@ -43,8 +43,7 @@ fn main() -> ExitCode {
         let shutdown = CancellationToken::new();
         let _signals = mcp_broker::shutdown::start(shutdown.clone())
             .map_err(|e| format!("cannot start the signal thread: {e}"))?;
-        let exe = cli::full_exe_for_slim().map_err(|e| e.to_string())?;
-        cli::run(cli.args, &exe, shutdown)
+        cli::run(cli.args, shutdown)
             .await
             .map_err(|e| e.to_string())
     });

@@ -110,15 +110,17 @@ impl Queue {
     }
 
     /// Takes every waiter out, oldest first.
-    pub fn take_all(&mut self) -> Vec<Waiter> {
-        self.per_caller.clear();
-        self.targeted = 0;
-        self.items.drain(..).collect()
+    pub fn take_all(&mut self) -> VecDeque<Waiter> {
+        let all = std::mem::take(&mut self.items);
+        self.clear();
+        all
     }
 
     /// Drops every waiter (each gets its channel closed).
     pub fn clear(&mut self) {
-        self.take_all();
+        self.items.clear();
+        self.per_caller.clear();
+        self.targeted = 0;
     }
 }
 

@@ -5,7 +5,7 @@
 use super::on_demand::{self, OnDemandArgs, OnDemandError};
 use super::{Ended, ShimSettings};
 use crate::config::{self, Mode};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
 /// `mcp-broker connect` flags.
@@ -58,14 +58,8 @@ pub enum ConnectError {
     Read(String),
 }
 
-/// Runs the shim as told until the host goes away or `shutdown`; `full_exe`
-/// is the `mcp-broker` binary an on-demand shim starts the per-user broker
-/// with.
-pub async fn run(
-    args: ConnectArgs,
-    full_exe: &Path,
-    shutdown: CancellationToken,
-) -> Result<(), ConnectError> {
+/// Runs the shim as told until the host goes away or `shutdown`.
+pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), ConnectError> {
     let mode = if args.shared {
         Some(Mode::Shared)
     } else {
@@ -90,20 +84,10 @@ pub async fn run(
             mode: mode.unwrap_or(Mode::Exclusive),
             socket: args.socket,
         };
-        on_demand::prepare(&od, full_exe, &mut settings).await?;
+        on_demand::prepare(&od, &mut settings).await?;
     }
     match super::run(settings, shutdown).await {
         Ended::ReadError(e) => Err(ConnectError::Read(e)),
         Ended::Eof | Ended::Signal => Ok(()),
     }
-}
-
-/// The full `mcp-broker` binary as seen from the slim shim: `$MCP_BROKER_EXE`,
-/// else `mcp-broker` beside this executable.
-pub fn full_exe_for_slim() -> Result<PathBuf, OnDemandError> {
-    if let Some(p) = std::env::var_os(crate::slim::FULL_EXE_ENV).filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(p));
-    }
-    let me = std::env::current_exe().map_err(OnDemandError::Exe)?;
-    Ok(me.with_file_name("mcp-broker"))
 }

@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 use crate::proxy::backend::{Backend, BackendError};
 use crate::user_broker::{self, autostart};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// What `connect -- CMD ARGS...` was told.
@@ -86,15 +86,16 @@ pub fn request(args: &OnDemandArgs) -> Result<OnDemandRequest, OnDemandError> {
     })
 }
 
-/// Makes sure the per-user broker runs (starting it as `exe user-broker`
-/// when none does), gets the pool, and points `settings` at it.
+/// Makes sure the per-user broker runs (starting it with the full binary,
+/// [`crate::slim::full_exe`], when none does), gets the pool, and points
+/// `settings` at it.
 pub async fn prepare(
     args: &OnDemandArgs,
-    exe: &Path,
     settings: &mut ShimSettings,
 ) -> Result<(), OnDemandError> {
     let req = request(args)?;
     let socket = user_broker::socket_path(args.socket.as_deref())?;
+    let exe = crate::slim::full_exe().map_err(OnDemandError::Exe)?;
     let backend = Backend::new(
         socket.clone(),
         String::new(),
@@ -106,7 +107,7 @@ pub async fn prepare(
         // Blocking (a connect, at most a file lock and a bounded wait for a
         // start) on the runtime's only thread: nothing else runs yet, and a
         // blocking-pool thread would stay resident for the shim's life.
-        autostart::ensure_running(&socket, exe, &[])?;
+        autostart::ensure_running(&socket, &exe, &[])?;
         match backend.on_demand_pool(&req).await {
             // The broker went away between the check and the call: once more.
             Err(BackendError::Unreachable { .. }) if attempt == 0 => attempt += 1,
