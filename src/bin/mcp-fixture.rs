@@ -18,7 +18,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Write};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -45,6 +44,8 @@ const COUNT_MAX: u64 = 100_000;
 /// How long EOF on stdin waits for in-flight requests before exiting.
 const EOF_GRACE: Duration = Duration::from_millis(500);
 
+#[path = "mcp-fixture/limits.rs"]
+mod limits;
 #[path = "mcp-fixture/opts.rs"]
 mod opts;
 #[path = "mcp-fixture/probe.rs"]
@@ -488,7 +489,7 @@ fn call_tool(state: &State, id: &Value, params: &Value, n: u64) -> Option<RpcRes
             Ok(r) => text(r.to_string()),
             Err(e) => text(format!("error: {e}")),
         },
-        "spawn_child" => spawn_child(),
+        "spawn_child" => limits::spawn_child(),
         "list_changed" => {
             state.notify("notifications/tools/list_changed", json!({}));
             text("ok")
@@ -499,8 +500,8 @@ fn call_tool(state: &State, id: &Value, params: &Value, n: u64) -> Option<RpcRes
             eprintln!("{t}");
             text("ok")
         }),
-        "open_files" => arg_num(args, name, "n", None, COUNT_MAX).and_then(open_files),
-        "alloc" => arg_num(args, name, "bytes", None, HUGE_MAX << 4).and_then(alloc),
+        "open_files" => arg_num(args, name, "n", None, COUNT_MAX).and_then(limits::open_files),
+        "alloc" => arg_num(args, name, "bytes", None, HUGE_MAX << 4).and_then(limits::alloc),
         "probe" => arg_str(args, name, "op").and_then(|op| {
             let path = arg_str(args, name, "path")?;
             probe::probe(op, path).map_err(bad).and_then(text)
@@ -515,46 +516,6 @@ fn call_tool(state: &State, id: &Value, params: &Value, n: u64) -> Option<RpcRes
         _ => Err(bad(format!("Unknown tool: {name}"))),
     };
     Some(result)
-}
-
-/// Holds `n` open files at once (to show an open-files limit biting).
-fn open_files(n: u64) -> RpcResult {
-    let held: Result<Vec<_>, _> = (0..n).map(|_| std::fs::File::open("/dev/null")).collect();
-    let err = |e: std::io::Error| (INTERNAL_ERROR, format!("open_files: holding {n}: {e}"));
-    held.map_err(err).and_then(|_| text(format!("opened {n}")))
-}
-
-/// Allocates and touches `bytes` (to show an address-space limit biting).
-fn alloc(bytes: u64) -> RpcResult {
-    let len = usize::try_from(bytes).map_err(|_| bad("alloc: too big for this platform"))?;
-    let mut v: Vec<u8> = Vec::new();
-    let err = |e: std::collections::TryReserveError| (INTERNAL_ERROR, format!("alloc {len}: {e}"));
-    v.try_reserve_exact(len).map_err(err)?;
-    v.resize(len, 1);
-    text(format!("allocated {}", v.len()))
-}
-
-/// Starts `sleep 600` in our process group; a thread reaps it when it dies.
-fn spawn_child() -> RpcResult {
-    let child = Command::new("sleep")
-        .arg("600")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    match child {
-        Ok(mut child) => {
-            let pid = child.id();
-            log(&format!("spawn_child: started sleep 600 as pid {pid}"));
-            // Without a reaper thread (out of threads) the child is reaped
-            // when the fixture exits; the answer does not depend on it.
-            if let Err(e) = thread::Builder::new().spawn(move || child.wait()) {
-                log(&format!("spawn_child: no reaper thread for pid {pid}: {e}"));
-            }
-            text(pid.to_string())
-        }
-        Err(e) => Err((INTERNAL_ERROR, format!("spawn_child: {e}"))),
-    }
 }
 
 /// `sleep {ms, steps?}`: progress is only sent when the request carries a
