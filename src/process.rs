@@ -11,6 +11,7 @@ pub mod group;
 mod lines;
 pub mod router;
 pub mod sandbox;
+pub mod stat;
 use lines::log_stderr;
 pub use lines::read_lines;
 

@@ -12,6 +12,7 @@ mod stdio_host;
 
 use harness::*;
 use mcp_broker::lease_api::{codes, OnDemandRequest, PoolDescription};
+use mcp_broker::process::stat;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
@@ -75,21 +76,9 @@ impl User {
             .collect();
         // A server between fork and exec still shows its broker's command
         // line; it is the broker's child, not a broker.
-        let ppid = |p: u32| {
-            std::fs::read_to_string(format!("/proc/{p}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit(')')
-                        .next()?
-                        .split_whitespace()
-                        .nth(1)?
-                        .parse()
-                        .ok()
-                })
-        };
         all.iter()
             .copied()
-            .filter(|p| !ppid(*p).is_some_and(|pp: u32| all.contains(&pp)))
+            .filter(|p| !stat::read(*p).is_some_and(|s| all.contains(&s.ppid)))
             .collect()
     }
 
@@ -133,13 +122,7 @@ async fn whoami(h: &mut Host, id: u64) -> u32 {
 }
 
 fn alive(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    !stat.is_empty()
-        && stat
-            .rsplit(')')
-            .next()
-            .and_then(|r| r.split_whitespace().next())
-            != Some("Z")
+    stat::read(pid).is_some_and(|s| s.live())
 }
 
 #[tokio::test]

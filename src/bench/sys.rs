@@ -90,25 +90,10 @@ pub fn rss(pid: &str) -> u64 {
 
 /// Every live process that descends from `root` (excluding `root`).
 pub fn descendants(root: u32) -> Vec<u32> {
-    let mut parent: HashMap<u32, u32> = HashMap::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(t) = std::fs::read_to_string(e.path().join("stat")) else {
-                continue;
-            };
-            if let Some((_, f)) = stat_fields(&t) {
-                if f.first() == Some(&"Z") {
-                    continue;
-                }
-                if let Some(pp) = f.get(1).and_then(|v| v.parse().ok()) {
-                    parent.insert(pid, pp);
-                }
-            }
-        }
-    }
+    use crate::process::stat;
+    let parent: HashMap<u32, u32> = stat::pids()
+        .filter_map(|pid| Some((pid, stat::read(pid).filter(stat::Stat::live)?.ppid)))
+        .collect();
     let mut out = Vec::new();
     for &pid in parent.keys() {
         let mut p = pid;

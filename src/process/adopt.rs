@@ -159,22 +159,7 @@ pub async fn reap_stray(pid: u32) {
 /// Children of this process (by `/proc/*/stat`'s parent pid).
 pub fn children() -> Vec<u32> {
     let me = std::process::id();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit(')')
-                        .next()?
-                        .split_whitespace()
-                        .nth(1)?
-                        .parse()
-                        .ok()
-                })
-                == Some(me)
-        })
+    super::stat::pids()
+        .filter(|pid| super::stat::read(*pid).is_some_and(|s| s.ppid == me))
         .collect()
 }

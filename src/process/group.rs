@@ -212,8 +212,7 @@ mod tests {
 
     /// The state letter of `/proc/<pid>/stat` (`Z` for a zombie), if any.
     fn state(pid: u32) -> Option<char> {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        s.rsplit(')').next()?.trim_start().chars().next()
+        crate::process::stat::read(pid).map(|s| s.state)
     }
 
     fn spawn(script: &str) -> tokio::process::Child {

@@ -140,19 +140,10 @@ impl Drop for Daemon {
 
 /// Live (non-zombie) children of `pid`.
 pub fn children_of(pid: u32) -> BTreeSet<u32> {
-    let mut out = BTreeSet::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        let mut f = stat.rsplit(')').next().unwrap_or("").split_whitespace();
-        let (state, ppid) = (f.next(), f.next().and_then(|x| x.parse::<u32>().ok()));
-        if ppid == Some(pid) && state != Some("Z") {
-            out.insert(p);
-        }
-    }
-    out
+    use mcp_broker::process::stat;
+    stat::pids()
+        .filter(|p| stat::read(*p).is_some_and(|s| s.ppid == pid && s.live()))
+        .collect()
 }
 
 /// What one load session saw.

@@ -222,12 +222,7 @@ pub fn procs_with_tag(tag: &str) -> Vec<u32> {
         if !env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
             continue;
         }
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        let state = stat
-            .rsplit(')')
-            .next()
-            .and_then(|r| r.split_whitespace().next());
-        if state != Some("Z") {
+        if mcp_broker::process::stat::read(pid).is_some_and(|s| s.live()) {
             out.push(pid);
         }
     }
