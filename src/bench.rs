@@ -456,6 +456,7 @@ impl Ctx {
             max_ms: t.quantile_ms(1.0),
             lease_wait_ms,
             gateway_cpu: usage.gateway_cpu,
+            gateway_user_cpu: usage.gateway_user_cpu,
             gateway_rss_mib: usage.gateway_rss_mib,
             servers_cpu: usage.servers_cpu,
             servers_rss_mib: usage.servers_rss_mib,

@@ -11,6 +11,7 @@
 pub mod adopt;
 mod dispatch;
 mod fair;
+mod gauges;
 mod guard;
 mod lifecycle;
 mod queue;
@@ -68,6 +69,8 @@ struct Inner {
     wake: Notify,
     notifications: broadcast::Sender<(u64, Value)>,
     metrics: Arc<Metrics>,
+    /// This pool's series of the per-lease metrics.
+    gauges: gauges::PoolGauges,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     /// Set when the pool is retired by a reload: in-flight leases finish first.
@@ -122,6 +125,7 @@ impl Pool {
         if let Err(e) = &placement {
             tracing::error!(pool = %cfg.name, "cannot place the pool's processes: {e}");
         }
+        let gauges = gauges::PoolGauges::new(&metrics, &cfg.name);
         let pool = Pool {
             inner: Arc::new_cyclic(|weak| Inner {
                 share: share::share_for(&cfg.name, weak),
@@ -133,6 +137,7 @@ impl Pool {
                 learned: Mutex::new(None),
                 wake: Notify::new(),
                 notifications,
+                gauges,
                 metrics,
                 tracker: tracker.clone(),
                 shutdown,
@@ -249,6 +254,12 @@ impl Pool {
         let st = self.inner.state.lock().expect("lock");
         let (id, _) = st.bound.get(session)?;
         st.slots.get(id).map(|s| s.worker.clone())
+    }
+
+    /// Whether requests wait in the queue (a process released now goes
+    /// straight to one of them).
+    pub fn has_waiters(&self) -> bool {
+        !self.inner.state.lock().expect("lock").waiters.is_empty()
     }
 
     /// A process with room for one request of `session` right now, if any;
@@ -384,19 +395,11 @@ impl Pool {
     }
 
     fn observe_wait(&self, started: Instant) {
-        self.inner
-            .metrics
-            .lease_wait
-            .with_label_values(&[self.name()])
-            .observe(started.elapsed().as_secs_f64());
+        self.inner.gauges.wait(started.elapsed().as_secs_f64());
     }
 
     fn set_queue_gauge(&self, st: &State) {
-        self.inner
-            .metrics
-            .queue_depth
-            .with_label_values(&[self.name()])
-            .set(st.waiters.len() as i64);
+        self.inner.gauges.queue(st.waiters.len());
     }
 
     fn guard(&self, worker: Arc<Process>, session: Option<&str>) -> LeaseGuard {
@@ -459,13 +462,10 @@ impl Pool {
     }
 
     fn update_gauges(&self, st: &State) {
-        let m = &self.inner.metrics.processes;
         let busy = st.slots.values().filter(|s| s.inflight > 0).count();
-        m.with_label_values(&[self.name(), "busy"]).set(busy as i64);
-        m.with_label_values(&[self.name(), "idle"])
-            .set((st.slots.len() - busy) as i64);
-        m.with_label_values(&[self.name(), "starting"])
-            .set(st.starting as i64);
+        self.inner
+            .gauges
+            .processes(busy, st.slots.len() - busy, st.starting);
     }
 
     /// Ends a client session: exclusive processes are discarded, sticky

@@ -307,6 +307,7 @@ fn main_row(f: &FanRow) -> Row {
         max_ms: f.first_max_ms,
         lease_wait_ms: None,
         gateway_cpu: None,
+        gateway_user_cpu: None,
         gateway_rss_mib: None,
         servers_cpu: None,
         servers_rss_mib: Some(f.pss_mib),

@@ -30,6 +30,8 @@ pub enum Layout {
 pub struct Usage {
     /// Gateway CPU, percent of one core.
     pub gateway_cpu: Option<f64>,
+    /// The user-space part of it.
+    pub gateway_user_cpu: Option<f64>,
     /// Gateway peak RSS, MiB.
     pub gateway_rss_mib: Option<f64>,
     /// Servers' CPU, percent of one core.
@@ -42,7 +44,7 @@ pub struct Usage {
 pub struct Probe {
     layout: Layout,
     start: Instant,
-    gateway_cpu0: f64,
+    gateway_cpu0: (f64, f64),
     reaped0: f64,
     servers0: HashMap<u32, f64>,
     stop: Arc<AtomicBool>,
@@ -61,11 +63,12 @@ fn root_of(layout: Layout) -> u32 {
     }
 }
 
-fn gateway_cpu(layout: Layout) -> f64 {
+/// Gateway CPU seconds (all, user).
+fn gateway_cpu(layout: Layout) -> (f64, f64) {
     match layout {
-        Layout::InProcess | Layout::Trivial => sys::thread_cpu(SERVER_THREADS),
-        Layout::Peer(pid) => sys::proc_cpu(pid),
-        Layout::Children => 0.0,
+        Layout::InProcess | Layout::Trivial => sys::thread_cpu_user(SERVER_THREADS),
+        Layout::Peer(pid) => sys::proc_cpu_user(pid),
+        Layout::Children => (0.0, 0.0),
     }
 }
 
@@ -154,24 +157,29 @@ impl Probe {
         if let Some(t) = self.sampler.take() {
             let _ = t.join();
         }
-        let gateway = (gateway_cpu(self.layout) - self.gateway_cpu0).max(0.0);
+        let (all, user) = gateway_cpu(self.layout);
+        let gateway = (all - self.gateway_cpu0.0).max(0.0);
+        let gateway_user = (user - self.gateway_cpu0.1).max(0.0);
         let peak_g = self.peak_gateway.load(Ordering::Relaxed);
         let peak_s = self.peak_servers.load(Ordering::Relaxed);
         match self.layout {
             Layout::Children => Usage {
                 gateway_cpu: None,
+                gateway_user_cpu: None,
                 gateway_rss_mib: None,
                 servers_cpu: pct(servers),
                 servers_rss_mib: mib(peak_s),
             },
             Layout::Trivial => Usage {
                 gateway_cpu: pct(gateway),
+                gateway_user_cpu: pct(gateway_user),
                 gateway_rss_mib: mib(peak_g),
                 servers_cpu: None,
                 servers_rss_mib: None,
             },
             _ => Usage {
                 gateway_cpu: pct(gateway),
+                gateway_user_cpu: pct(gateway_user),
                 gateway_rss_mib: mib(peak_g),
                 servers_cpu: pct(servers),
                 servers_rss_mib: mib(peak_s),

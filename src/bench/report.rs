@@ -23,6 +23,8 @@ pub struct Row {
     pub lease_wait_ms: Option<f64>,
     /// Broker+proxy (or peer gateway) CPU, percent of one core.
     pub gateway_cpu: Option<f64>,
+    /// The user-space part of `gateway_cpu`.
+    pub gateway_user_cpu: Option<f64>,
     /// Broker+proxy (whole bench process) or peer gateway peak RSS, MiB.
     pub gateway_rss_mib: Option<f64>,
     /// Server processes' CPU, percent of one core.
@@ -40,12 +42,12 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 pub fn markdown(rows: &[Row], header: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{header}\n");
-    s.push_str("| scenario | conc. | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms | lease wait ms | gateway CPU % | gateway RSS MiB | servers CPU % | servers RSS MiB |\n");
-    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("| scenario | conc. | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms | lease wait ms | gateway CPU % | gateway CPU µs/req (user) | gateway RSS MiB | servers CPU % | servers RSS MiB |\n");
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {}{} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {}{} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} | {} |",
             r.scenario,
             r.concurrency,
             r.requests,
@@ -58,6 +60,7 @@ pub fn markdown(rows: &[Row], header: &str) -> String {
             r.max_ms,
             opt(r.lease_wait_ms, 3),
             opt(r.gateway_cpu, 0),
+            per_request(r),
             opt(r.gateway_rss_mib, 1),
             opt(r.servers_cpu, 0),
             opt(r.servers_rss_mib, 1),
@@ -65,6 +68,18 @@ pub fn markdown(rows: &[Row], header: &str) -> String {
     }
     s.push_str(&ratios(rows));
     s
+}
+
+/// Gateway CPU per request in µs, with its user-space part: "58 (31)".
+fn per_request(r: &Row) -> String {
+    let us = |pct: f64| pct / 100.0 / r.throughput * 1e6;
+    match (r.gateway_cpu, r.gateway_user_cpu) {
+        (Some(all), user) if r.throughput > 0.0 => match user {
+            Some(u) => format!("{:.0} ({:.0})", us(all), us(u)),
+            None => format!("{:.0}", us(all)),
+        },
+        _ => "–".into(),
+    }
 }
 
 fn is_broker(name: &str) -> bool {
@@ -327,6 +342,7 @@ mod tests {
             max_ms: p99,
             lease_wait_ms: None,
             gateway_cpu: None,
+            gateway_user_cpu: None,
             gateway_rss_mib: None,
             servers_cpu: None,
             servers_rss_mib: None,

@@ -56,8 +56,8 @@ pub(super) fn too_large(
     length: usize,
     limit: usize,
 ) -> Response<Body> {
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    if let ["v1", "pools", name, "messages"] = parts.as_slice() {
+    let segs = Segments::of(path);
+    if let ["v1", "pools", name, "messages"] = segs.as_slice() {
         if broker.pool(name).is_some() {
             reject(broker, name, "too_large");
         }
@@ -222,9 +222,10 @@ pub(super) async fn admit<B>(
     req: &Request<B>,
     peer: Identity,
 ) -> Result<Option<Identity>, ApiError> {
-    let parts: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
+    let segs = Segments::of(req.uri().path());
+    let parts = segs.as_slice();
     let needs_caller = matches!(
-        (req.method(), parts.as_slice()),
+        (req.method(), parts),
         (&Method::POST, ["v1", "pools", _, "messages"])
             | (&Method::POST, ["v1", "leases", _])
             | (&Method::DELETE, ["v1", "pools", _, "sessions", _])
@@ -234,7 +235,7 @@ pub(super) async fn admit<B>(
         return Ok(None);
     }
     let who = caller(broker, req, peer).await;
-    match (req.method(), parts.as_slice()) {
+    match (req.method(), parts) {
         (&Method::POST, ["v1", "pools", name, "messages"]) => {
             resolve(broker, name, &who)?;
         }
@@ -249,6 +250,34 @@ pub(super) async fn admit<B>(
     Ok(Some(who))
 }
 
+/// A request path's segments, without allocating: every route has at most
+/// five, so a longer path keeps one more (matching no route).
+struct Segments<'a> {
+    all: [&'a str; MAX_SEGMENTS + 1],
+    len: usize,
+}
+
+/// The most segments a route has (`/v1/pools/{pool}/sessions/{key}`).
+const MAX_SEGMENTS: usize = 5;
+
+impl<'a> Segments<'a> {
+    fn of(path: &'a str) -> Self {
+        let mut s = Segments {
+            all: [""; MAX_SEGMENTS + 1],
+            len: 0,
+        };
+        for (slot, seg) in s.all.iter_mut().zip(path.trim_matches('/').split('/')) {
+            *slot = seg;
+            s.len += 1;
+        }
+        s
+    }
+
+    fn as_slice(&self) -> &[&'a str] {
+        &self.all[..self.len]
+    }
+}
+
 /// Answers one lease API request (both connection paths end here), once
 /// [`admit`] let it through with `who`.
 pub(super) async fn handle<B>(
@@ -259,16 +288,13 @@ pub(super) async fn handle<B>(
 where
     B: web::ReadableBody,
 {
-    let path: Vec<String> = req
-        .uri()
-        .path()
-        .trim_matches('/')
-        .split('/')
-        .map(str::to_string)
-        .collect();
-    let parts: Vec<&str> = path.iter().map(String::as_str).collect();
+    // The path outlives the request (its body is read below): a clone of
+    // the URI shares its bytes.
+    let uri = req.uri().clone();
+    let segs = Segments::of(uri.path());
+    let parts = segs.as_slice();
     let method = req.method().clone();
-    let result = match (&method, parts.as_slice()) {
+    let result = match (&method, parts) {
         (&Method::GET, ["livez"]) => Ok(web::text(StatusCode::OK, "ok\n")),
         (&Method::GET, ["readyz"]) => Ok(readyz(&broker)),
         (&Method::GET, ["metrics"]) => Ok(web::response(
