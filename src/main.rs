@@ -219,12 +219,6 @@ fn main() -> std::process::ExitCode {
         tracing::debug!("cannot execute the slim binary beside this one: {e}; running in-process");
     }
     let cli = Cli::parse_from(argv);
-    // Before any thread exists, so every thread inherits the mask and only
-    // the signal thread takes signals (see mcp_broker::shutdown).
-    if let Err(e) = mcp_broker::shutdown::block() {
-        eprintln!("mcp-broker: cannot block signals: {e}");
-        return std::process::ExitCode::FAILURE;
-    }
     let threads = match (cli.threads, &cli.command) {
         (Some(n), _) => Threads::Fixed(n.into()),
         // The shim waits on its host and the broker: one thread, no workers.
@@ -236,33 +230,20 @@ fn main() -> std::process::ExitCode {
         // runtime of their own (`bench --server-threads`).
         (None, _) => Threads::PerCore,
     };
-    let rt = match runtime::build(threads, "mcp-broker") {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mcp-broker: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    // The shim reads stdin on a blocking thread that cannot be interrupted:
-    // it must not hold up the exit after SIGTERM.
     let shim = matches!(cli.command, Command::Connect { .. });
-    let code = match rt.block_on(run(cli.command)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mcp-broker: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    };
-    if shim {
-        rt.shutdown_background();
-    }
-    code
+    runtime::run_main(
+        "mcp-broker",
+        || runtime::build(threads, "mcp-broker"),
+        shim,
+        |shutdown, signals| run(cli.command, shutdown, signals),
+    )
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    let signals =
-        mcp_broker::shutdown::start(shutdown.clone()).context("cannot start the signal thread")?;
+async fn run(
+    command: Command,
+    shutdown: CancellationToken,
+    signals: mcp_broker::shutdown::Signals,
+) -> anyhow::Result<()> {
     match command {
         Command::Upgrade { socket, timeout } => {
             let pid = mcp_broker::handoff::control::upgrade(&socket, timeout)

@@ -10,11 +10,17 @@
 //! node broker (`serve`) keeps one worker per core: it serves every workload
 //! on the node at once.
 //!
-//! Also here: [`after_woken`], the one place the request path steers the
-//! scheduler's order.
+//! Also here: [`run_main`], the part of `main` every binary shares (signal
+//! mask, runtime, signal thread, exit code), and [`after_woken`], the one
+//! place the request path steers the scheduler's order.
 
+use crate::shutdown::{self, Signals};
+use std::fmt::Display;
+use std::future::Future;
 use std::io;
+use std::process::ExitCode;
 use tokio::runtime::{Builder, Runtime};
+use tokio_util::sync::CancellationToken;
 
 /// Process threads of `proxy` and `up` unless `--threads` says otherwise.
 pub const DEFAULT_LEAN_THREADS: usize = 1;
@@ -46,6 +52,53 @@ pub fn build(threads: Threads, name: &str) -> io::Result<Runtime> {
         b.worker_threads(n.max(1));
     }
     b.build()
+}
+
+/// The rest of a binary's `main` once its arguments are parsed: blocks the
+/// signals (before any thread exists, so every thread inherits the mask and
+/// only the signal thread takes them; see [`crate::shutdown`]), builds the
+/// runtime with `build`, starts the signal thread and runs `run` with the
+/// root token on it. Failures print as `name: error` and exit with 1.
+/// `background_exit`: do not wait for blocking threads on the way out (the
+/// shim reads stdin on one that cannot be interrupted).
+pub fn run_main<F, Fut, E>(
+    name: &str,
+    build: impl FnOnce() -> io::Result<Runtime>,
+    background_exit: bool,
+    run: F,
+) -> ExitCode
+where
+    F: FnOnce(CancellationToken, Signals) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    if let Err(e) = shutdown::block() {
+        eprintln!("{name}: cannot block signals: {e}");
+        return ExitCode::FAILURE;
+    }
+    let rt = match build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let token = CancellationToken::new();
+        let signals = shutdown::start(token.clone())
+            .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+        run(token, signals).await.map_err(|e| format!("{e:#}"))
+    });
+    if background_exit {
+        rt.shutdown_background();
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Lets the tasks this one just woke run before it goes on: it is pending

@@ -8,9 +8,9 @@
 //! `info`), to stderr: stdout carries JSON-RPC only.
 
 use clap::Parser;
+use mcp_broker::runtime;
 use mcp_broker::shim::cli::{self, ConnectArgs};
 use std::process::ExitCode;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -25,36 +25,15 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(mcp_broker::slim::start("connect"));
-    if let Err(e) = mcp_broker::shutdown::block() {
-        eprintln!("mcp-broker-connect: cannot block signals: {e}");
-        return ExitCode::FAILURE;
-    }
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mcp-broker-connect: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    // One thread, no workers (the smallest resident set), built here
+    // rather than by `runtime::build`, whose multi-threaded branch the shim
+    // has no use for.
+    let build = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     };
-    let code = rt.block_on(async {
-        let shutdown = CancellationToken::new();
-        let _signals = mcp_broker::shutdown::start(shutdown.clone())
-            .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    runtime::run_main("mcp-broker-connect", build, true, |shutdown, _signals| {
         cli::run(cli.args, shutdown)
-            .await
-            .map_err(|e| e.to_string())
-    });
-    // stdin is read on a blocking thread that cannot be interrupted: it
-    // must not hold up the exit.
-    rt.shutdown_background();
-    match code {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mcp-broker-connect: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }

@@ -11,7 +11,6 @@ use clap::Parser;
 use mcp_broker::proxy::cli::{self, ProxyArgs};
 use mcp_broker::runtime::{self, Threads};
 use std::process::ExitCode;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -29,31 +28,11 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(mcp_broker::slim::start("proxy"));
-    // Before any thread exists (see mcp_broker::shutdown).
-    if let Err(e) = mcp_broker::shutdown::block() {
-        eprintln!("mcp-broker-proxy: cannot block signals: {e}");
-        return ExitCode::FAILURE;
-    }
     let threads = cli
         .threads
         .map_or(runtime::DEFAULT_LEAN_THREADS, usize::from);
-    let rt = match runtime::build(Threads::Fixed(threads), "mcp-broker") {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mcp-broker-proxy: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = rt.block_on(async {
-        let shutdown = CancellationToken::new();
-        let _signals = mcp_broker::shutdown::start(shutdown.clone())?;
-        cli::run(cli.args, shutdown).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mcp-broker-proxy: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let build = || runtime::build(Threads::Fixed(threads), "mcp-broker");
+    runtime::run_main("mcp-broker-proxy", build, false, |shutdown, _signals| {
+        cli::run(cli.args, shutdown)
+    })
 }
