@@ -60,19 +60,21 @@ pub(super) async fn direct(ctx: &mut Ctx) -> anyhow::Result<()> {
     r
 }
 
-/// A shared pool of `k`; `sidecar`: the proxy reaches the broker over its
-/// socket, as a separate `mcp-broker proxy` does (else in-process, as `up`).
-pub(super) async fn pooled(ctx: &mut Ctx, k: usize, sidecar: bool) -> anyhow::Result<()> {
-    let stack = Stack::start(
-        ctx.rt(),
-        ctx.pool_config(Mode::Shared, k),
-        ctx.node(),
-        sidecar,
-    )?;
+/// A broker with a pool of `size` in `mode` and a proxy in front of it
+/// (over the socket with `sidecar`), and how the load generator reaches it.
+fn stack(ctx: &Ctx, mode: Mode, size: usize, sidecar: bool) -> anyhow::Result<(Stack, Connect)> {
+    let stack = Stack::start(ctx.rt(), ctx.pool_config(mode, size), ctx.node(), sidecar)?;
     let connect = Connect::Http {
         addr: stack.addr,
         path: "/mcp".into(),
     };
+    Ok((stack, connect))
+}
+
+/// A shared pool of `k`; `sidecar`: the proxy reaches the broker over its
+/// socket, as a separate `mcp-broker proxy` does (else in-process, as `up`).
+pub(super) async fn pooled(ctx: &mut Ctx, k: usize, sidecar: bool) -> anyhow::Result<()> {
+    let (stack, connect) = stack(ctx, Mode::Shared, k, sidecar)?;
     let mut r = stack.wait_idle(k, ctx.args.start_timeout).await;
     if r.is_ok() {
         for c in ctx.levels() {
@@ -97,16 +99,7 @@ pub(super) async fn pooled(ctx: &mut Ctx, k: usize, sidecar: bool) -> anyhow::Re
 pub(super) async fn exclusive(ctx: &mut Ctx) -> anyhow::Result<()> {
     let most = ctx.args.max_processes;
     for c in ctx.levels().into_iter().filter(|c| *c <= most) {
-        let stack = Stack::start(
-            ctx.rt(),
-            ctx.pool_config(Mode::Exclusive, c),
-            ctx.node(),
-            false,
-        )?;
-        let connect = Connect::Http {
-            addr: stack.addr,
-            path: "/mcp".into(),
-        };
+        let (stack, connect) = stack(ctx, Mode::Exclusive, c, false)?;
         let mut r = stack.wait_idle(c, ctx.args.start_timeout).await;
         if r.is_ok() {
             r = ctx

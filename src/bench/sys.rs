@@ -23,23 +23,27 @@ fn stat_fields(text: &str) -> Option<(String, Vec<&str>)> {
     Some((comm, rest.split_whitespace().collect()))
 }
 
+/// Field `i` of a `stat` line (after the comm), a time in clock ticks, in
+/// seconds.
+fn secs(fields: &[&str], i: usize) -> f64 {
+    fields
+        .get(i)
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / ticks_per_sec()
+}
+
 /// CPU seconds (user + system) from a `stat` line; with `children`, the
 /// reaped children's times instead.
 fn cpu_of(fields: &[&str], children: bool) -> f64 {
     // After the comm: state is index 0, utime 11, stime 12, cutime 13, cstime 14.
     let (a, b) = if children { (13, 14) } else { (11, 12) };
-    let get = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (get(a) + get(b)) / ticks_per_sec()
+    secs(fields, a) + secs(fields, b)
 }
 
-/// CPU seconds used by threads of this process whose name starts with `prefix`.
-pub fn thread_cpu(prefix: &str) -> f64 {
-    thread_cpu_user(prefix).0
+/// User CPU seconds from a `stat` line.
+fn user_of(fields: &[&str]) -> f64 {
+    secs(fields, 11)
 }
 
 /// CPU seconds (all, user) used by threads of this process whose name
@@ -57,15 +61,6 @@ pub fn thread_cpu_user(prefix: &str) -> (f64, f64) {
                 .then(|| (cpu_of(&f, false), user_of(&f)))
         })
         .fold((0.0, 0.0), |(a, u), (a1, u1)| (a + a1, u + u1))
-}
-
-/// User CPU seconds from a `stat` line.
-fn user_of(fields: &[&str]) -> f64 {
-    fields
-        .get(11)
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / ticks_per_sec()
 }
 
 /// CPU seconds (all, user) of process `pid`.
@@ -86,10 +81,7 @@ pub fn reaped_children_cpu() -> f64 {
 
 /// CPU seconds of process `pid`.
 pub fn proc_cpu(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|t| stat_fields(&t).map(|(_, f)| cpu_of(&f, false)))
-        .unwrap_or(0.0)
+    proc_cpu_user(pid).0
 }
 
 /// A numeric field of `/proc/PID/status` (`key` with its colon, e.g.
