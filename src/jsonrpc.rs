@@ -7,6 +7,8 @@
 
 use serde_json::{json, Map, Value};
 
+pub mod raw;
+
 /// Error codes: the JSON-RPC standard ones, the MCP ones we produce, and
 /// (re-exported) the broker's own from [`crate::lease_api::codes`].
 pub mod codes {

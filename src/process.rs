@@ -12,25 +12,24 @@ mod lines;
 pub mod router;
 pub mod sandbox;
 pub mod stat;
-use lines::log_stderr;
 pub use lines::read_lines;
+use lines::{log_stderr, read_stdout};
 
 use crate::config::PoolConfig;
-use crate::framing::{sniff_id, Frame};
-use crate::jsonrpc::{self, codes};
+use crate::jsonrpc;
 use crate::metrics::Metrics;
 use crate::node::budget::Permit;
 use crate::node::cgroup::PoolCgroup;
 use crate::node::Placement;
 use bytes::Bytes;
 use nix::sys::signal::Signal;
-use router::{Action, LeaseEvent, LeaseSink, Router};
+use router::{Action, LeaseEvent, LeaseSink, Outgoing, Router};
 use serde_json::Value;
 use std::os::fd::AsRawFd;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -297,14 +296,17 @@ impl Process {
 
     /// Writes one message to stdin.
     pub async fn send(&self, msg: &Value) -> Result<(), ProcessError> {
-        let mut line = serde_json::to_vec(msg).expect("Value serializes");
-        if line.len() > self.max_message_size {
+        self.send_line(line_of(msg)).await
+    }
+
+    /// Writes one line (ending in `\n`) to the process.
+    async fn send_line(&self, line: Vec<u8>) -> Result<(), ProcessError> {
+        if line.len() - 1 > self.max_message_size {
             return Err(ProcessError::TooLarge {
-                size: line.len(),
+                size: line.len() - 1,
                 limit: self.max_message_size,
             });
         }
-        line.push(b'\n');
         if self.is_exited() {
             return Err(ProcessError::Exited(self.exit_reason()));
         }
@@ -353,11 +355,20 @@ impl Process {
 
     /// Starts a client request on this process; events go to `sink`.
     /// Returns the lease id for [`Self::deliver`] and [`Self::end`].
-    pub async fn begin(&self, mut msg: Value, sink: LeaseSink) -> Result<u64, ProcessError> {
+    pub async fn begin(&self, msg: Outgoing, sink: LeaseSink) -> Result<u64, ProcessError> {
         self.leased
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        let lid = self.router.lock().expect("lock").begin(&mut msg, sink);
-        if let Err(e) = self.send(&msg).await {
+        let (lid, line) = {
+            let mut router = self.router.lock().expect("lock");
+            match msg {
+                Outgoing::Parsed(mut msg) => {
+                    let lid = router.begin(&mut msg, sink);
+                    (lid, line_of(&msg))
+                }
+                Outgoing::Raw(req) => router.begin_raw(&req, sink),
+            }
+        };
+        if let Err(e) = self.send_line(line).await {
             self.end(lid);
             return Err(e);
         }
@@ -443,6 +454,13 @@ impl Process {
     }
 }
 
+/// `msg` as one line for a process.
+fn line_of(msg: &Value) -> Vec<u8> {
+    let mut line = serde_json::to_vec(msg).expect("Value serializes");
+    line.push(b'\n');
+    line
+}
+
 /// Hands an event to a lease; a full queue drops notifications (counted) but
 /// never a final response.
 fn deliver_event(sink: LeaseSink, event: LeaseEvent, metrics: &Metrics, pool: &str) {
@@ -485,58 +503,6 @@ async fn write_stdin(
     if let Ok(mut g) = stdin.try_lock() {
         *g = None;
     }
-}
-
-async fn read_stdout(
-    worker: Arc<Process>,
-    stdout: impl AsyncRead + Unpin,
-    done: CancellationToken,
-) {
-    read_lines(stdout, worker.max_message_size, |frame| match frame {
-        Frame::Line(line) => {
-            if line.iter().all(u8::is_ascii_whitespace) {
-                return;
-            }
-            match serde_json::from_slice::<Value>(&line) {
-                Ok(msg) => {
-                    let action = worker.router.lock().expect("lock").route(msg);
-                    worker.perform(action);
-                }
-                Err(_) => {
-                    worker
-                        .metrics
-                        .skipped_lines
-                        .with_label_values(&[&worker.pool, "not_json"])
-                        .inc();
-                    let shown = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
-                    tracing::debug!(pool = %worker.pool, pid = worker.pid, line = %shown, "skipped non-JSON stdout line");
-                }
-            }
-        }
-        Frame::Oversized { len, head, tail } => {
-            worker
-                .metrics
-                .skipped_lines
-                .with_label_values(&[&worker.pool, "oversized"])
-                .inc();
-            tracing::warn!(pool = %worker.pool, pid = worker.pid, len, "stdout message over the size limit");
-            let id = sniff_id(&head).or_else(|| sniff_id(&tail)).and_then(|v| v.as_u64());
-            if let Some(id) = id {
-                let msg = format!(
-                    "the server's response was {len} bytes, over the broker's {}-byte message limit",
-                    worker.max_message_size
-                );
-                let action = worker
-                    .router
-                    .lock()
-                    .expect("lock")
-                    .fail_one(id, codes::MESSAGE_TOO_LARGE, &msg);
-                worker.perform(action);
-            }
-        }
-    })
-    .await;
-    done.cancel();
 }
 
 async fn reap(worker: Arc<Process>, leader: Leader, stdout_done: CancellationToken) {

@@ -12,8 +12,9 @@
 mod harness;
 
 use mcp_broker::framing::{sniff_id, Frame, LineSplitter};
+use mcp_broker::jsonrpc::raw::{self, RawRequest};
 use mcp_broker::jsonrpc::{self, Kind};
-use mcp_broker::process::router::{Action, LeaseEvent, Router};
+use mcp_broker::process::router::{Action, LeaseEvent, Reply, Router};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, TestRunner};
 use serde_json::{json, Value};
@@ -217,6 +218,21 @@ proptest! {
             }
             Err(e) => { let _ = e.to_string(); }
         }
+        // The text paths accept only what classification agrees with.
+        let text = serde_json::to_vec(&v).unwrap();
+        if let Some((req, method)) = RawRequest::parse(text.clone().into()) {
+            let want = Kind::Request { id: req.id.clone(), method };
+            prop_assert_eq!(jsonrpc::classify(&v), Ok(want));
+            prop_assert_eq!(req.to_value(), v.clone());
+        }
+        if let Some(h) = raw::answer_head(&text) {
+            let response = matches!(jsonrpc::classify(&v), Ok(Kind::Response { .. }));
+            prop_assert!(response, "read as a response: {}", v);
+            prop_assert_eq!(h.is_error, jsonrpc::is_error(&v));
+        }
+        if let Some(h) = raw::response_head(&text) {
+            prop_assert_eq!(jsonrpc::classify(&v), Ok(Kind::Response { id: json!(h.id) }));
+        }
         let _ = jsonrpc::meta(&v);
         let _ = jsonrpc::is_error(&v);
         if let Some(t) = jsonrpc::progress_token_mut(&mut v) {
@@ -236,6 +252,10 @@ proptest! {
         if let Ok(v) = serde_json::from_str::<Value>(&s) {
             let _ = jsonrpc::classify(&v);
         }
+        // Whatever the text, the raw readers decide without panicking.
+        let _ = RawRequest::parse(s.clone().into());
+        let _ = raw::answer_head(s.as_bytes());
+        let _ = raw::response_head(s.as_bytes());
     }
 }
 
@@ -275,6 +295,14 @@ struct Model {
     ended: bool,
 }
 
+/// A reply as a tree, whichever way it was routed.
+fn value(r: Reply) -> Value {
+    match r {
+        Reply::Parsed(v) => v,
+        Reply::Raw { line, .. } => serde_json::from_slice(&line).expect("a raw reply is JSON"),
+    }
+}
+
 /// Which lease `sink` belongs to.
 fn owner(leases: &[Model], sink: &tokio::sync::mpsc::Sender<LeaseEvent>) -> usize {
     leases
@@ -298,7 +326,17 @@ proptest! {
                     if let Some(t) = token {
                         msg["params"]["_meta"] = json!({"progressToken": t});
                     }
-                    let lid = r.begin(&mut msg, tx.clone());
+                    // Requests without a token take the text path every
+                    // other time, as the broker's plain requests do.
+                    let lid = if token.is_none() && client_id % 2 == 0 {
+                        let text = serde_json::to_vec(&msg).unwrap().into();
+                        let (req, _) = RawRequest::parse(text).expect("a plain request");
+                        let (lid, line) = r.begin_raw(&req, tx.clone());
+                        msg = serde_json::from_slice(&line).expect("the line is JSON");
+                        lid
+                    } else {
+                        r.begin(&mut msg, tx.clone())
+                    };
                     let proc_id = msg["id"].as_u64().expect("numeric process id");
                     prop_assert!(leases.iter().all(|l| l.proc_id != proc_id), "process ids never repeat");
                     let rewritten = msg.pointer("/params/_meta/progressToken").cloned();
@@ -314,9 +352,18 @@ proptest! {
                 }
                 Op::Respond(id) => {
                     let target = leases.iter().position(|l| l.proc_id == id);
-                    let action = r.route(json!({"jsonrpc":"2.0","id":id,"result":{"for":id}}));
+                    let resp = json!({"jsonrpc":"2.0","id":id,"result":{"for":id}});
+                    // Odd ids come back as text, as plain responses do.
+                    let action = if id % 2 == 1 {
+                        let line = serde_json::to_vec(&resp).unwrap();
+                        let head = raw::response_head(&line).expect("a response");
+                        r.route_response(&head, &line)
+                    } else {
+                        r.route(resp)
+                    };
                     match (action, target) {
                         (Action::ToLease(sink, LeaseEvent::Final(m)), Some(k)) => {
+                            let m = value(m);
                             prop_assert_eq!(owner(&leases, &sink), k, "response to the wrong lease");
                             let l = &mut leases[k];
                             prop_assert!(!l.answered && !l.ended, "answered twice or after the end");
@@ -357,6 +404,7 @@ proptest! {
                     for a in r.fail_all("gone") {
                         match a {
                             Action::ToLease(sink, LeaseEvent::Final(m)) => {
+                                let m = value(m);
                                 let k = owner(&leases, &sink);
                                 let l = &mut leases[k];
                                 prop_assert!(!l.answered && !l.ended, "failed twice or after the end");

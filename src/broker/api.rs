@@ -6,7 +6,6 @@
 //! (`broker::conn`) or, for rarer request shapes, from hyper.
 
 use super::{lease, Broker};
-use crate::jsonrpc::{self, codes, Kind};
 use crate::policy::Identity;
 use crate::pool::Pool;
 use crate::web::{self, Body};
@@ -17,8 +16,10 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 mod head;
+mod submit;
 
 use head::{lease_id_of, Session};
+use submit::{read_json, read_message, reject, submit, Submitted};
 
 pub use super::error::ApiError;
 
@@ -396,7 +397,7 @@ async fn on_demand<B>(broker: &Broker, req: Request<B>) -> Result<Response<Body>
 where
     B: web::ReadableBody,
 {
-    let body = read_message(broker, req).await?;
+    let body = read_json(broker, req).await?;
     let want: crate::lease_api::OnDemandRequest = serde_json::from_value(body)
         .map_err(|e| ApiError::BadRequest(format!("not an on-demand pool request: {e}")))?;
     let got = broker.on_demand_pool(&want)?;
@@ -433,110 +434,6 @@ fn readyz(broker: &Broker) -> Response<Body> {
     }
 }
 
-async fn read_message<B>(broker: &Broker, req: Request<B>) -> Result<Value, ApiError>
-where
-    B: web::ReadableBody,
-{
-    let limit = broker.settings().max_message_size;
-    let body = web::read_body(req.into_body(), limit)
-        .await
-        .map_err(|e| match e {
-            web::BodyError::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
-            other => ApiError::BadRequest(other.to_string()),
-        })?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("body is not JSON: {e}")))
-}
-
-/// What to do with a message sent to a pool.
-enum Submitted {
-    /// Answered already (refused, or not a request).
-    Answer(Response<Body>),
-    /// A request for a process.
-    Request {
-        pool: Pool,
-        msg: Value,
-        method: String,
-        id: Value,
-    },
-    /// A client notification.
-    Notification { pool: Pool, msg: Value },
-}
-
-impl Submitted {
-    /// The pool a request or notification goes to, and the id to answer.
-    fn pool(&self) -> Option<(&Pool, Value)> {
-        match self {
-            Submitted::Request { pool, id, .. } => Some((pool, id.clone())),
-            Submitted::Notification { pool, .. } => Some((pool, Value::Null)),
-            Submitted::Answer(_) => None,
-        }
-    }
-}
-
-/// `POST /v1/pools/{pool}/messages`, once the message was read: the checks
-/// (synchronous, so none of this is part of a waiting request's state).
-fn submit(broker: &Broker, name: &str, msg: Result<Value, ApiError>, who: &Identity) -> Submitted {
-    let msg = match msg {
-        Ok(m) => m,
-        Err(ApiError::BadRequest(m)) => {
-            return Submitted::Answer(web::json(
-                StatusCode::BAD_REQUEST,
-                &jsonrpc::error(Value::Null, codes::PARSE_ERROR, m),
-            ))
-        }
-        Err(e) => {
-            if matches!(e, ApiError::TooLarge(_)) && broker.pool(name).is_some() {
-                reject(broker, name, "too_large");
-            }
-            return Submitted::Answer(e.into_response(Value::Null));
-        }
-    };
-    let id = msg.get("id").cloned().unwrap_or(Value::Null);
-    let pool = match resolve(broker, name, who) {
-        Ok(p) => p,
-        Err(e) => return Submitted::Answer(e.into_response(id)),
-    };
-    let refuse = |e: ApiError, id| Submitted::Answer(e.into_response(id));
-    match jsonrpc::classify(&msg) {
-        Ok(Kind::Request { method, .. }) if method == "initialize" => refuse(
-            ApiError::BadRequest(
-                "processes are initialized by the broker; read the cached handshake from GET /v1/pools/{pool}".into(),
-            ),
-            id,
-        ),
-        Ok(Kind::Request { method, .. }) => {
-            if broker.is_draining() {
-                reject(broker, name, "draining");
-                return refuse(ApiError::Draining, id);
-            }
-            Submitted::Request {
-                pool,
-                msg,
-                method,
-                id,
-            }
-        }
-        Ok(Kind::Notification { .. }) => Submitted::Notification { pool, msg },
-        Ok(Kind::Response { .. }) => refuse(
-            ApiError::BadRequest(
-                "responses answer a server request inside a lease: POST them to /v1/leases/{lease}".into(),
-            ),
-            id,
-        ),
-        Err(e) => refuse(ApiError::BadRequest(e.to_string()), id),
-    }
-}
-
-/// Counts a request refused before it reached a process.
-fn reject(broker: &Broker, pool: &str, reason: &str) {
-    broker
-        .metrics()
-        .rejections
-        .with_label_values(&[pool, reason])
-        .inc();
-}
-
 /// `POST /v1/leases/{lease}`.
 async fn deliver<B>(
     broker: &Broker,
@@ -547,7 +444,7 @@ async fn deliver<B>(
 where
     B: web::ReadableBody,
 {
-    let msg = read_message(broker, req).await?;
+    let msg = read_json(broker, req).await?;
     // Another caller's lease is not found, exactly like one that ended.
     let key = lease::scoped(caller, &lease);
     let found = broker.leases.lock().expect("lock").get(&key).cloned();

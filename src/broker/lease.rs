@@ -11,12 +11,13 @@
 //!   before it serves anyone else; a process that does not is replaced.
 
 use super::error::ApiError;
-use super::{Broker, LeaseRef};
+use super::Broker;
 use crate::config::Mode;
+use crate::jsonrpc::raw::RawRequest;
 use crate::jsonrpc::{self, codes};
 use crate::lease_api::{PoolDescription, LEASE_HEADER};
 use crate::pool::{LeaseGuard, Pool};
-use crate::process::router::LeaseEvent;
+use crate::process::router::{LeaseEvent, Outgoing, Reply};
 use crate::protocol::{self, Era};
 use crate::web::{self, Body};
 use ::http::{HeaderValue, Response, StatusCode};
@@ -26,6 +27,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
+
+mod registration;
+pub use registration::scoped;
+use registration::Registration;
 
 /// Events buffered per lease before notifications are dropped (counted).
 const LEASE_EVENTS: usize = 64;
@@ -63,66 +68,6 @@ enum End {
     Cancelled,
 }
 
-/// A lease id or session key as the broker keeps it: scoped to the caller
-/// that chose it, so a caller that learns another's id or key finds nothing
-/// (the same answer as for an id that never existed), and two callers
-/// choosing the same key never meet.
-pub fn scoped(caller: &str, key: &str) -> String {
-    format!("{caller}\n{key}")
-}
-
-/// A lease's entry in the broker's table, removed when dropped: while it is
-/// there, `POST /v1/leases/{id}` reaches the lease (a cancellation even
-/// while the request still waits for a process).
-struct Registration {
-    broker: Arc<Broker>,
-    id: String,
-}
-
-impl Registration {
-    /// Registers lease `shown` of a caller under its scoped key `id`.
-    fn new(
-        broker: &Arc<Broker>,
-        id: String,
-        shown: &str,
-    ) -> Result<(Self, CancellationToken), ApiError> {
-        let cancel = CancellationToken::new();
-        let mut table = broker.leases.lock().expect("lock");
-        if table.contains_key(&id) {
-            return Err(ApiError::LeaseConflict(shown.to_string()));
-        }
-        table.insert(
-            id.clone(),
-            LeaseRef {
-                process: None,
-                cancel: cancel.clone(),
-            },
-        );
-        drop(table);
-        let reg = Registration {
-            broker: broker.clone(),
-            id,
-        };
-        Ok((reg, cancel))
-    }
-
-    fn attach(&self, worker: &Arc<crate::process::Process>, lid: u64) {
-        if let Some(r) = self.broker.leases.lock().expect("lock").get_mut(&self.id) {
-            r.process = Some((worker.clone(), lid));
-        }
-    }
-
-    fn remove(&self) {
-        self.broker.leases.lock().expect("lock").remove(&self.id);
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
-
 /// Runs one request on one process and returns its response: the answer
 /// alone when it is the first thing the process sends, else a stream.
 /// `id` is the caller's lease id (header `mcp-broker-lease`), or `None` for
@@ -132,7 +77,7 @@ pub async fn run(
     broker: Arc<Broker>,
     pool: Pool,
     session: Option<String>,
-    mut msg: Value,
+    msg: Outgoing,
     method: String,
     id: Option<String>,
     caller: String,
@@ -148,26 +93,34 @@ pub async fn run(
     };
     // A retry of a multi-round-trip request goes to the process that
     // issued its requestState, which gets its own state back.
-    let target = match broker.sealer.open_request(&mut msg, &name, &caller) {
-        Ok(t) => t,
-        Err(e) => {
-            outcome("invalid_state");
-            return Err(e.into());
-        }
+    // (A raw request carries no requestState: it was parsed otherwise.)
+    let (target, msg) = match msg {
+        Outgoing::Parsed(mut msg) => match broker.sealer.open_request(&mut msg, &name, &caller) {
+            Ok(t) => (t, Outgoing::Parsed(msg)),
+            Err(e) => {
+                outcome("invalid_state");
+                return Err(e.into());
+            }
+        },
+        raw => (None, raw),
     };
     let token = id.unwrap_or_else(crate::lease_api::new_lease_id);
     let (reg, cancel) = Registration::new(&broker, scoped(&caller, &token), &token)?;
-    let client_id = msg.get("id").cloned().unwrap_or(Value::Null);
+    let client_id = msg.id();
     let (acquired, msg) = match pool.try_acquire(session.as_deref(), target) {
         Some(g) => (Ok(g), msg),
         None => {
             // It waits: keep the message as its JSON text meanwhile (a parsed
             // message is ~2 KiB of maps, its text a tenth of that), which is
             // most of what 10,000 queued requests cost.
-            let text = serde_json::to_vec(&msg)
-                .expect("Value serializes")
-                .into_boxed_slice();
-            drop(msg);
+            let queued = match msg {
+                Outgoing::Raw(raw) => Queued::Raw(raw.compact()),
+                Outgoing::Parsed(msg) => Queued::Text(
+                    serde_json::to_vec(&msg)
+                        .expect("Value serializes")
+                        .into_boxed_slice(),
+                ),
+            };
             let g = tokio::select! {
                 biased;
                 g = pool.acquire(session.as_deref(), target, &caller) => g,
@@ -176,9 +129,12 @@ pub async fn run(
                     return Ok(answer(&token, web::full(line(&cancelled(client_id)))));
                 }
             };
-            let msg = match serde_json::from_slice(&text) {
-                Ok(m) => m,
-                Err(e) => return Err(ApiError::BadRequest(format!("request: {e}"))),
+            let msg = match queued {
+                Queued::Raw(raw) => Outgoing::Raw(raw),
+                Queued::Text(text) => match serde_json::from_slice(&text) {
+                    Ok(m) => Outgoing::Parsed(m),
+                    Err(e) => return Err(ApiError::BadRequest(format!("request: {e}"))),
+                },
             };
             (g, msg)
         }
@@ -203,12 +159,15 @@ pub async fn run(
             return Err(e.into());
         }
     };
-    let mut msg = msg;
-    if pool.handshake().is_some_and(|h| h.era == Era::Stateless) {
+    let msg = if pool.handshake().is_some_and(|h| h.era == Era::Stateless) {
         // Callers need not know the era: a stateless server gets the envelope
         // it requires (with no client capabilities unless the caller gave some).
+        let mut msg = msg.into_value();
         protocol::ensure_stateless_meta(&mut msg, &json!({}), &protocol::client_info());
-    }
+        Outgoing::Parsed(msg)
+    } else {
+        msg
+    };
     let (sink, mut events) = mpsc::channel(LEASE_EVENTS);
     // Boxed: not live while the request waits, but inline it would make
     // every waiting request's state larger.
@@ -289,6 +248,12 @@ pub async fn run(
     Ok(answer(&token, body))
 }
 
+/// A request while it waits for a process: text, not a tree.
+enum Queued {
+    Raw(RawRequest),
+    Text(Box<[u8]>),
+}
+
 /// The lease API's `200` answer for lease `token`.
 fn answer(token: &str, body: Body) -> Response<Body> {
     let mut r = web::response(StatusCode::OK, "application/x-ndjson", body);
@@ -352,7 +317,7 @@ enum Next {
     /// A notification or server→client request for the caller.
     Message(Value),
     /// The lease is over; the response when the process answered.
-    End(End, Option<Value>),
+    End(End, Option<Reply>),
 }
 
 async fn next_event(
@@ -365,7 +330,7 @@ async fn next_event(
         ev = events.recv() => match ev {
             Some(LeaseEvent::Message(m)) => Next::Message(m),
             Some(LeaseEvent::Final(m)) => Next::End(
-                End::Answered { error: jsonrpc::is_error(&m) },
+                End::Answered { error: m.is_error() },
                 Some(m),
             ),
             None => Next::End(End::Lost, None),
@@ -385,7 +350,15 @@ impl Lease {
     /// The response's line for the caller. An `InputRequiredResult`'s
     /// `requestState` is sealed so the retry finds this process, which is
     /// kept until the state expires.
-    fn final_line(&mut self, mut m: Value) -> Bytes {
+    fn final_line(&mut self, reply: Reply) -> Bytes {
+        let mut m = match reply {
+            Reply::Parsed(m) => m,
+            Reply::Raw { line, .. } if !jsonrpc::raw::may_require_input(&line) => return line,
+            Reply::Raw { line, .. } => match serde_json::from_slice(&line) {
+                Ok(m) => m,
+                Err(_) => return line,
+            },
+        };
         let process = self.guard.process().id;
         let sealer = &self.broker.sealer;
         if let Some(until) =

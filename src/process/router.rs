@@ -29,7 +29,59 @@ pub enum LeaseEvent {
     /// A notification or server→client request, in order.
     Message(Value),
     /// The response: the last event of the lease.
-    Final(Value),
+    Final(Reply),
+}
+
+/// A response for a lease's caller, with the caller's id in place.
+#[derive(Debug)]
+pub enum Reply {
+    /// Parsed (and possibly made by the broker).
+    Parsed(Value),
+    /// The process's line as it was written, only the id swapped
+    /// ([`jsonrpc::raw`]); one NDJSON line, ending in `\n`.
+    Raw {
+        /// The line.
+        line: bytes::Bytes,
+        /// It is an error response.
+        is_error: bool,
+    },
+}
+
+impl Reply {
+    /// True for an error response.
+    pub fn is_error(&self) -> bool {
+        match self {
+            Reply::Parsed(v) => jsonrpc::is_error(v),
+            Reply::Raw { is_error, .. } => *is_error,
+        }
+    }
+}
+
+/// A client request on its way to a process.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// Parsed: its id and progress token are rewritten in the tree.
+    Parsed(Value),
+    /// Kept as its text: only its id changes ([`jsonrpc::raw`]).
+    Raw(jsonrpc::raw::RawRequest),
+}
+
+impl Outgoing {
+    /// The caller's id.
+    pub fn id(&self) -> Value {
+        match self {
+            Outgoing::Parsed(v) => v.get("id").cloned().unwrap_or(Value::Null),
+            Outgoing::Raw(r) => r.id.clone(),
+        }
+    }
+
+    /// The request parsed (for the rare edits beyond its id).
+    pub fn into_value(self) -> Value {
+        match self {
+            Outgoing::Parsed(v) => v,
+            Outgoing::Raw(r) => r.to_value(),
+        }
+    }
 }
 
 /// Sender half of a lease's event stream.
@@ -143,6 +195,29 @@ impl Router {
             self.progress.insert(key.clone(), (lid, orig));
             progress_key = Some(key);
         }
+        self.register(lid, proc_id, client_id, progress_key, sink);
+        lid
+    }
+
+    /// Registers a client request kept as its text (it carries no progress
+    /// token, [`jsonrpc::raw::RawRequest`]). Returns the lease id and the
+    /// line to write, with the process-side id in place.
+    pub fn begin_raw(&mut self, req: &jsonrpc::raw::RawRequest, sink: LeaseSink) -> (u64, Vec<u8>) {
+        let lid = self.fresh();
+        let proc_id = self.fresh();
+        let line = req.line_with_id(&Value::from(proc_id));
+        self.register(lid, proc_id, req.id.clone(), None, sink);
+        (lid, line)
+    }
+
+    fn register(
+        &mut self,
+        lid: u64,
+        proc_id: u64,
+        client_id: Value,
+        progress_key: Option<String>,
+        sink: LeaseSink,
+    ) {
         self.pending.insert(proc_id, Waiter::Lease(lid));
         self.leases.insert(
             lid,
@@ -154,7 +229,6 @@ impl Router {
                 answered: false,
             },
         );
-        lid
     }
 
     /// Registers a broker-internal request; returns the message to write.
@@ -237,7 +311,10 @@ impl Router {
                         Some(route) => {
                             route.answered = true;
                             msg["id"] = route.client_id.clone();
-                            Action::ToLease(route.sink.clone(), LeaseEvent::Final(msg))
+                            Action::ToLease(
+                                route.sink.clone(),
+                                LeaseEvent::Final(Reply::Parsed(msg)),
+                            )
                         }
                         None => Action::Drop("late_response"),
                     },
@@ -284,6 +361,32 @@ impl Router {
                 Action::ToLease(route.sink.clone(), LeaseEvent::Message(msg))
             }
             Kind::Notification { method } => self.route_notification(&method, msg),
+        }
+    }
+
+    /// Routes a response read without parsing ([`jsonrpc::raw::response_head`]):
+    /// as [`Router::route`] would the parsed `line`, with the caller's id
+    /// spliced into the bytes.
+    pub fn route_response(&mut self, head: &jsonrpc::raw::ResponseHead, line: &[u8]) -> Action {
+        match self.pending.remove(&head.id) {
+            Some(Waiter::Lease(lid)) => match self.leases.get_mut(&lid) {
+                Some(route) => {
+                    route.answered = true;
+                    let line = jsonrpc::raw::with_id(line, head.id_at.clone(), &route.client_id);
+                    let reply = Reply::Raw {
+                        line: line.into(),
+                        is_error: head.is_error,
+                    };
+                    Action::ToLease(route.sink.clone(), LeaseEvent::Final(reply))
+                }
+                None => Action::Drop("late_response"),
+            },
+            // The broker's own requests are rare: parse their answers.
+            Some(Waiter::Internal(tx)) => match serde_json::from_slice(line) {
+                Ok(msg) => Action::Internal(tx, msg),
+                Err(_) => Action::Drop("invalid_jsonrpc"),
+            },
+            None => Action::Drop("late_response"),
         }
     }
 
@@ -342,7 +445,7 @@ impl Router {
                 Some(route) => {
                     route.answered = true;
                     let err = jsonrpc::error(route.client_id.clone(), code, message);
-                    Action::ToLease(route.sink.clone(), LeaseEvent::Final(err))
+                    Action::ToLease(route.sink.clone(), LeaseEvent::Final(Reply::Parsed(err)))
                 }
                 None => Action::Drop("late_response"),
             },
@@ -360,7 +463,10 @@ impl Router {
             if !route.answered {
                 route.answered = true;
                 let err = jsonrpc::error(route.client_id.clone(), codes::PROCESS_EXITED, message);
-                out.push(Action::ToLease(route.sink.clone(), LeaseEvent::Final(err)));
+                out.push(Action::ToLease(
+                    route.sink.clone(),
+                    LeaseEvent::Final(Reply::Parsed(err)),
+                ));
             }
         }
         self.pending.clear();

@@ -90,6 +90,10 @@ pub struct Lines {
     body: ApiBody,
     splitter: LineSplitter,
     ready: VecDeque<Frame>,
+    /// Frames split from the last chunk (kept to reuse its allocation).
+    split: Vec<Frame>,
+    /// The stream broke; reported once the lines before it are read.
+    broken: Option<String>,
     done: bool,
 }
 
@@ -108,29 +112,51 @@ impl Lines {
                     )),
                 });
             }
+            if let Some(e) = self.broken.take() {
+                return Some(Err(e));
+            }
             if self.done {
                 return None;
             }
-            match self.body.frame().await {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        let mut out = Vec::new();
-                        self.splitter.push(&data, &mut out);
-                        self.ready.extend(out);
-                    }
-                }
-                Some(Err(e)) => {
-                    self.done = true;
-                    return Some(Err(format!("the lease stream broke: {e}")));
-                }
-                None => {
-                    self.done = true;
-                    let mut out = Vec::new();
-                    self.splitter.finish(&mut out);
-                    self.ready.extend(out);
+            self.fill().await;
+        }
+    }
+
+    /// The next line as it came, left in place ([`Lines::next`] still
+    /// returns it); `None` when the next thing is not a line.
+    pub async fn peek(&mut self) -> Option<&Bytes> {
+        while self.ready.is_empty() && self.broken.is_none() && !self.done {
+            self.fill().await;
+        }
+        match self.ready.front() {
+            Some(Frame::Line(l)) => Some(l),
+            _ => None,
+        }
+    }
+
+    /// Drops the line [`Lines::peek`] returned.
+    pub fn skip(&mut self) {
+        self.ready.pop_front();
+    }
+
+    /// Reads one chunk of the body into lines.
+    async fn fill(&mut self) {
+        match self.body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    self.splitter.push(&data, &mut self.split);
                 }
             }
+            Some(Err(e)) => {
+                self.done = true;
+                self.broken = Some(format!("the lease stream broke: {e}"));
+            }
+            None => {
+                self.done = true;
+                self.splitter.finish(&mut self.split);
+            }
         }
+        self.ready.extend(self.split.drain(..));
     }
 }
 
@@ -172,6 +198,32 @@ pub struct Backend {
     token: Option<Arc<TokenFile>>,
     /// The mode named with every session ([`MODE_HEADER`]).
     mode: Option<Mode>,
+    /// Where messages go, parsed once (not per request); a pool name that
+    /// makes no valid path fails every call, as it would parsed each time.
+    messages: Result<http::Uri, String>,
+}
+
+/// A lease API path, or one parsed already.
+trait AsPath {
+    fn uri(self) -> Result<http::Uri, BackendError>;
+}
+
+impl AsPath for &str {
+    fn uri(self) -> Result<http::Uri, BackendError> {
+        http::Uri::try_from(self).map_err(|e| BackendError::Malformed(e.to_string()))
+    }
+}
+
+impl AsPath for &String {
+    fn uri(self) -> Result<http::Uri, BackendError> {
+        self.as_str().uri()
+    }
+}
+
+impl AsPath for &Result<http::Uri, String> {
+    fn uri(self) -> Result<http::Uri, BackendError> {
+        self.clone().map_err(BackendError::Malformed)
+    }
 }
 
 impl Backend {
@@ -180,6 +232,8 @@ impl Backend {
         Self {
             link: Link::Socket(uds::UdsClient::new(socket.clone())),
             socket,
+            messages: http::Uri::try_from(lease_api::messages_path(&pool))
+                .map_err(|e| e.to_string()),
             pool,
             max_message,
             info: Arc::new(Mutex::new(None)),
@@ -215,18 +269,19 @@ impl Backend {
     async fn send(
         &self,
         method: Method,
-        path: &str,
+        path: impl AsPath,
         session: Option<&str>,
         lease: Option<&str>,
         body: Bytes,
     ) -> Result<http::Response<ApiBody>, BackendError> {
+        let uri = path.uri()?;
         let started = Instant::now();
         let mut delay = CONNECT_RETRY_BASE;
         let mut resent = 0;
         loop {
             let mut req = Request::builder()
                 .method(method.clone())
-                .uri(path)
+                .uri(uri.clone())
                 .header(http::header::HOST, "localhost");
             if let Some(s) = session {
                 req = req.header(SESSION_HEADER, s);
@@ -390,9 +445,8 @@ impl Backend {
         id: &str,
     ) -> Result<Lease, BackendError> {
         let body = Bytes::from(serde_json::to_vec(msg).expect("Value serializes"));
-        let path = lease_api::messages_path(&self.pool);
         let r = self
-            .send(Method::POST, &path, session, Some(id), body)
+            .send(Method::POST, &self.messages, session, Some(id), body)
             .await?;
         let header = |name| {
             r.headers()
@@ -413,9 +467,10 @@ impl Backend {
     /// Bounded by the call timeout.
     pub async fn notify(&self, msg: &Value, session: Option<&str>) -> Result<(), BackendError> {
         let body = Bytes::from(serde_json::to_vec(msg).expect("Value serializes"));
-        let path = lease_api::messages_path(&self.pool);
         let fut = async {
-            let r = self.send(Method::POST, &path, session, None, body).await?;
+            let r = self
+                .send(Method::POST, &self.messages, session, None, body)
+                .await?;
             let status = r.status();
             let body = http_body_util::Limited::new(r.into_body(), self.max_message)
                 .collect()
@@ -442,6 +497,8 @@ impl Backend {
             body,
             splitter: LineSplitter::new(self.max_message + 1024),
             ready: VecDeque::new(),
+            split: Vec::new(),
+            broken: None,
             done: false,
         }
     }

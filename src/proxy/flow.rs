@@ -229,6 +229,26 @@ impl Flow {
         }
     }
 
+    /// The response as the client's JSON body straight from its line, when
+    /// it is the next message and [`Flow::finish`] would change nothing but
+    /// its id: a handshake-era client, a success, no `InputRequiredResult`.
+    /// The common case, without parsing the answer
+    /// ([`jsonrpc::raw`]).
+    async fn plain_final(&mut self) -> Option<Bytes> {
+        if !matches!(self.client, ClientSide::Legacy(_)) {
+            return None;
+        }
+        let line = self.lines.peek().await?;
+        let head = jsonrpc::raw::answer_head(line)?;
+        if head.is_error || jsonrpc::raw::may_require_input(line) {
+            return None;
+        }
+        let mut body = jsonrpc::raw::with_id(line, head.id_at, &self.client_id);
+        body.pop(); // its newline
+        self.lines.skip();
+        Some(body.into())
+    }
+
     fn finish(&self, mut msg: Value) -> Value {
         msg["id"] = self.client_id.clone();
         match &self.client {
@@ -276,6 +296,10 @@ fn final_status(flow: &Flow, msg: &Value) -> StatusCode {
 
 /// Runs `flow` and answers the client.
 pub async fn respond(mut flow: Flow, accept: Accept) -> Response<Body> {
+    if let Some(body) = flow.plain_final().await {
+        flow.done();
+        return web::response(StatusCode::OK, "application/json", web::full(body));
+    }
     let first = flow.step().await;
     let first = match first {
         Step::Final(m) => {

@@ -94,7 +94,7 @@ async fn connection_task_sizes() {
         broker.clone(),
         pool.clone(),
         None,
-        serde_json::Value::Null,
+        crate::process::router::Outgoing::Parsed(serde_json::Value::Null),
         "tools/call".into(),
         None,
         "uid:0".into(),

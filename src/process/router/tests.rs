@@ -37,7 +37,7 @@ fn ids_are_rewritten_and_mapped_back() {
         deliver_to(r.route(json!({"jsonrpc":"2.0","id":b["id"],"result":{"who":"b"}})));
     sink.try_send(ev).unwrap();
     match rx2.try_recv().unwrap() {
-        LeaseEvent::Final(m) => {
+        LeaseEvent::Final(Reply::Parsed(m)) => {
             assert_eq!(m["id"], 7);
             assert_eq!(m["result"]["who"], "b");
         }
@@ -46,6 +46,41 @@ fn ids_are_rewritten_and_mapped_back() {
     assert!(rx1.try_recv().is_err());
     assert!(!r.end(lb), "b was answered");
     assert!(r.end(la), "a was still pending");
+}
+
+#[test]
+fn raw_responses_route_as_parsed_ones_do() {
+    let mut r = Router::new(1);
+    let (s1, mut rx1) = sink();
+    let (s2, mut rx2) = sink();
+    let mut a = req(json!("caller-a"), None);
+    let mut b = req(json!(7), None);
+    let la = r.begin(&mut a, s1);
+    let _lb = r.begin(&mut b, s2);
+    let line = format!(
+        r#"{{"jsonrpc":"2.0","id":{},"error":{{"code":1,"message":"m"}}}}"#,
+        a["id"]
+    );
+    let head = jsonrpc::raw::response_head(line.as_bytes()).unwrap();
+    let (sink, ev) = deliver_to(r.route_response(&head, line.as_bytes()));
+    sink.try_send(ev).unwrap();
+    match rx1.try_recv().unwrap() {
+        LeaseEvent::Final(Reply::Raw { line, is_error }) => {
+            assert!(is_error);
+            assert_eq!(line.last(), Some(&b'\n'));
+            let m: Value = serde_json::from_slice(&line).unwrap();
+            assert_eq!(m["id"], "caller-a", "the caller's id, not the process's");
+            assert_eq!(m["error"]["message"], "m");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(rx2.try_recv().is_err(), "b's lease saw nothing");
+    // The same answer again is late: nothing waits for that id any more.
+    assert!(matches!(
+        r.route_response(&head, line.as_bytes()),
+        Action::Drop("late_response")
+    ));
+    assert!(!r.end(la), "a was answered");
 }
 
 #[test]
