@@ -114,7 +114,10 @@ pub async fn run(
             // message is ~2 KiB of maps, its text a tenth of that), which is
             // most of what 10,000 queued requests cost.
             let queued = match msg {
-                Outgoing::Raw(raw) => Queued::Raw(raw.compact()),
+                Outgoing::Raw(mut raw) => {
+                    raw.compact();
+                    Queued::Raw(raw)
+                }
                 Outgoing::Parsed(msg) => Queued::Text(
                     serde_json::to_vec(&msg)
                         .expect("Value serializes")
@@ -250,7 +253,7 @@ pub async fn run(
 
 /// A request while it waits for a process: text, not a tree.
 enum Queued {
-    Raw(RawRequest),
+    Raw(Box<RawRequest>),
     Text(Box<[u8]>),
 }
 

@@ -62,8 +62,10 @@ impl Reply {
 pub enum Outgoing {
     /// Parsed: its id and progress token are rewritten in the tree.
     Parsed(Value),
-    /// Kept as its text: only its id changes ([`jsonrpc::raw`]).
-    Raw(jsonrpc::raw::RawRequest),
+    /// Kept as its text: only its id changes ([`jsonrpc::raw`]). Boxed:
+    /// this enum is part of every waiting request's state, which a
+    /// `Value` (32 bytes) bounds.
+    Raw(Box<jsonrpc::raw::RawRequest>),
 }
 
 impl Outgoing {

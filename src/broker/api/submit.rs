@@ -17,17 +17,12 @@ use crate::web::{self, Body};
 use ::http::{Request, Response, StatusCode};
 use serde_json::Value;
 
-async fn read_bytes<B>(broker: &Broker, req: Request<B>) -> Result<bytes::Bytes, ApiError>
-where
-    B: web::ReadableBody,
-{
-    let limit = broker.settings().max_message_size;
-    web::read_body(req.into_body(), limit)
-        .await
-        .map_err(|e| match e {
-            web::BodyError::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
-            other => ApiError::BadRequest(other.to_string()),
-        })
+/// The lease API's answer to a body that could not be read.
+fn unreadable(e: web::BodyError) -> ApiError {
+    match e {
+        web::BodyError::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
+        other => ApiError::BadRequest(other.to_string()),
+    }
 }
 
 fn parse(body: &[u8]) -> Result<Value, ApiError> {
@@ -39,11 +34,15 @@ pub(super) async fn read_json<B>(broker: &Broker, req: Request<B>) -> Result<Val
 where
     B: web::ReadableBody,
 {
-    parse(&read_bytes(broker, req).await?)
+    let limit = broker.settings().max_message_size;
+    let body = web::read_body(req.into_body(), limit).await;
+    parse(&body.map_err(unreadable)?)
 }
 
 /// Reads a message for a pool: a plain request stays text
-/// ([`RawRequest`]), anything else is parsed.
+/// ([`RawRequest`]), anything else is parsed. (The read is awaited here,
+/// not in a helper: every level of `async fn` adds to the state each
+/// waiting connection keeps.)
 pub(super) async fn read_message<B>(
     broker: &Broker,
     req: Request<B>,
@@ -51,9 +50,12 @@ pub(super) async fn read_message<B>(
 where
     B: web::ReadableBody,
 {
-    let body = read_bytes(broker, req).await?;
+    let limit = broker.settings().max_message_size;
+    let body = web::read_body(req.into_body(), limit)
+        .await
+        .map_err(unreadable)?;
     match RawRequest::parse(body.clone()) {
-        Some((raw, method)) => Ok(PoolMessage::Raw(raw, method)),
+        Some((raw, method)) => Ok(PoolMessage::Raw(Box::new(raw), method)),
         None => parse(&body).map(PoolMessage::Parsed),
     }
 }
@@ -61,7 +63,7 @@ where
 /// A message for a pool as read.
 pub(super) enum PoolMessage {
     /// A plain request and its method.
-    Raw(RawRequest, String),
+    Raw(Box<RawRequest>, String),
     Parsed(Value),
 }
 
