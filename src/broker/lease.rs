@@ -114,15 +114,12 @@ pub async fn run(
             // message is ~2 KiB of maps, its text a tenth of that), which is
             // most of what 10,000 queued requests cost.
             let queued = match msg {
-                Outgoing::Raw(mut raw) => {
-                    raw.compact();
-                    Queued::Raw(raw)
-                }
-                Outgoing::Parsed(msg) => Queued::Text(
-                    serde_json::to_vec(&msg)
-                        .expect("Value serializes")
-                        .into_boxed_slice(),
-                ),
+                // A copy of its own size: a body read from a connection may
+                // share a much larger read buffer.
+                Outgoing::Raw(raw) => Box::from(raw.text()),
+                Outgoing::Parsed(msg) => serde_json::to_vec(&msg)
+                    .expect("Value serializes")
+                    .into_boxed_slice(),
             };
             let g = tokio::select! {
                 biased;
@@ -132,9 +129,11 @@ pub async fn run(
                     return Ok(answer(&token, web::full(line(&cancelled(client_id)))));
                 }
             };
-            let msg = match queued {
-                Queued::Raw(raw) => Outgoing::Raw(raw),
-                Queued::Text(text) => match serde_json::from_slice(&text) {
+            // Read again the way it came in: a plain request stays text.
+            let text = Bytes::from(queued.into_vec());
+            let msg = match RawRequest::parse(text.clone()) {
+                Some((raw, _method)) => Outgoing::Raw(Box::new(raw)),
+                None => match serde_json::from_slice(&text) {
                     Ok(m) => Outgoing::Parsed(m),
                     Err(e) => return Err(ApiError::BadRequest(format!("request: {e}"))),
                 },
@@ -249,12 +248,6 @@ pub async fn run(
         }
     };
     Ok(answer(&token, body))
-}
-
-/// A request while it waits for a process: text, not a tree.
-enum Queued {
-    Raw(Box<RawRequest>),
-    Text(Box<[u8]>),
 }
 
 /// The lease API's `200` answer for lease `token`.
