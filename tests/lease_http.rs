@@ -192,6 +192,13 @@ async fn other_http_shapes_are_served_by_the_fallback() {
     let reply = exchange(&b, chunked.as_bytes()).await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert_eq!(text_of(&answers(&reply)[0]), "chunked");
+    // A pretty-printed body: the process still gets it on one line (the
+    // broker takes line breaks the parsed way, never as text).
+    let pretty = serde_json::to_string_pretty(&tool(6, "echo", json!({"text": "pretty"}))).unwrap();
+    assert!(pretty.contains('\n'));
+    let reply = exchange(&b, post("fx", &pretty, "").as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(text_of(&answers(&reply)[0]), "pretty");
     // HTTP/1.0 and HEAD.
     let reply = exchange(&b, b"GET /livez HTTP/1.0\r\n\r\n").await;
     assert!(

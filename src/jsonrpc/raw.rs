@@ -154,9 +154,13 @@ impl RawRequest {
     /// `text` as a request whose id is the only thing the broker changes,
     /// and its method; or `None` (parse it). Refused here, so parsed: anything
     /// [`super::classify`] would not call a request, a progress token or a
-    /// `requestState` to rewrite, and any `\u` escape (which could spell
-    /// either of those names).
+    /// `requestState` to rewrite, any `\u` escape (which could spell
+    /// either of those names), and a line break (a pretty-printed body: the
+    /// process reads one message per line).
     pub fn parse(text: Bytes) -> Option<(RawRequest, String)> {
+        if memchr::memchr2(b'\n', b'\r', &text).is_some() {
+            return None;
+        }
         let s = std::str::from_utf8(&text).ok()?;
         let m = members(s)?;
         let method = m.method?.get();
@@ -273,6 +277,8 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":1,"method":"m","params":{"_meta":{"progress\u0054oken":1}}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"m","params":{},"params":{}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"m""#,
+            "{\"jsonrpc\":\"2.0\",\n\"id\":1,\"method\":\"m\"}",
+            "{\"jsonrpc\":\"2.0\",\r\"id\":1,\"method\":\"m\"}",
         ] {
             assert!(request(text).is_none(), "{text}");
         }
