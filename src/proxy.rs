@@ -26,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::web::{self, Body};
 use ::http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use backend::Backend;
+use bytes::Bytes;
 use error::ProxyError;
 use flow::{Accept, ClientSide, Flow};
 use hyper::body::Incoming;
@@ -348,18 +349,51 @@ pub async fn forward(
     accept: Accept,
     retryable: bool,
 ) -> Response<Body> {
-    let retry = retryable.then(|| msg.clone());
-    let method_name = msg
-        .get("method")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let replay = flow::is_safe_to_replay(method_name).then(|| msg.clone());
+    let text = Bytes::from(serde_json::to_vec(&msg).expect("Value serializes"));
     let id = msg.get("id").cloned().unwrap_or(Value::Null);
     let method = msg
         .get("method")
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
+    let out = Outbound {
+        text,
+        id,
+        method,
+        retry: retryable.then_some(msg),
+    };
+    forward_text(proxy, out, session, client, accept).await
+}
+
+/// A client request on its way to the broker.
+pub struct Outbound {
+    /// Its text as the broker gets it.
+    pub text: Bytes,
+    /// The client's id.
+    pub id: Value,
+    /// Its method.
+    pub method: String,
+    /// The request, kept for a retry with the client's input ([`forward`]).
+    pub retry: Option<Value>,
+}
+
+/// [`forward`] for a request already in its text form (a plain request
+/// from a handshake-era client goes as the bytes it came in:
+/// [`legacy::post_plain`]).
+pub async fn forward_text(
+    proxy: &Arc<Proxy>,
+    out: Outbound,
+    session: Option<&str>,
+    client: ClientSide,
+    accept: Accept,
+) -> Response<Body> {
+    let Outbound {
+        text,
+        id,
+        method,
+        retry,
+    } = out;
+    let replay = flow::is_safe_to_replay(&method).then(|| text.clone());
     // Named before it is sent, so a `notifications/cancelled` finds the
     // lease while it still waits for a process or its first answer.
     let lease_id = backend::new_lease_id();
@@ -371,7 +405,7 @@ pub async fn forward(
     if let ClientSide::Legacy(s) = &client {
         s.track_request(&id, &lease_id);
     }
-    let lease = match proxy.backend.lease(&msg, session, &lease_id).await {
+    let lease = match proxy.backend.lease_text(text, session, &lease_id).await {
         Ok(l) => l,
         Err(e) => {
             untrack(&client);
@@ -541,6 +575,11 @@ async fn mcp(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
         }
         Err(e) => return ProxyError::Invalid(e.to_string()).into_response(Value::Null),
     };
+    // The common case first: a handshake-era client's plain request goes
+    // to the broker as the bytes it came in.
+    if let Some(r) = legacy::post_plain(proxy, &parts.headers, &bytes, accept).await {
+        return r;
+    }
     let msg: Value = match serde_json::from_slice(&bytes) {
         Ok(v) => v,
         Err(e) => return ProxyError::Parse(e.to_string()).into_response(Value::Null),

@@ -112,6 +112,37 @@ async fn session_lifecycle() {
     b.stop().await;
 }
 
+/// Plain requests and answers cross proxy and broker as text with only
+/// their ids swapped (`jsonrpc::raw`); escapes send a message the parsed
+/// way. Both must give the client its own id and the server's answer.
+#[tokio::test]
+async fn plain_and_escaped_requests_keep_ids_and_text() {
+    let (b, px) = setup(&[], 1).await;
+    let s = initialize(&px.url, "2025-06-18", json!({})).await;
+    let odd_id = "q\"1 ✓";
+    let text = "line\n\"quoted\" ünïcode";
+    // Pretty-printed, members in an unusual order: taken as text.
+    let plain = serde_json::to_string_pretty(&json!({
+        "params": {"name": "echo", "arguments": {"text": text}},
+        "method": "tools/call", "id": odd_id, "jsonrpc": "2.0"}))
+    .unwrap();
+    // The same request with a `\u` escape: taken parsed.
+    let escaped = plain.replacen("ünïcode", "\\u00fcn\\u00efcode", 1);
+    assert_ne!(plain, escaped);
+    for body in [&plain, &escaped] {
+        let r = send("POST", &px.url, &hdrs(&s), body).await;
+        assert_eq!(r.status, 200, "{body}");
+        let v = r.json();
+        assert_eq!(v["id"], odd_id, "{body}");
+        assert_eq!(text_of(&v), text, "{body}");
+    }
+    // A numeric id stays a number.
+    let r = post(&px.url, &s, &tool(41, "echo", json!({"text": "n"}))).await;
+    assert_eq!(r.json()["id"], 41);
+    px.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn progress_rides_sse_in_order_and_json_only_clients_get_json() {
     let (b, px) = setup(&[], 2).await;

@@ -445,6 +445,16 @@ impl Backend {
         id: &str,
     ) -> Result<Lease, BackendError> {
         let body = Bytes::from(serde_json::to_vec(msg).expect("Value serializes"));
+        self.lease_text(body, session, id).await
+    }
+
+    /// [`Backend::lease`] for a message already serialized.
+    pub async fn lease_text(
+        &self,
+        body: Bytes,
+        session: Option<&str>,
+        id: &str,
+    ) -> Result<Lease, BackendError> {
         let r = self
             .send(Method::POST, &self.messages, session, Some(id), body)
             .await?;

@@ -70,7 +70,7 @@ pub struct Flow {
     /// The request, kept for one replay when it is safe to repeat (see
     /// [`is_safe_to_replay`]) and the broker connection breaks before the
     /// client saw anything.
-    pub replay: Option<Value>,
+    pub replay: Option<Bytes>,
     /// Whether the client has seen a message of this flow.
     pub emitted: bool,
 }
@@ -204,7 +204,7 @@ impl Flow {
         match self
             .proxy
             .backend
-            .lease(&msg, session.as_deref(), &id)
+            .lease_text(msg, session.as_deref(), &id)
             .await
         {
             Ok(l) if l.status == StatusCode::OK => {

@@ -11,10 +11,12 @@ use super::error::ProxyError;
 use super::flow::{self, Accept, ClientSide};
 use super::session::Session;
 use super::Proxy;
+use crate::jsonrpc::raw::RawRequest;
 use crate::jsonrpc::{self, Kind};
 use crate::protocol::{self, Era};
 use crate::web::{self, Body};
 use ::http::{HeaderMap, HeaderValue, Response, StatusCode};
+use bytes::Bytes;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
@@ -104,6 +106,58 @@ async fn initialize(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body
         HeaderValue::from_str(&session.id).expect("hex id is a valid header"),
     );
     r
+}
+
+/// Answers a handshake-era client's plain request from its text, without
+/// parsing it ([`RawRequest`]): a request whose only change on the way is
+/// its id, which the broker makes. `None` for anything else (a 2026-07-28
+/// client, `initialize`, a locally answered `ping`, a stateless server's
+/// pool that needs the envelope added), which [`post`] takes parsed.
+pub async fn post_plain(
+    proxy: &Arc<Proxy>,
+    headers: &HeaderMap,
+    body: &Bytes,
+    accept: Accept,
+) -> Option<Response<Body>> {
+    if headers
+        .get("mcp-protocol-version")
+        .map(HeaderValue::as_bytes)
+        == Some(protocol::STATELESS_VERSION.as_bytes())
+    {
+        return None;
+    }
+    // `params._meta["io.modelcontextprotocol/protocolVersion"]` marks a
+    // 2026-07-28 client ([`super::modern::is_modern`]). The name can only
+    // be hidden by `\u` escapes past its `/`, which `RawRequest` refuses.
+    if memchr::memmem::find(body, b"protocolVersion").is_some() {
+        return None;
+    }
+    let (raw, method) = RawRequest::parse(body.clone())?;
+    if method == "initialize" || method == "ping" {
+        return None;
+    }
+    let stateless = proxy
+        .backend
+        .pool_info()
+        .await
+        .is_ok_and(|i| i.era == Era::Stateless);
+    if stateless {
+        return None;
+    }
+    let session = match check_version_header(headers).and_then(|_| session(proxy, headers)) {
+        Ok(s) => s,
+        Err(e) => return Some(e.into_response(raw.id)),
+    };
+    session.mark_used();
+    let sid = session.id.clone();
+    let out = super::Outbound {
+        text: body.clone(),
+        id: raw.id,
+        method,
+        retry: None,
+    };
+    let client = ClientSide::Legacy(session);
+    Some(super::forward_text(proxy, out, Some(&sid), client, accept).await)
 }
 
 /// Answers one POST from a handshake-era client.
