@@ -108,6 +108,16 @@ async fn initialize(proxy: &Arc<Proxy>, id: Value, msg: &Value) -> Response<Body
     r
 }
 
+/// Whether the pool's servers are of the stateless era (they need the
+/// envelope a handshake-era client's requests lack).
+async fn serves_stateless(proxy: &Proxy) -> bool {
+    proxy
+        .backend
+        .pool_info()
+        .await
+        .is_ok_and(|i| i.era == Era::Stateless)
+}
+
 /// Answers a handshake-era client's plain request from its text, without
 /// parsing it ([`RawRequest`]): a request whose only change on the way is
 /// its id, which the broker makes. `None` for anything else (a 2026-07-28
@@ -136,12 +146,7 @@ pub async fn post_plain(
     if method == "initialize" || method == "ping" {
         return None;
     }
-    let stateless = proxy
-        .backend
-        .pool_info()
-        .await
-        .is_ok_and(|i| i.era == Era::Stateless);
-    if stateless {
+    if serves_stateless(proxy).await {
         return None;
     }
     let session = match check_version_header(headers).and_then(|_| session(proxy, headers)) {
@@ -189,11 +194,7 @@ pub async fn post(
             web::json(StatusCode::OK, &flow::empty_result(id))
         }
         Kind::Request { .. } => {
-            let stateless = proxy
-                .backend
-                .pool_info()
-                .await
-                .is_ok_and(|i| i.era == Era::Stateless);
+            let stateless = serves_stateless(proxy).await;
             if stateless {
                 // A stateless server learns what the client said at initialize.
                 protocol::ensure_stateless_meta(
