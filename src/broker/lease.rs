@@ -164,7 +164,9 @@ pub async fn run(
     let msg = if pool.handshake().is_some_and(|h| h.era == Era::Stateless) {
         // Callers need not know the era: a stateless server gets the envelope
         // it requires (with no client capabilities unless the caller gave some).
-        let mut msg = msg.into_value();
+        let mut msg = msg
+            .into_value()
+            .map_err(|e| ApiError::BadRequest(format!("request: {e}")))?;
         protocol::ensure_stateless_meta(&mut msg, &json!({}), &protocol::client_info());
         Outgoing::Parsed(msg)
     } else {

@@ -77,10 +77,11 @@ impl Outgoing {
         }
     }
 
-    /// The request parsed (for the rare edits beyond its id).
-    pub fn into_value(self) -> Value {
+    /// The request parsed (for the rare edits beyond its id); see
+    /// [`jsonrpc::raw::RawRequest::to_value`] for how that can fail.
+    pub fn into_value(self) -> Result<Value, serde_json::Error> {
         match self {
-            Outgoing::Parsed(v) => v,
+            Outgoing::Parsed(v) => Ok(v),
             Outgoing::Raw(r) => r.to_value(),
         }
     }

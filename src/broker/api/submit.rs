@@ -160,9 +160,9 @@ fn classified(
                 id,
             }
         }
-        Ok(Kind::Notification { .. }) => Submitted::Notification {
-            pool,
-            msg: msg.into_value(),
+        Ok(Kind::Notification { .. }) => match msg.into_value() {
+            Ok(msg) => Submitted::Notification { pool, msg },
+            Err(e) => refuse(ApiError::BadRequest(format!("body is not JSON: {e}")), id),
         },
         Ok(Kind::Response { .. }) => refuse(
             ApiError::BadRequest(
