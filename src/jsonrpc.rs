@@ -63,10 +63,7 @@ pub fn classify(v: &Value) -> Result<Kind, ClassifyError> {
     }
     let id = match obj.get("id") {
         None => None,
-        Some(id @ Value::String(_)) => Some(id.clone()),
-        Some(id @ Value::Number(n)) if n.is_i64() || n.is_u64() => Some(id.clone()),
-        // `null` ids only appear on error responses to unparseable requests.
-        Some(Value::Null) if obj.contains_key("error") => Some(Value::Null),
+        Some(id) if id_allowed(id, obj.contains_key("error")) => Some(id.clone()),
         Some(_) => return Err(ClassifyError::BadId),
     };
     match (obj.get("method"), id) {
@@ -80,6 +77,18 @@ pub fn classify(v: &Value) -> Result<Kind, ClassifyError> {
             Ok(Kind::Response { id })
         }
         (None, _) => Err(ClassifyError::Shapeless),
+    }
+}
+
+/// Whether `id` is a usable JSON-RPC id: a string or an integer, or `null`
+/// in a message that carries `error` (the answer to an unparseable
+/// request). `has_error`: the message has an `error` member.
+pub fn id_allowed(id: &Value, has_error: bool) -> bool {
+    match id {
+        Value::String(_) => true,
+        Value::Number(n) => n.is_i64() || n.is_u64(),
+        Value::Null => has_error,
+        _ => false,
     }
 }
 

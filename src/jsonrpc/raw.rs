@@ -98,8 +98,14 @@ pub fn answer_head(line: &[u8]) -> Option<AnswerHead> {
     if m.method.is_some() || (m.result.is_none() && m.error.is_none()) {
         return None;
     }
+    let id = m.id?.get();
+    // The same rule as `classify` (`-0` and `1.0` are not integer ids, a
+    // `null` id only answers with an error): a small parse of the id alone.
+    if !super::id_allowed(&serde_json::from_str(id).ok()?, m.error.is_some()) {
+        return None;
+    }
     Some(AnswerHead {
-        id_at: span(text, m.id?.get()),
+        id_at: span(text, id),
         is_error: m.error.is_some(),
     })
 }
@@ -301,6 +307,25 @@ mod tests {
             (&br#""c-9""#[..], false)
         );
         assert_eq!(response_head(line), None, "not a process-side id");
+        // Ids as `classify` takes them.
+        for (text, ok) in [
+            (&br#"{"jsonrpc":"2.0","id":null,"result":null}"#[..], false),
+            (br#"{"jsonrpc":"2.0","id":-0,"result":1}"#, false),
+            (br#"{"jsonrpc":"2.0","id":1.0,"result":1}"#, false),
+            (br#"{"jsonrpc":"2.0","id":[1],"result":1}"#, false),
+            (br#"{"jsonrpc":"2.0","id":-7,"result":1}"#, true),
+            (
+                br#"{"jsonrpc":"2.0","id":null,"error":{"code":1,"message":"m"}}"#,
+                true,
+            ),
+        ] {
+            assert_eq!(
+                answer_head(text).is_some(),
+                ok,
+                "{}",
+                String::from_utf8_lossy(text)
+            );
+        }
         assert!(!may_require_input(line));
         assert!(may_require_input(
             br#"{"result":{"resultType":"input_required"}}"#
@@ -327,6 +352,7 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":1,"id":2,"result":{}}"#,
             r#"{"jsonrpc":"2.0","id":1,"result":{}} x"#,
             r#"{"jsonrpc":"2.0","id":1,"result":{]}"#,
+            r#"{"jsonrpc":"2.0","id":null,"result":null}"#,
             r#"[{"jsonrpc":"2.0","id":1,"result":{}}]"#,
         ] {
             assert_eq!(head(line), None, "{line}");
