@@ -92,6 +92,14 @@ pub fn id_allowed(id: &Value, has_error: bool) -> bool {
     }
 }
 
+/// `msg` as one NDJSON line (compact, ending in `\n`): how messages go to
+/// a process and into a lease's answer.
+pub fn line(msg: &Value) -> Vec<u8> {
+    let mut line = serde_json::to_vec(msg).expect("Value serializes");
+    line.push(b'\n');
+    line
+}
+
 /// Builds an error response for request `id`.
 pub fn error(id: Value, code: i64, message: impl Into<String>) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message.into()}})

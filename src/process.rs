@@ -296,7 +296,7 @@ impl Process {
 
     /// Writes one message to stdin.
     pub async fn send(&self, msg: &Value) -> Result<(), ProcessError> {
-        self.send_line(line_of(msg)).await
+        self.send_line(jsonrpc::line(msg)).await
     }
 
     /// Writes one line (ending in `\n`) to the process.
@@ -363,7 +363,7 @@ impl Process {
             match msg {
                 Outgoing::Parsed(mut msg) => {
                     let lid = router.begin(&mut msg, sink);
-                    (lid, line_of(&msg))
+                    (lid, jsonrpc::line(&msg))
                 }
                 Outgoing::Raw(req) => router.begin_raw(&req, sink),
             }
@@ -425,8 +425,7 @@ impl Process {
         match action {
             Action::ToLease(sink, event) => deliver_event(sink, event, &self.metrics, &self.pool),
             Action::Reply(msg) => {
-                let mut line = serde_json::to_vec(&msg).expect("Value serializes");
-                line.push(b'\n');
+                let line = jsonrpc::line(&msg);
                 // A full stdin queue means the process is not reading; the
                 // reply is a courtesy, so dropping it cannot lose a client's data.
                 let _ = self.replies.try_send(Bytes::from(line));
@@ -452,13 +451,6 @@ impl Process {
             }
         }
     }
-}
-
-/// `msg` as one line for a process.
-fn line_of(msg: &Value) -> Vec<u8> {
-    let mut line = serde_json::to_vec(msg).expect("Value serializes");
-    line.push(b'\n');
-    line
 }
 
 /// Hands an event to a lease; a full queue drops notifications (counted) but

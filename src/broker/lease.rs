@@ -339,9 +339,7 @@ async fn next_event(
 }
 
 fn line(v: &Value) -> Bytes {
-    let mut b = serde_json::to_vec(v).expect("Value serializes");
-    b.push(b'\n');
-    Bytes::from(b)
+    Bytes::from(jsonrpc::line(v))
 }
 
 impl Lease {
