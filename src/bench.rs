@@ -5,6 +5,8 @@
 //! * `ceiling` — a trivial in-process MCP endpoint: the load generator's own limit;
 //! * `direct` — one server process over stdio, requests pipelined with a
 //!   window of `concurrency` (the physical limit);
+//! * `relay` — the ceiling's endpoint in front of one server process, one
+//!   request at a time, with nothing else: the floor of `pool-1` ([`relay`]);
 //! * `pool-1`, `pool-K` — broker + proxy in this process with a shared pool
 //!   of 1 and of K processes;
 //! * `exclusive` — an exclusive pool: one warm process per session;
@@ -29,6 +31,7 @@ pub mod fanout;
 pub mod load;
 pub mod memory;
 pub mod probe;
+pub mod relay;
 pub mod report;
 mod scenarios;
 pub mod stdio;
@@ -39,7 +42,7 @@ use crate::config::{self, Mode, PoolConfig};
 use load::{Connect, Plan, Spec};
 use probe::{Layout, Probe};
 use report::Row;
-use scenarios::{ceiling, direct, exclusive, peer, pooled, spawn};
+use scenarios::{ceiling, direct, exclusive, peer, pooled, relay, spawn};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,12 +55,13 @@ pub struct BenchArgs {
     /// Directory for results.md, chart.svg and results.json.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
-    /// Scenarios to run: ceiling, direct, pool, sidecar (a pool of 1 with the
-    /// proxy on the broker's socket), exclusive, spawn, peer, fanout, memory.
+    /// Scenarios to run: ceiling, direct, relay (a bare relay to one server
+    /// process: pool-1's floor), pool, sidecar (a pool of 1 with the proxy on
+    /// the broker's socket), exclusive, spawn, peer, fanout, memory.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ceiling,direct,pool,exclusive,spawn,peer,fanout,memory"
+        default_value = "ceiling,direct,relay,pool,exclusive,spawn,peer,fanout,memory"
     )]
     pub scenarios: Vec<String>,
     /// Concurrency levels (sessions, each with one request in flight).
@@ -248,6 +252,7 @@ pub async fn run(mut args: BenchArgs, shutdown: CancellationToken) -> anyhow::Re
     };
     let wants = |s: &str| ctx.args.scenarios.iter().any(|x| x == s);
     let w_fanout = wants("fanout");
+    let w_relay = wants("relay");
     let (w_ceiling, w_direct, w_pool, w_side, w_excl, w_spawn, w_peer, w_mem) = (
         wants("ceiling"),
         wants("direct"),
@@ -263,6 +268,9 @@ pub async fn run(mut args: BenchArgs, shutdown: CancellationToken) -> anyhow::Re
     }
     if w_direct {
         report_err("direct", direct(&mut ctx).await);
+    }
+    if w_relay {
+        report_err("relay", relay(&mut ctx).await);
     }
     if w_pool {
         let mut sizes = vec![1];

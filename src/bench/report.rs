@@ -82,6 +82,15 @@ fn per_request(r: &Row) -> String {
     }
 }
 
+/// Gateway CPU per request in µs and its user part, when both were measured.
+fn cpu_us(r: &Row) -> Option<(f64, f64)> {
+    let us = |pct: f64| pct / 100.0 / r.throughput * 1e6;
+    match (r.gateway_cpu, r.gateway_user_cpu) {
+        (Some(all), Some(user)) if r.throughput > 0.0 => Some((us(all), us(user))),
+        _ => None,
+    }
+}
+
 fn is_broker(name: &str) -> bool {
     name.starts_with("pool-") || name.starts_with("sidecar-") || name.starts_with("exclusive")
 }
@@ -112,6 +121,27 @@ fn ratios(rows: &[Row]) -> String {
                     r.concurrency,
                     r.throughput / d.throughput.max(1e-9),
                     (r.p50_ms - d.p50_ms) * 1000.0
+                );
+            }
+        }
+    }
+    if rows.iter().any(|r| r.scenario == "relay") {
+        s.push_str("\n**Against the relay** (what the broker and proxy cost beyond a bare relay to one process):\n\n| scenario | conc. | p50 − relay (µs) | CPU µs/req − relay (user) |\n|---|---:|---:|---:|\n");
+        for r in rows
+            .iter()
+            .filter(|r| r.scenario == "pool-1" || r.scenario == "sidecar-1")
+        {
+            if let Some(f) = find("relay", r.concurrency) {
+                let cpu = match (cpu_us(r), cpu_us(f)) {
+                    (Some((a, au)), Some((b, bu))) => format!("{:+.0} ({:+.0})", a - b, au - bu),
+                    _ => "–".into(),
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:+.0} | {cpu} |",
+                    r.scenario,
+                    r.concurrency,
+                    (r.p50_ms - f.p50_ms) * 1000.0
                 );
             }
         }
@@ -361,5 +391,30 @@ mod tests {
         assert!(md.contains("| peer:x | 1 | pool-1 | 8.0× | 0.12 |"), "{md}");
         let svg = svg(&rows);
         assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.ends_with("</svg>\n"));
+    }
+
+    #[test]
+    fn relay_section_subtracts_the_floor() {
+        let cpu = |mut r: Row, all: f64, user: f64| {
+            // Percent of a core at r.throughput req/s for `all` / `user` µs per request.
+            r.gateway_cpu = Some(all * r.throughput / 1e4);
+            r.gateway_user_cpu = Some(user * r.throughput / 1e4);
+            r
+        };
+        let rows = vec![
+            cpu(row("relay", 16, 10_000.0, 2.0), 40.0, 15.0),
+            cpu(row("pool-1", 16, 12_000.0, 2.4), 56.0, 33.0),
+            row("sidecar-1", 4, 9_000.0, 1.0),
+        ];
+        let md = markdown(&rows, "## t");
+        let (_, section) = md.split_once("**Against the relay**").expect("section");
+        assert!(
+            section.contains("| pool-1 | 16 | +200 | +16 (+18) |"),
+            "{md}"
+        );
+        assert!(
+            !section.contains("| sidecar-1 | 4 | "),
+            "no relay at c=4: {md}"
+        );
     }
 }

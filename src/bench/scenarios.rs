@@ -3,6 +3,7 @@
 
 use super::load::Connect;
 use super::probe::Layout;
+use super::relay::Relay;
 use super::stdio::StdioServer;
 use super::targets::{Peer, Stack, Trivial};
 use super::Ctx;
@@ -57,6 +58,32 @@ pub(super) async fn direct(ctx: &mut Ctx) -> anyhow::Result<()> {
         );
     }
     server.stop().await;
+    r
+}
+
+/// The bare relay in front of one server process: the floor of `pool-1`.
+pub(super) async fn relay(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let limit = ctx.args.start_timeout.max(ctx.args.timeout);
+    let relay = Relay::start(ctx.rt(), &ctx.cmd, limit).await?;
+    let connect = Connect::Http {
+        addr: relay.http.addr,
+        path: "/mcp".into(),
+    };
+    let mut r = Ok(());
+    for c in ctx.levels() {
+        r = r.and(
+            ctx.step(
+                "relay",
+                &connect,
+                Layout::InProcess,
+                c,
+                ctx.args.requests,
+                None,
+            )
+            .await,
+        );
+    }
+    relay.stop().await;
     r
 }
 

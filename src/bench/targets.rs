@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::runtime::Runtime;
+use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -270,7 +270,7 @@ impl Peer {
 }
 
 /// The answer of the trivial endpoint to one message.
-fn trivial_answer(msg: &Value) -> Option<Value> {
+pub(super) fn trivial_answer(msg: &Value) -> Option<Value> {
     let id = msg.get("id")?.clone();
     if msg.get("method").and_then(Value::as_str) == Some("initialize") {
         return Some(json!({"jsonrpc":"2.0","id":id,"result":{
@@ -299,42 +299,55 @@ pub struct Trivial {
     task: JoinHandle<()>,
 }
 
+/// Serves HTTP/1.1 on a fresh loopback port on `rt`, answering every
+/// request with `handler`, until [`Trivial::stop`].
+pub(super) fn serve_http<F, Fut>(rt: &Handle, handler: F) -> anyhow::Result<Trivial>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ::http::Response<web::Body>> + Send + 'static,
+{
+    let _enter = rt.enter();
+    let l = tokio::net::TcpListener::from_std(loopback_listener()?)?;
+    let addr = l.local_addr()?;
+    let done = CancellationToken::new();
+    let d = done.clone();
+    let task = rt.spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                _ = d.cancelled() => return,
+                a = l.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
+            };
+            let _ = stream.set_nodelay(true);
+            let h = handler.clone();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let f = h(req);
+                async move { Ok::<_, std::convert::Infallible>(f.await) }
+            });
+            tokio::spawn(crate::web::serve_io(
+                stream,
+                svc,
+                d.clone(),
+                crate::broker::api::MAX_HEADER_BYTES,
+            ));
+        }
+    });
+    Ok(Trivial { addr, done, task })
+}
+
 impl Trivial {
     /// Starts it on `rt`.
     pub fn start(rt: &Runtime) -> anyhow::Result<Trivial> {
-        let _enter = rt.enter();
-        let l = tokio::net::TcpListener::from_std(loopback_listener()?)?;
-        let addr = l.local_addr()?;
-        let done = CancellationToken::new();
-        let d = done.clone();
-        let task = rt.spawn(async move {
-            loop {
-                let stream = tokio::select! {
-                    _ = d.cancelled() => return,
-                    a = l.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
-                };
-                let _ = stream.set_nodelay(true);
-                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let post = req.method() == Method::POST;
-                    let body = web::read_body(req.into_body(), 1 << 20).await;
-                    let msg = body
-                        .ok()
-                        .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
-                    let r = match (post, msg.as_ref().and_then(trivial_answer)) {
-                        (true, Some(a)) => web::json(StatusCode::OK, &a),
-                        _ => web::response(StatusCode::ACCEPTED, "text/plain", web::empty()),
-                    };
-                    Ok::<_, std::convert::Infallible>(r)
-                });
-                tokio::spawn(crate::web::serve_io(
-                    stream,
-                    svc,
-                    d.clone(),
-                    crate::broker::api::MAX_HEADER_BYTES,
-                ));
+        serve_http(rt.handle(), |req: Request<Incoming>| async move {
+            let post = req.method() == Method::POST;
+            let body = web::read_body(req.into_body(), 1 << 20).await;
+            let msg = body
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+            match (post, msg.as_ref().and_then(trivial_answer)) {
+                (true, Some(a)) => web::json(StatusCode::OK, &a),
+                _ => web::response(StatusCode::ACCEPTED, "text/plain", web::empty()),
             }
-        });
-        Ok(Trivial { addr, done, task })
+        })
     }
 
     /// Stops it (bounded).
