@@ -135,6 +135,18 @@ fn spelling(v: &impl clap::ValueEnum) -> String {
         .unwrap_or_default()
 }
 
+impl Mode {
+    /// Its spelling in config, flags and the lease API, without allocating
+    /// (the proxy names it on every request of a session).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Mode::Shared => "shared",
+            Mode::Sticky => "sticky",
+            Mode::Exclusive => "exclusive",
+        }
+    }
+}
+
 impl std::fmt::Display for Mode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&spelling(self))

@@ -144,9 +144,21 @@ pub fn is_error(v: &Value) -> bool {
 
 /// A stable string key for an id or progress token (`1` and `"1"` differ).
 pub fn key_of(v: &Value) -> String {
+    use std::fmt::Write;
+    // Sized once: `format!` grew it two or three times (twice per request).
     match v {
-        Value::String(s) => format!("s:{s}"),
-        other => format!("n:{other}"),
+        Value::String(s) => {
+            let mut k = String::with_capacity(2 + s.len());
+            k.push_str("s:");
+            k.push_str(s);
+            k
+        }
+        other => {
+            let mut k = String::with_capacity(24);
+            k.push_str("n:");
+            let _ = write!(k, "{other}");
+            k
+        }
     }
 }
 
@@ -205,5 +217,11 @@ mod tests {
     fn keys_distinguish_types() {
         assert_ne!(key_of(&json!(1)), key_of(&json!("1")));
         assert_eq!(key_of(&json!(7)), key_of(&json!(7)));
+        assert_eq!(key_of(&json!("ab")), "s:ab");
+        assert_eq!(key_of(&json!(-12)), "n:-12");
+        assert_eq!(
+            key_of(&json!(18446744073709551615u64)),
+            "n:18446744073709551615"
+        );
     }
 }

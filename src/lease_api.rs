@@ -58,6 +58,13 @@ pub const MODE_HEADER: &str = "mcp-broker-mode";
 /// Header carrying the lease id: chosen by the caller on the request (so it
 /// can cancel before the first answer), echoed on the answer.
 pub const LEASE_HEADER: &str = "mcp-broker-lease";
+/// [`SESSION_HEADER`], [`MODE_HEADER`] and [`LEASE_HEADER`] as header
+/// names, made once instead of parsed from the string on every request.
+pub static SESSION_NAME: http::HeaderName = http::HeaderName::from_static(SESSION_HEADER);
+/// See [`SESSION_NAME`].
+pub static MODE_NAME: http::HeaderName = http::HeaderName::from_static(MODE_HEADER);
+/// See [`SESSION_NAME`].
+pub static LEASE_NAME: http::HeaderName = http::HeaderName::from_static(LEASE_HEADER);
 /// Longest accepted session key.
 pub const MAX_SESSION_KEY: usize = 256;
 /// The pool list.
@@ -135,7 +142,14 @@ pub fn valid_lease_id(s: &str) -> bool {
 /// A fresh random lease id: 128 bits from the thread's CSPRNG (seeded by
 /// the OS) as 32 hex digits, without a `getrandom` call per request.
 pub fn new_lease_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = rand::random::<u128>();
+    // 32 hex digits, most significant first (as `{:032x}`, without the
+    // formatting machinery: one of these is made per request).
+    (0..32)
+        .rev()
+        .map(|i| char::from(HEX[((n >> (4 * i)) & 0xf) as usize]))
+        .collect()
 }
 
 /// A session key: 1 to [`MAX_SESSION_KEY`] visible ASCII bytes.
@@ -224,7 +238,13 @@ mod tests {
 
     #[test]
     fn lease_ids_and_session_keys() {
-        assert!(valid_lease_id(&new_lease_id()));
+        let (a, b) = (new_lease_id(), new_lease_id());
+        assert!(valid_lease_id(&a) && a != b, "{a} {b}");
+        assert!(
+            a.len() == 32
+                && a.bytes()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
         assert!(!valid_lease_id("short"));
         assert!(!valid_lease_id(&"x".repeat(65)));
         assert!(!valid_lease_id("abcdefghijklmnop/"));
@@ -232,6 +252,16 @@ mod tests {
         assert!(!valid_session_key(""));
         assert!(!valid_session_key("a b"));
         assert!(!valid_session_key(&"k".repeat(MAX_SESSION_KEY + 1)));
+    }
+
+    #[test]
+    fn header_names_and_mode_spellings_match_the_wire() {
+        assert_eq!(SESSION_NAME.as_str(), SESSION_HEADER);
+        assert_eq!(MODE_NAME.as_str(), MODE_HEADER);
+        assert_eq!(LEASE_NAME.as_str(), LEASE_HEADER);
+        for m in [Mode::Shared, Mode::Sticky, Mode::Exclusive] {
+            assert_eq!(m.as_str(), m.to_string());
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::Broker;
 use crate::config::Mode;
 use crate::jsonrpc::raw::RawRequest;
 use crate::jsonrpc::{self, codes};
-use crate::lease_api::{PoolDescription, LEASE_HEADER};
+use crate::lease_api::{PoolDescription, LEASE_NAME};
 use crate::pool::{LeaseGuard, Pool};
 use crate::process::router::{LeaseEvent, Outgoing, Reply};
 use crate::protocol::{self, Era};
@@ -256,7 +256,7 @@ pub async fn run(
 fn answer(token: &str, body: Body) -> Response<Body> {
     let mut r = web::response(StatusCode::OK, "application/x-ndjson", body);
     r.headers_mut().insert(
-        LEASE_HEADER,
+        LEASE_NAME.clone(),
         HeaderValue::from_str(token).expect("lease ids are valid header values"),
     );
     r

@@ -15,11 +15,38 @@
 //! [`super::classify`] would refuse, and never guesses.
 
 use bytes::Bytes;
+use memchr::memmem::Finder;
 use serde::de::{Deserializer, Error as _, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use std::fmt;
 use std::ops::Range;
+use std::sync::LazyLock;
+
+/// The substrings the hot path looks for, each searcher built once: building
+/// one costs about as much as searching a short message with it, and every
+/// request and response was building two to four.
+struct Needles {
+    progress_token: Finder<'static>,
+    request_state: Finder<'static>,
+    escape: Finder<'static>,
+    input_required: Finder<'static>,
+    protocol_version: Finder<'static>,
+}
+
+static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
+    progress_token: Finder::new(b"progressToken"),
+    request_state: Finder::new(b"requestState"),
+    escape: Finder::new(b"\\u"),
+    input_required: Finder::new(b"input_required"),
+    protocol_version: Finder::new(b"protocolVersion"),
+});
+
+/// Whether `text` contains `protocolVersion` anywhere (a 2026-07-28
+/// client's request names it in `_meta`).
+pub fn mentions_protocol_version(text: &[u8]) -> bool {
+    NEEDLES.protocol_version.find(text).is_some()
+}
 
 /// The members of a message the broker routes by, each as its raw text.
 #[derive(Default)]
@@ -142,8 +169,8 @@ pub fn response_head(line: &[u8]) -> Option<ResponseHead> {
 /// relay as questions), so it need not be parsed. Any `\\u` escape counts
 /// as possible: the value could be spelt with them.
 pub fn may_require_input(line: &[u8]) -> bool {
-    memchr::memmem::find(line, b"input_required").is_some()
-        || memchr::memmem::find(line, b"\\u").is_some()
+    let n = &*NEEDLES;
+    n.input_required.find(line).is_some() || n.escape.find(line).is_some()
 }
 
 /// A client request kept as the text it came in, for a process: the
@@ -182,8 +209,11 @@ impl RawRequest {
             Value::Number(n) if n.is_i64() || n.is_u64() => {}
             _ => return None,
         }
-        let finder = |needle: &[u8]| memchr::memmem::find(s.as_bytes(), needle).is_some();
-        if finder(b"progressToken") || finder(b"requestState") || finder(b"\\u") {
+        let (n, b) = (&*NEEDLES, s.as_bytes());
+        if [&n.progress_token, &n.request_state, &n.escape]
+            .iter()
+            .any(|f| f.find(b).is_some())
+        {
             return None;
         }
         let id_at = span(s, raw_id);

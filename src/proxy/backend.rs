@@ -15,11 +15,11 @@ mod uds;
 use crate::config::Mode;
 use crate::jsonrpc::{self, codes};
 pub use crate::lease_api::new_lease_id;
-use crate::lease_api::{self, PoolDescription, LEASE_HEADER, MODE_HEADER, SESSION_HEADER};
+use crate::lease_api::{self, PoolDescription, LEASE_NAME, MODE_NAME, SESSION_NAME};
 use crate::metrics::Metrics;
 use crate::protocol::Era;
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
+use http::{HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 pub use lines::Lines;
 use link::{ApiBody, Link};
@@ -98,7 +98,7 @@ pub struct Backend {
     info: Arc<Mutex<CachedInfo>>,
     metrics: Arc<Metrics>,
     token: Option<Arc<TokenFile>>,
-    /// The mode named with every session ([`MODE_HEADER`]).
+    /// The mode named with every session ([`lease_api::MODE_HEADER`]).
     mode: Option<Mode>,
     /// Where messages go, parsed once (not per request); a pool name that
     /// makes no valid path fails every call, as it would parsed each time.
@@ -184,21 +184,24 @@ impl Backend {
             let mut req = Request::builder()
                 .method(method.clone())
                 .uri(uri.clone())
-                .header(http::header::HOST, "localhost");
+                .header(http::header::HOST, HeaderValue::from_static("localhost"));
             if let Some(s) = session {
-                req = req.header(SESSION_HEADER, s);
+                req = req.header(&SESSION_NAME, s);
                 if let Some(m) = self.mode {
-                    req = req.header(MODE_HEADER, m.to_string());
+                    req = req.header(&MODE_NAME, HeaderValue::from_static(m.as_str()));
                 }
             }
             if let Some(l) = lease {
-                req = req.header(LEASE_HEADER, l);
+                req = req.header(&LEASE_NAME, l);
             }
             if let Some(t) = self.token.as_ref().and_then(|t| t.get()) {
                 req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
             }
             if !body.is_empty() {
-                req = req.header(http::header::CONTENT_TYPE, "application/json");
+                req = req.header(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
             }
             let req = req
                 .body(Full::new(body.clone()))
@@ -360,7 +363,7 @@ impl Backend {
         let r = self
             .send(Method::POST, &self.messages, session, Some(id), body)
             .await?;
-        let header = |name| {
+        let header = |name: &http::HeaderName| {
             r.headers()
                 .get(name)
                 .and_then(|v: &http::HeaderValue| v.to_str().ok())
@@ -368,8 +371,8 @@ impl Backend {
         };
         Ok(Lease {
             status: r.status(),
-            token: header(LEASE_HEADER),
-            retry_after: header(http::header::RETRY_AFTER.as_str()),
+            token: header(&LEASE_NAME),
+            retry_after: header(&http::header::RETRY_AFTER),
             lines: self.lines(r.into_body()),
         })
     }

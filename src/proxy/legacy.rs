@@ -11,7 +11,7 @@ use super::error::ProxyError;
 use super::flow::{self, Accept, ClientSide};
 use super::session::Session;
 use super::Proxy;
-use crate::jsonrpc::raw::RawRequest;
+use crate::jsonrpc::raw::{mentions_protocol_version, RawRequest};
 use crate::jsonrpc::{self, Kind};
 use crate::protocol::{self, Era};
 use crate::web::{self, Body};
@@ -139,7 +139,7 @@ pub async fn post_plain(
     // `params._meta["io.modelcontextprotocol/protocolVersion"]` marks a
     // 2026-07-28 client ([`super::modern::is_modern`]). The name can only
     // be hidden by `\u` escapes past its `/`, which `RawRequest` refuses.
-    if memchr::memmem::find(body, b"protocolVersion").is_some() {
+    if mentions_protocol_version(body) {
         return None;
     }
     let (raw, method) = RawRequest::parse(body.clone())?;

@@ -6,7 +6,9 @@
 use super::super::lease;
 use super::ApiError;
 use crate::config::Mode;
-use crate::lease_api::{LEASE_HEADER, MAX_SESSION_KEY, MODE_HEADER, SESSION_HEADER};
+use crate::lease_api::{
+    LEASE_HEADER, LEASE_NAME, MAX_SESSION_KEY, MODE_HEADER, MODE_NAME, SESSION_HEADER, SESSION_NAME,
+};
 use crate::pool::Pool;
 
 /// The session a request belongs to, if any, and the mode it named.
@@ -22,7 +24,7 @@ impl Session {
     /// Reads [`SESSION_HEADER`] and [`MODE_HEADER`].
     pub fn of(headers: &::http::HeaderMap, caller: &str) -> Result<Self, ApiError> {
         let key = session_of(headers, caller)?;
-        let mode = match headers.get(MODE_HEADER) {
+        let mode = match headers.get(&MODE_NAME) {
             None => None,
             Some(v) => {
                 let m = v
@@ -56,7 +58,7 @@ impl Session {
 
 /// The session key of a request, scoped to its caller.
 fn session_of(headers: &::http::HeaderMap, caller: &str) -> Result<Option<String>, ApiError> {
-    match headers.get(SESSION_HEADER) {
+    match headers.get(&SESSION_NAME) {
         None => Ok(None),
         Some(v) => {
             let s = v
@@ -75,7 +77,7 @@ fn session_of(headers: &::http::HeaderMap, caller: &str) -> Result<Option<String
 /// The caller's own id for the lease (header `mcp-broker-lease`), so it can
 /// cancel the request before the first answer arrives.
 pub(super) fn lease_id_of(headers: &::http::HeaderMap) -> Result<Option<String>, ApiError> {
-    match headers.get(LEASE_HEADER) {
+    match headers.get(&LEASE_NAME) {
         None => Ok(None),
         Some(v) => match v.to_str() {
             Ok(s) if crate::lease_api::valid_lease_id(s) => Ok(Some(s.to_string())),
