@@ -10,26 +10,35 @@ use super::Ctx;
 use crate::config::Mode;
 use std::sync::Arc;
 
-pub(super) async fn ceiling(ctx: &mut Ctx) -> anyhow::Result<()> {
-    let t = Trivial::start(ctx.rt())?;
-    let connect = Connect::Http {
-        addr: t.addr,
-        path: "/mcp".into(),
-    };
+/// One step per concurrency level, all of them even after a failed one;
+/// the first error is returned.
+async fn every_level(
+    ctx: &mut Ctx,
+    name: &str,
+    connect: &Connect,
+    layout: Layout,
+    stack: Option<&Stack>,
+) -> anyhow::Result<()> {
     let mut r = Ok(());
     for c in ctx.levels() {
-        r = r.and(
-            ctx.step(
-                "ceiling",
-                &connect,
-                Layout::Trivial,
-                c,
-                ctx.args.requests,
-                None,
-            )
-            .await,
-        );
+        let n = ctx.args.requests;
+        r = r.and(ctx.step(name, connect, layout, c, n, stack).await);
     }
+    r
+}
+
+/// MCP at `/mcp` on `addr`.
+fn mcp_at(addr: std::net::SocketAddr) -> Connect {
+    Connect::Http {
+        addr,
+        path: "/mcp".into(),
+    }
+}
+
+pub(super) async fn ceiling(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let t = Trivial::start(ctx.rt())?;
+    let connect = mcp_at(t.addr);
+    let r = every_level(ctx, "ceiling", &connect, Layout::Trivial, None).await;
     t.stop().await;
     r
 }
@@ -43,20 +52,7 @@ pub(super) async fn direct(ctx: &mut Ctx) -> anyhow::Result<()> {
     .map_err(|_| anyhow::anyhow!("the server did not initialize in time"))??;
     let server = Arc::new(server);
     let connect = Connect::Stdio(server.clone());
-    let mut r = Ok(());
-    for c in ctx.levels() {
-        r = r.and(
-            ctx.step(
-                "direct",
-                &connect,
-                Layout::Children,
-                c,
-                ctx.args.requests,
-                None,
-            )
-            .await,
-        );
-    }
+    let r = every_level(ctx, "direct", &connect, Layout::Children, None).await;
     server.stop().await;
     r
 }
@@ -65,24 +61,8 @@ pub(super) async fn direct(ctx: &mut Ctx) -> anyhow::Result<()> {
 pub(super) async fn relay(ctx: &mut Ctx) -> anyhow::Result<()> {
     let limit = ctx.args.start_timeout.max(ctx.args.timeout);
     let relay = Relay::start(ctx.rt(), &ctx.cmd, limit).await?;
-    let connect = Connect::Http {
-        addr: relay.http.addr,
-        path: "/mcp".into(),
-    };
-    let mut r = Ok(());
-    for c in ctx.levels() {
-        r = r.and(
-            ctx.step(
-                "relay",
-                &connect,
-                Layout::InProcess,
-                c,
-                ctx.args.requests,
-                None,
-            )
-            .await,
-        );
-    }
+    let connect = mcp_at(relay.http.addr);
+    let r = every_level(ctx, "relay", &connect, Layout::InProcess, None).await;
     relay.stop().await;
     r
 }
@@ -91,10 +71,7 @@ pub(super) async fn relay(ctx: &mut Ctx) -> anyhow::Result<()> {
 /// (over the socket with `sidecar`), and how the load generator reaches it.
 fn stack(ctx: &Ctx, mode: Mode, size: usize, sidecar: bool) -> anyhow::Result<(Stack, Connect)> {
     let stack = Stack::start(ctx.rt(), ctx.pool_config(mode, size), ctx.node(), sidecar)?;
-    let connect = Connect::Http {
-        addr: stack.addr,
-        path: "/mcp".into(),
-    };
+    let connect = mcp_at(stack.addr);
     Ok((stack, connect))
 }
 
@@ -104,20 +81,8 @@ pub(super) async fn pooled(ctx: &mut Ctx, k: usize, sidecar: bool) -> anyhow::Re
     let (stack, connect) = stack(ctx, Mode::Shared, k, sidecar)?;
     let mut r = stack.wait_idle(k, ctx.args.start_timeout).await;
     if r.is_ok() {
-        for c in ctx.levels() {
-            let name = format!("{}-{k}", if sidecar { "sidecar" } else { "pool" });
-            r = r.and(
-                ctx.step(
-                    &name,
-                    &connect,
-                    Layout::InProcess,
-                    c,
-                    ctx.args.requests,
-                    Some(&stack),
-                )
-                .await,
-            );
-        }
+        let name = format!("{}-{k}", if sidecar { "sidecar" } else { "pool" });
+        r = every_level(ctx, &name, &connect, Layout::InProcess, Some(&stack)).await;
     }
     stack.stop().await;
     r
