@@ -204,10 +204,8 @@ impl RawRequest {
         }
         let raw_id = m.id?.get();
         let id: Value = serde_json::from_str(raw_id).ok()?;
-        match &id {
-            Value::String(_) => {}
-            Value::Number(n) if n.is_i64() || n.is_u64() => {}
-            _ => return None,
+        if !super::id_allowed(&id, false) {
+            return None;
         }
         let (n, b) = (&*NEEDLES, s.as_bytes());
         if [&n.progress_token, &n.request_state, &n.escape]
