@@ -118,6 +118,21 @@ struct LeaseRoute {
     answered: bool,
 }
 
+impl LeaseRoute {
+    /// Hands the lease its response (already carrying the caller's id).
+    fn finish(&self, reply: Reply) -> Action {
+        Action::ToLease(self.sink.clone(), LeaseEvent::Final(reply))
+    }
+}
+
+/// Whom a response from the process answers, once taken off the pending table.
+enum Answered<'a> {
+    /// A lease's request (now marked answered).
+    Lease(&'a LeaseRoute),
+    /// One of the broker's own requests.
+    Internal(oneshot::Sender<Value>),
+}
+
 /// Default cap on server→client requests waiting per lease.
 pub const DEFAULT_MAX_SERVER_REQUESTS: usize = crate::config::DEFAULT_MAX_SERVER_REQUESTS;
 
@@ -308,19 +323,12 @@ impl Router {
                 let Some(pid) = id.as_u64() else {
                     return Action::Drop("late_response");
                 };
-                match self.pending.remove(&pid) {
-                    Some(Waiter::Internal(tx)) => Action::Internal(tx, msg),
-                    Some(Waiter::Lease(lid)) => match self.leases.get_mut(&lid) {
-                        Some(route) => {
-                            route.answered = true;
-                            msg["id"] = route.client_id.clone();
-                            Action::ToLease(
-                                route.sink.clone(),
-                                LeaseEvent::Final(Reply::Parsed(msg)),
-                            )
-                        }
-                        None => Action::Drop("late_response"),
-                    },
+                match self.answered(pid) {
+                    Some(Answered::Internal(tx)) => Action::Internal(tx, msg),
+                    Some(Answered::Lease(route)) => {
+                        msg["id"] = route.client_id.clone();
+                        route.finish(Reply::Parsed(msg))
+                    }
                     None => Action::Drop("late_response"),
                 }
             }
@@ -367,25 +375,35 @@ impl Router {
         }
     }
 
+    /// Takes the waiter of process-side id `proc_id`: `None` when nobody
+    /// waits (a late or unknown response), else the lease it answers (marked
+    /// answered) or the broker's own request. The one place a response is
+    /// matched to its request, parsed or not.
+    fn answered(&mut self, proc_id: u64) -> Option<Answered<'_>> {
+        match self.pending.remove(&proc_id)? {
+            Waiter::Internal(tx) => Some(Answered::Internal(tx)),
+            Waiter::Lease(lid) => {
+                let route = self.leases.get_mut(&lid)?;
+                route.answered = true;
+                Some(Answered::Lease(route))
+            }
+        }
+    }
+
     /// Routes a response read without parsing ([`jsonrpc::raw::response_head`]):
     /// as [`Router::route`] would the parsed `line`, with the caller's id
     /// spliced into the bytes.
     pub fn route_response(&mut self, head: &jsonrpc::raw::ResponseHead, line: &[u8]) -> Action {
-        match self.pending.remove(&head.id) {
-            Some(Waiter::Lease(lid)) => match self.leases.get_mut(&lid) {
-                Some(route) => {
-                    route.answered = true;
-                    let line = jsonrpc::raw::with_id(line, head.id_at.clone(), &route.client_id);
-                    let reply = Reply::Raw {
-                        line: line.into(),
-                        is_error: head.is_error,
-                    };
-                    Action::ToLease(route.sink.clone(), LeaseEvent::Final(reply))
-                }
-                None => Action::Drop("late_response"),
-            },
+        match self.answered(head.id) {
+            Some(Answered::Lease(route)) => {
+                let line = jsonrpc::raw::with_id(line, head.id_at.clone(), &route.client_id);
+                route.finish(Reply::Raw {
+                    line: line.into(),
+                    is_error: head.is_error,
+                })
+            }
             // The broker's own requests are rare: parse their answers.
-            Some(Waiter::Internal(tx)) => match serde_json::from_slice(line) {
+            Some(Answered::Internal(tx)) => match serde_json::from_slice(line) {
                 Ok(msg) => Action::Internal(tx, msg),
                 Err(_) => Action::Drop("invalid_jsonrpc"),
             },
@@ -443,16 +461,12 @@ impl Router {
     /// Fails the request with process-side id `proc_id` (its response could
     /// not be read, e.g. it was over the size limit).
     pub fn fail_one(&mut self, proc_id: u64, code: i64, message: &str) -> Action {
-        match self.pending.remove(&proc_id) {
-            Some(Waiter::Lease(lid)) => match self.leases.get_mut(&lid) {
-                Some(route) => {
-                    route.answered = true;
-                    let err = jsonrpc::error(route.client_id.clone(), code, message);
-                    Action::ToLease(route.sink.clone(), LeaseEvent::Final(Reply::Parsed(err)))
-                }
-                None => Action::Drop("late_response"),
-            },
-            Some(Waiter::Internal(tx)) => {
+        match self.answered(proc_id) {
+            Some(Answered::Lease(route)) => {
+                let err = jsonrpc::error(route.client_id.clone(), code, message);
+                route.finish(Reply::Parsed(err))
+            }
+            Some(Answered::Internal(tx)) => {
                 Action::Internal(tx, jsonrpc::error(Value::from(proc_id), code, message))
             }
             None => Action::Drop("late_response"),
@@ -466,10 +480,7 @@ impl Router {
             if !route.answered {
                 route.answered = true;
                 let err = jsonrpc::error(route.client_id.clone(), codes::PROCESS_EXITED, message);
-                out.push(Action::ToLease(
-                    route.sink.clone(),
-                    LeaseEvent::Final(Reply::Parsed(err)),
-                ));
+                out.push(route.finish(Reply::Parsed(err)));
             }
         }
         self.pending.clear();
