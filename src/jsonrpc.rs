@@ -100,6 +100,11 @@ pub fn line(msg: &Value) -> Vec<u8> {
     line
 }
 
+/// The method a message names; empty when it names none (or not as a string).
+pub fn method_of(v: &Value) -> &str {
+    v.get("method").and_then(Value::as_str).unwrap_or_default()
+}
+
 /// Builds an error response for request `id`.
 pub fn error(id: Value, code: i64, message: impl Into<String>) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message.into()}})

@@ -27,7 +27,7 @@ use crate::web::{self, Body};
 use ::http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use backend::Backend;
 use error::ProxyError;
-pub use forward::{forward, forward_text, Outbound};
+pub use forward::{forward, Outbound};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 use session::{Session, Sessions};

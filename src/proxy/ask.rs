@@ -41,11 +41,7 @@ pub async fn gather(flow: &mut Flow, tx: &mpsc::Sender<Bytes>, ask: Value) -> Re
         .unwrap_or_default();
     let mut waiting = Vec::new();
     for (key, req) in requests {
-        let method = req
-            .get("method")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
+        let method = jsonrpc::method_of(&req).to_string();
         let cap = method.split('/').next().unwrap_or_default();
         if !session.has_capability(cap) {
             return Err(fail(format!(

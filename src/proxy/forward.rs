@@ -13,34 +13,6 @@ use bytes::Bytes;
 use serde_json::Value;
 use std::sync::Arc;
 
-/// Turns one client request into a lease and answers with its messages.
-/// `retryable` keeps the request for a retry (a handshake-era client of a
-/// stateless server, whose InputRequiredResult the proxy answers by asking
-/// the client and retrying).
-pub async fn forward(
-    proxy: &Arc<Proxy>,
-    msg: Value,
-    session: Option<&str>,
-    client: ClientSide,
-    accept: Accept,
-    retryable: bool,
-) -> Response<Body> {
-    let text = Bytes::from(serde_json::to_vec(&msg).expect("Value serializes"));
-    let id = msg.get("id").cloned().unwrap_or(Value::Null);
-    let method = msg
-        .get("method")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    let out = Outbound {
-        text,
-        id,
-        method,
-        retry: retryable.then_some(msg),
-    };
-    forward_text(proxy, out, session, client, accept).await
-}
-
 /// A client request on its way to the broker.
 pub struct Outbound {
     /// Its text as the broker gets it.
@@ -49,14 +21,30 @@ pub struct Outbound {
     pub id: Value,
     /// Its method.
     pub method: String,
-    /// The request, kept for a retry with the client's input ([`forward`]).
+    /// The request, kept for a retry with the client's input: a
+    /// handshake-era client of a stateless server, whose
+    /// InputRequiredResult the proxy answers by asking the client and
+    /// retrying.
     pub retry: Option<Value>,
 }
 
-/// [`forward`] for a request already in its text form (a plain request
-/// from a handshake-era client goes as the bytes it came in:
-/// [`legacy::post_plain`]).
-pub async fn forward_text(
+impl Outbound {
+    /// A parsed request, serialized for the broker; `retryable` keeps it
+    /// for a retry ([`Outbound::retry`]).
+    pub fn parsed(msg: Value, retryable: bool) -> Outbound {
+        Outbound {
+            text: Bytes::from(serde_json::to_vec(&msg).expect("Value serializes")),
+            id: msg.get("id").cloned().unwrap_or(Value::Null),
+            method: jsonrpc::method_of(&msg).to_string(),
+            retry: retryable.then_some(msg),
+        }
+    }
+}
+
+/// Turns one client request into a lease and answers with its messages.
+/// A plain request from a handshake-era client comes as the bytes it came
+/// in ([`super::legacy::post_plain`]); any other, [`Outbound::parsed`].
+pub async fn forward(
     proxy: &Arc<Proxy>,
     out: Outbound,
     session: Option<&str>,

@@ -128,11 +128,7 @@ pub async fn hold(flow: Flow, req: Value) -> Value {
     let held = &proxy.held;
     let client_id = flow.client_id.clone();
     let server_request_id = req.get("id").cloned().unwrap_or(Value::Null);
-    let method = req
-        .get("method")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
+    let method = jsonrpc::method_of(&req).to_string();
     if held.len() >= held.max {
         flow.refuse(server_request_id, &method).await;
         return jsonrpc::error(

@@ -162,7 +162,7 @@ pub async fn post_plain(
         retry: None,
     };
     let client = ClientSide::Legacy(session);
-    Some(super::forward_text(proxy, out, Some(&sid), client, accept).await)
+    Some(super::forward(proxy, out, Some(&sid), client, accept).await)
 }
 
 /// Answers one POST from a handshake-era client.
@@ -204,15 +204,8 @@ pub async fn post(
                 );
             }
             let sid = session.id.clone();
-            super::forward(
-                proxy,
-                msg,
-                Some(&sid),
-                ClientSide::Legacy(session),
-                accept,
-                stateless,
-            )
-            .await
+            let out = super::Outbound::parsed(msg, stateless);
+            super::forward(proxy, out, Some(&sid), ClientSide::Legacy(session), accept).await
         }
         Kind::Notification { method } => {
             match method.as_str() {

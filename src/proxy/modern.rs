@@ -219,13 +219,13 @@ pub async fn post(
     if info.era == Era::Legacy {
         strip_modern_meta(&mut msg);
     }
+    let out = super::Outbound::parsed(msg, false);
     super::forward(
         proxy,
-        msg,
+        out,
         None,
         ClientSide::Modern { capabilities },
         accept,
-        false,
     )
     .await
 }
