@@ -8,6 +8,7 @@ pub mod csi;
 mod describe;
 pub mod front_door;
 mod modes;
+pub use modes::Mode;
 pub mod node;
 pub mod raw;
 pub mod sandbox;
@@ -88,32 +89,6 @@ pub enum ConfigError {
     },
 }
 
-/// How a pool hands processes to sessions.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Default,
-    Serialize,
-    Deserialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Any warm process, per request.
-    #[default]
-    Shared,
-    /// The session's previous process when it is alive and free, else any.
-    Sticky,
-    /// One process for the whole session, discarded at its end.
-    Exclusive,
-}
-
 /// Which MCP era the broker should expect a pool's server to speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -133,24 +108,6 @@ fn spelling(v: &impl clap::ValueEnum) -> String {
     v.to_possible_value()
         .map(|p| p.get_name().to_string())
         .unwrap_or_default()
-}
-
-impl Mode {
-    /// Its spelling in config, flags and the lease API, without allocating
-    /// (the proxy names it on every request of a session).
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Mode::Shared => "shared",
-            Mode::Sticky => "sticky",
-            Mode::Exclusive => "exclusive",
-        }
-    }
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&spelling(self))
-    }
 }
 
 impl std::fmt::Display for Protocol {

@@ -260,7 +260,12 @@ mod tests {
         assert_eq!(MODE_NAME.as_str(), MODE_HEADER);
         assert_eq!(LEASE_NAME.as_str(), LEASE_HEADER);
         for m in [Mode::Shared, Mode::Sticky, Mode::Exclusive] {
-            assert_eq!(m.as_str(), m.to_string());
+            // The spelling the proxy sends is the one config, flags and
+            // the broker's header check read.
+            assert_eq!(serde_json::to_value(m).unwrap(), m.as_str());
+            let clap = clap::ValueEnum::to_possible_value(&m).unwrap();
+            assert_eq!(clap.get_name(), m.as_str());
+            assert_eq!(m.to_string(), m.as_str());
         }
     }
 

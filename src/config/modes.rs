@@ -1,4 +1,5 @@
-//! Which modes host sessions may ask a pool for (`modes`).
+//! How a pool hands processes to sessions ([`Mode`]), and which modes host
+//! sessions may ask a pool for (`modes`).
 //!
 //! A session names its mode on the lease API (`mcp-broker connect --mode`);
 //! one that names none uses the pool's `mode`. The operator opts in to
@@ -7,7 +8,53 @@
 //! tenant's share like any process). Sticky use binds nothing, so a pool
 //! that allows sticky sessions allows shared ones too.
 
-use super::{Mode, PoolConfig};
+use super::PoolConfig;
+use serde::{Deserialize, Serialize};
+
+/// How a pool hands processes to sessions.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Any warm process, per request.
+    #[default]
+    Shared,
+    /// The session's previous process when it is alive and free, else any.
+    Sticky,
+    /// One process for the whole session, discarded at its end.
+    Exclusive,
+}
+
+impl Mode {
+    /// Its spelling in config, flags and the lease API, without allocating
+    /// (the proxy names it on every request of a session). The serde and
+    /// clap names match it (tested).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Mode::Shared => "shared",
+            Mode::Sticky => "sticky",
+            Mode::Exclusive => "exclusive",
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 impl PoolConfig {
     /// Every mode a session may ask for, the pool's `mode` first.
