@@ -19,9 +19,10 @@ use crate::process::group::Group;
 use crate::web;
 use ::http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
+use memchr::memmem::Finder;
 use serde_json::{json, Value};
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
@@ -30,6 +31,22 @@ use tokio::sync::Mutex;
 
 /// Longest line read from the server (a bench bound, not a product one).
 const MAX_LINE: usize = 16 << 20;
+
+/// The relay's only look into messages, each searcher built once (so the
+/// floor carries no per-request set-up of its own).
+struct Needles {
+    result: Finder<'static>,
+    error: Finder<'static>,
+    method: Finder<'static>,
+    call: Finder<'static>,
+}
+
+static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
+    result: Finder::new(b"\"result\""),
+    error: Finder::new(b"\"error\""),
+    method: Finder::new(b"\"method\""),
+    call: Finder::new(b"\"tools/call\""),
+});
 
 /// The server's pipes, held by the one request in flight.
 struct Pipes {
@@ -57,9 +74,9 @@ impl Pipes {
                 if n == 0 || !self.line.ends_with(b"\n") {
                     return None;
                 }
-                let response = memchr::memmem::find(&self.line, b"\"result\"").is_some()
-                    || memchr::memmem::find(&self.line, b"\"error\"").is_some();
-                if response && memchr::memmem::find(&self.line, b"\"method\"").is_none() {
+                let (n, l) = (&*NEEDLES, &self.line);
+                let response = n.result.find(l).is_some() || n.error.find(l).is_some();
+                if response && n.method.find(l).is_none() {
                     self.line.pop();
                     return Some(std::mem::take(&mut self.line));
                 }
@@ -161,7 +178,7 @@ async fn answer(
     let Ok(body) = web::read_body(req.into_body(), 1 << 20).await else {
         return web::text(StatusCode::BAD_REQUEST, "unreadable body");
     };
-    if post && memchr::memmem::find(&body, b"\"tools/call\"").is_some() {
+    if post && NEEDLES.call.find(&body).is_some() {
         let line = pipes.lock().await.exchange(&body, limit).await;
         return match line {
             Some(l) => web::response(StatusCode::OK, "application/json", web::full(l)),
